@@ -1,0 +1,16 @@
+"""What to compute: kernel specs, tile configs, device ceilings (and, from their issues, the schedule IR
+and expert placement). Depends on nothing else in seekax."""
+
+from seekax.ir.config_cache import ConfigCache as ConfigCache
+from seekax.ir.device import DEVICES as DEVICES
+from seekax.ir.device import H100 as H100
+from seekax.ir.device import H200 as H200
+from seekax.ir.device import DeviceSpec as DeviceSpec
+from seekax.ir.device import get_device as get_device
+from seekax.ir.dispatch import DispatchSpec as DispatchSpec
+from seekax.ir.gemm import GemmSpec as GemmSpec
+from seekax.ir.gemm import GroupedGemmSpec as GroupedGemmSpec
+from seekax.ir.mla import MlaDecodeSpec as MlaDecodeSpec
+from seekax.ir.tiling import GemmTileConfig as GemmTileConfig
+from seekax.ir.tiling import SharedMemoryBudgetExceeded as SharedMemoryBudgetExceeded
+from seekax.ir.tiling import choose_gemm_config as choose_gemm_config

@@ -1,0 +1,1 @@
+"""seekax.lowering.mosaic."""
