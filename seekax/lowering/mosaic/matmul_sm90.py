@@ -1,0 +1,127 @@
+"""bf16/f16 NT matmul for Hopper in Pallas Mosaic GPU: the template the FP8 GEMMs build on.
+
+Structure: a persistent grid (one CTA per SM walks output tiles in a planar snake), a warp-specialized
+TMA pipeline (one memory warpgroup feeds `stages` shared-memory slots), two compute warpgroups issuing
+wgmma into fp32 register accumulators, and an epilogue through shared memory stored with TMA.
+B is K-major ([N, K]) and fed to wgmma transposed, which is the layout FP8 wgmma requires.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+from jax import lax
+
+from seekax.ir.tiling import GemmTileConfig, WgSplit
+from seekax.ir.validate import fail
+
+
+def _kernel(a_gmem, b_gmem, out_gmem, *, config: GemmTileConfig):
+    m, k = a_gmem.shape
+    n = b_gmem.shape[0]
+    dtype, out_dtype = a_gmem.dtype, out_gmem.dtype
+    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    cta_m, cta_n = config.cta_block_m, config.cta_block_n
+    epi_n = config.epi_block_n
+    m_iters, n_iters, k_iters = m // cta_m, n // cta_n, k // bk
+
+    swizzle = plgpu.find_swizzle(bk * jnp.dtype(dtype).itemsize * 8)
+    transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
+    out_swizzle = plgpu.find_swizzle(epi_n * jnp.dtype(out_dtype).itemsize * 8)
+    out_transforms = (plgpu.TilingTransform((8, out_swizzle // jnp.dtype(out_dtype).itemsize)),
+                      plgpu.SwizzleTransform(out_swizzle))
+    epi_m = 64
+    num_epi = (bm // epi_m) * (bn // epi_n)
+
+    def pipeline(body, compute_context):
+        return plgpu.emit_pipeline_warp_specialized(
+            body,
+            grid=(k_iters,),
+            memory_registers=40,
+            in_specs=[
+                plgpu.BlockSpec((cta_m, bk), lambda ki: (0, ki), transforms=transforms, memory_space=plgpu.SMEM),
+                plgpu.BlockSpec((cta_n, bk), lambda ki: (0, ki), transforms=transforms, memory_space=plgpu.SMEM),
+            ],
+            wg_axis="wg",
+            num_compute_wgs=config.num_compute_wgs,
+            max_concurrent_steps=config.stages,
+            compute_context=compute_context,
+        )
+
+    ignore = lambda *_, **__: None  # noqa: E731 - allocations do not depend on the body
+
+    @functools.partial(
+        pl.run_scoped,
+        pipeline_allocs=pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem),
+        out_smem=plgpu.SMEM((config.num_compute_wgs, 2, epi_m, epi_n), out_dtype, transforms=out_transforms),
+        collective_axes="wg",
+    )
+    def _scope(pipeline_allocs, out_smem):
+        wg = lax.axis_index("wg")
+
+        @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+        def _tile_loop(info: plgpu.NDLoopInfo):
+            (lin,) = info.index
+            mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1, config.grid_tile_width)
+            cta_m_slice, cta_n_slice = pl.ds(mi * cta_m, cta_m), pl.ds(ni * cta_n, cta_n)
+            if config.wg_split == WgSplit.M:
+                wg_m, wg_n = pl.ds(wg * bm, bm), slice(None)
+            else:
+                wg_m, wg_n = slice(None), pl.ds(wg * bn, bn)
+
+            def compute_context(run_pipeline):
+                @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((bm, bn), jnp.float32))
+                def _acc(acc_ref):
+                    run_pipeline(acc_ref)
+                    acc = acc_ref[...].astype(out_dtype)   # [bm, bn]
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    for e in range(num_epi):
+                        ei, ej = divmod(e, bn // epi_n)
+                        rows, cols = slice(ei * epi_m, (ei + 1) * epi_m), slice(ej * epi_n, (ej + 1) * epi_n)
+                        slot = e % 2
+                        plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the slot's previous store is done
+                        out_smem[wg, slot] = acc[rows, cols]
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(
+                            out_smem.at[wg, slot],
+                            out_gmem.at[cta_m_slice, cta_n_slice].at[wg_m, wg_n].at[rows, cols])
+
+            def mma(_, a_smem, b_smem, acc_ref):
+                # a_smem: [cta_m, bk]; b_smem: [cta_n, bk] K-major, fed to wgmma as [bk, bn].
+                plgpu.wgmma(acc_ref, a_smem.at[wg_m], b_smem.at[wg_n].T)
+                plgpu.wgmma_wait(0)
+                return acc_ref
+
+            pipeline(mma, compute_context)(a_gmem.at[cta_m_slice, :], b_gmem.at[cta_n_slice, :],
+                                           allocations=pipeline_allocs)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def check_problem(m: int, n: int, k: int, config: GemmTileConfig) -> None:
+    """Shapes this kernel handles: every dimension a multiple of the CTA tile (no masked tails here)."""
+    if m % config.cta_block_m:
+        raise fail("m", m, f"a multiple of the CTA tile's {config.cta_block_m} rows for {config}")
+    if n % config.cta_block_n:
+        raise fail("n", n, f"a multiple of the CTA tile's {config.cta_block_n} columns for {config}")
+    if k % config.block_k:
+        raise fail("k", k, f"a multiple of block_k={config.block_k}")
+
+
+def build(m: int, n: int, k: int, dtype, out_dtype, config: GemmTileConfig, num_sms: int):
+    """The pallas kernel callable f(a [M, K], b [N, K]) -> [M, N]. Validates shapes and shared memory first."""
+    check_problem(m, n, k, config)
+    config.check_smem(jnp.dtype(dtype).name, jnp.dtype(out_dtype).name)
+    return plgpu.kernel(
+        functools.partial(_kernel, config=config),
+        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+        grid=(num_sms,),
+        grid_names=("sm",),
+        num_threads=config.num_compute_wgs + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+    )

@@ -1,0 +1,80 @@
+"""`seekax lower OP ...`: print an op's IR at a named stage, or `--check` its kernel against Hopper limits.
+
+Cross-lowers for CUDA on any machine (no GPU needed), so a GPU failure can be reproduced on a laptop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from seekax.ir.tiling import GemmTileConfig, SharedMemoryBudgetExceeded
+from seekax.lowering.inspect import EMIT_STAGES, lower_for_hopper
+
+
+def _matmul(args) -> tuple[Callable[..., Any], tuple]:
+    from seekax.runtime.matmul import matmul_nt
+
+    config = None
+    if any(v is not None for v in (args.block_m, args.block_n, args.block_k, args.stages)):
+        config = GemmTileConfig(block_m=args.block_m or 128, block_n=args.block_n or 128,
+                                block_k=args.block_k or 64, stages=args.stages or 4)
+    dtype = jnp.dtype(args.dtype)
+    fn = functools.partial(matmul_nt, backend="mosaic", config=config)
+    return fn, (jax.ShapeDtypeStruct((args.m, args.k), dtype), jax.ShapeDtypeStruct((args.n, args.k), dtype))
+
+
+def _fp8_gemm(args):
+    from seekax.runtime.fp8 import lowering_example
+
+    return lowering_example(args.m, args.n, args.k)
+
+
+OPS: dict[str, Callable[[argparse.Namespace], tuple[Callable[..., Any], tuple]]] = {
+    "matmul": _matmul,
+    "fp8_gemm": _fp8_gemm,
+}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("lower", help="print an op's IR (jaxpr, StableHLO, Mosaic GPU MLIR) or check it for Hopper",
+                       description=__doc__)
+    p.add_argument("op", choices=sorted(OPS))
+    p.add_argument("--m", type=int, default=1024)
+    p.add_argument("--n", type=int, default=1024)
+    p.add_argument("--k", type=int, default=1024)
+    p.add_argument("--dtype", default="bfloat16", help="operand dtype (matmul: bfloat16 or float16)")
+    p.add_argument("--emit", choices=EMIT_STAGES, default="report", help="which stage to print")
+    p.add_argument("--check", action="store_true",
+                   help="report shared memory (limit 227 KiB) and wgmma use; exit 1 if a kernel overflows or lacks wgmma")
+    for name in ("block-m", "block-n", "block-k", "stages"):
+        p.add_argument(f"--{name}", type=int, default=None, help="tile config override (matmul)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    try:
+        fn, avals = OPS[args.op](args)
+        lowered = lower_for_hopper(fn, *avals)
+        text = lowered.emit("report" if args.check else args.emit)
+    except SharedMemoryBudgetExceeded as e:
+        print(f"seekax lower {args.op}: FAIL shared memory: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"seekax lower {args.op}: FAIL {e}", file=sys.stderr)
+        return 1
+    print(text)
+    if args.check:
+        reports = lowered.reports
+        bad = [i for i, r in enumerate(reports) if not (r.fits_smem and r.has_wgmma)]
+        if not reports or bad:
+            print(f"seekax lower {args.op}: FAIL kernels {bad or 'none found'} overflow shared memory or use no wgmma",
+                  file=sys.stderr)
+            return 1
+        print(f"seekax lower {args.op}: OK ({len(reports)} kernel(s) fit 227 KiB and use wgmma)")
+    return 0
