@@ -6,7 +6,9 @@ import os
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu") if os.environ.get("SEEKAX_TEST_GPU") != "1" else None
+# CPU unless the GPU check asks for the accelerator (scripts/gpu_check.sh sets SEEKAX_TEST_GPU=1).
+if os.environ.get("SEEKAX_TEST_GPU") != "1":
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -1,0 +1,43 @@
+"""bf16 NT matmul: the Mosaic GPU kernel vs XLA's dot in the same run (TFLOPS, fraction of the floor)."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import emit, parser, time_fn  # noqa: E402
+
+from seekax.ir import H200, GemmSpec  # noqa: E402
+from seekax.ir.device import is_hopper  # noqa: E402
+from seekax.runtime.matmul import matmul_nt  # noqa: E402
+
+
+def main() -> None:
+    args = parser(__doc__).parse_args()
+    gpu = is_hopper()
+    shapes = [(256, 256, 256)] if args.quick or not gpu else [(4096, 4096, 4096), (8192, 8192, 8192), (4096, 7168, 2048)]
+    rows = []
+    for m, n, k in shapes:
+        spec = GemmSpec(m=m, n=n, k=k)
+        key_a, key_b = jax.random.split(jax.random.key(m + n + k))
+        a = jax.random.normal(key_a, (m, k), jnp.bfloat16)
+        b = jax.random.normal(key_b, (n, k), jnp.bfloat16)
+        xla = jax.jit(functools.partial(matmul_nt, backend="xla"))
+        t_xla = time_fn(xla, a, b)
+        row = {"m": m, "n": n, "k": k, "xla_tflops": spec.flops() / t_xla / 1e12}
+        if gpu:
+            mosaic = jax.jit(functools.partial(matmul_nt, backend="mosaic"))
+            t = time_fn(mosaic, a, b)
+            row.update(mosaic_us=t * 1e6, mosaic_tflops=spec.flops() / t / 1e12,
+                       frac_of_floor=spec.floor_seconds(H200) / t, speedup_vs_xla=t_xla / t)
+        rows.append(row)
+    emit("matmul", rows, args.json)
+
+
+if __name__ == "__main__":
+    main()
