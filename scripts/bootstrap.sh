@@ -27,6 +27,10 @@ fi
 py="$(find_python)" || { echo "seekax: no Python >= 3.12 found (tried python3.13, python3.12, python3, pyenv versions); set SEEKAX_PYTHON" >&2; exit 1; }
 echo "seekax: creating $venv with $py ($("$py" --version 2>&1))" >&2
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv" >&2
-"$venv/bin/python" -m pip install -q --disable-pip-version-check -c "$root/constraints.txt" -e "$root[data,dev]" >&2
+log="$venv/.seekax-pip.log"
+if ! "$venv/bin/python" -m pip install -q --disable-pip-version-check -c "$root/constraints.txt" -e "$root[data,dev]" >"$log" 2>&1; then
+  grep -v "^WARNING: Location" "$log" >&2 || true
+  echo "seekax: pip install failed (log: $log)" >&2; exit 1
+fi
 echo "$want" > "$stamp"
 echo "$venv/bin/python"
