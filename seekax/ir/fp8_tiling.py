@@ -1,0 +1,132 @@
+"""Tile configs for the FP8 (DeepGEMM-style) Mosaic GPU GEMMs: hardware rules, shared-memory accounting,
+a heuristic and the candidate list the autotuner sweeps.
+
+Each pipeline step covers exactly one 128-wide K block (the scale granularity), so a step's wgmma result is
+promoted (scaled by a_scale[row] * b_scale) into the fp32 main accumulator once per step. Each compute
+warpgroup holds two fp32 accumulators of (block_m, block_n): 64 x 128 costs 128 registers per thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from seekax.ir.tiling import SMEM_LIMIT_BYTES, SharedMemoryBudgetExceeded, WgSplit
+from seekax.ir.validate import check_int, fail
+
+FP8_BLOCK_K = 128   # one scale block per pipeline step; also one 128-byte swizzle row of e4m3
+SCALE_BLOCK = 128
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Fp8TileConfig:
+    """One CTA computes (cta_block_m, cta_block_n) of the output; each compute warpgroup (block_m, block_n)."""
+
+    block_m: int = 64
+    block_n: int = 128
+    stages: int = 4
+    num_compute_wgs: int = 2
+    wg_split: WgSplit = WgSplit.M
+    epi_block_n: int = 64
+    grid_tile_width: int = 1
+
+    def __post_init__(self):
+        check_int("block_m", self.block_m, min_value=64, multiple_of=64)   # wgmma M = 64 per warpgroup
+        if self.block_m > 128:
+            raise fail("block_m", self.block_m, "64 or 128 (two fp32 accumulators must fit the registers)")
+        check_int("block_n", self.block_n, min_value=16, multiple_of=16)
+        if SCALE_BLOCK % self.block_n:
+            raise fail("block_n", self.block_n, f"a divisor of {SCALE_BLOCK} (one b_scale per warpgroup tile)")
+        if self.block_m * self.block_n > 64 * 128:
+            raise fail("block_m", self.block_m, f"block_m * block_n <= 8192 (registers), got block_n={self.block_n}")
+        check_int("stages", self.stages, min_value=2)
+        check_int("num_compute_wgs", self.num_compute_wgs, min_value=1)
+        if self.num_compute_wgs > 2:
+            raise fail("num_compute_wgs", self.num_compute_wgs, "1 or 2")
+        object.__setattr__(self, "wg_split", WgSplit(self.wg_split))
+        check_int("epi_block_n", self.epi_block_n, min_value=16, multiple_of=16)
+        if self.block_n % self.epi_block_n:
+            raise fail("epi_block_n", self.epi_block_n, f"a divisor of block_n={self.block_n}")
+        check_int("grid_tile_width", self.grid_tile_width, min_value=1)
+
+    @property
+    def block_k(self) -> int:
+        return FP8_BLOCK_K
+
+    @property
+    def cta_block_m(self) -> int:
+        return self.block_m * (self.num_compute_wgs if self.wg_split == WgSplit.M else 1)
+
+    @property
+    def cta_block_n(self) -> int:
+        return self.block_n * (self.num_compute_wgs if self.wg_split == WgSplit.N else 1)
+
+    def smem_bytes(self, out_itemsize: int = 2) -> int:
+        """Pipelined e4m3 A/B tiles + a_scale rows per stage, the double-buffered epilogue, barriers."""
+        per_stage = FP8_BLOCK_K * (self.cta_block_m + self.cta_block_n) + 4 * self.cta_block_m
+        epilogue = self.num_compute_wgs * 2 * 64 * self.epi_block_n * out_itemsize
+        barriers = 8 * 4 * self.stages + 64
+        return self.stages * per_stage + epilogue + barriers
+
+    def check_smem(self, out_itemsize: int = 2, limit: int = SMEM_LIMIT_BYTES) -> int:
+        need = self.smem_bytes(out_itemsize)
+        if need > limit:
+            raise SharedMemoryBudgetExceeded(need, limit, what=repr(self))
+        return need
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["wg_split"] = str(self.wg_split)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Fp8TileConfig":
+        return cls(**d)
+
+
+def _out_itemsize(spec) -> int:
+    return {"float32": 4}.get(spec.out_dtype, 2)
+
+
+def _deepest(cfg: Fp8TileConfig, out_itemsize: int, k_steps: int, limit: int) -> Fp8TileConfig:
+    """The deepest pipeline (<= 6 stages, <= K steps, >= 2) that fits the shared-memory budget."""
+    for stages in range(6, 1, -1):
+        c = dataclasses.replace(cfg, stages=stages)
+        if c.smem_bytes(out_itemsize) <= limit:
+            return dataclasses.replace(c, stages=max(2, min(stages, k_steps)))
+    raise SharedMemoryBudgetExceeded(dataclasses.replace(cfg, stages=2).smem_bytes(out_itemsize), limit, repr(cfg))
+
+
+def choose_fp8_config(spec, limit: int = SMEM_LIMIT_BYTES) -> Fp8TileConfig:
+    """Heuristic from a GemmSpec/GroupedGemmSpec: 64 x 128 per warpgroup, two warpgroups stacked along M
+    (along N when M is small), then the deepest pipeline that fits 227 KiB."""
+    n, k = spec.n, spec.k
+    m = spec.m
+    block_n = 128 if n % 128 == 0 else 64 if n % 64 == 0 else 32 if n % 32 == 0 else 16
+    split, wgs = WgSplit.M, 2
+    if m <= 64:
+        if n % (2 * block_n) == 0:
+            split = WgSplit.N
+        else:
+            wgs = 1
+    cfg = Fp8TileConfig(block_m=64, block_n=block_n, num_compute_wgs=wgs, wg_split=split,
+                        epi_block_n=min(64, block_n), stages=2)
+    return _deepest(cfg, _out_itemsize(spec), math.ceil(k / FP8_BLOCK_K), limit)
+
+
+def candidate_fp8_configs(spec, limit: int = SMEM_LIMIT_BYTES) -> list[Fp8TileConfig]:
+    """The autotuner's sweep: warpgroup layouts x N tiles x grid swizzle widths, each at its deepest pipeline."""
+    out = []
+    k_steps = math.ceil(spec.k / FP8_BLOCK_K)
+    for block_n in (128, 64):
+        for split in (WgSplit.M, WgSplit.N):
+            cfg = Fp8TileConfig(block_m=64, block_n=block_n, wg_split=split, epi_block_n=64, stages=2)
+            if spec.n % cfg.cta_block_n:
+                continue
+            for width in (1, 4, 8):
+                c = _deepest(dataclasses.replace(cfg, grid_tile_width=width), _out_itemsize(spec), k_steps, limit)
+                out.append(c)
+                if c.stages > 2:
+                    out.append(dataclasses.replace(c, stages=c.stages - 1))
+    return out

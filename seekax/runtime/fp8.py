@@ -1,0 +1,392 @@
+"""FP8 GEMMs with DeepGEMM's fine-grained scaling: quantisation, dense and MoE-grouped GEMMs, `fp8_linear`.
+
+Every op validates its arguments once (the `validate_*` functions) and then runs one backend:
+"mosaic" (the Hopper kernels in `seekax.lowering.mosaic`), "interpret" (the same kernels on the CPU
+interpreter), "xla" (the plain-jnp oracle in `seekax.lowering.reference.fp8_gemm`), or "auto" (mosaic on
+sm_90, xla elsewhere; on Hopper a shape the kernel does not handle falls back to xla).
+Tile configs: explicit `config=` > the autotuner's cache (`ir/config_cache.py`) > `choose_fp8_config`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from seekax.ir.fp8_tiling import Fp8TileConfig, choose_fp8_config
+from seekax.ir.gemm import GemmSpec, GroupedGemmSpec
+from seekax.ir.validate import check_array_dtype, check_shape, fail
+from seekax.lowering.backend import num_sms_for, resolve_backend, run_kernel
+from seekax.lowering.reference import fp8_gemm as ref
+
+FP8 = "float8_e4m3fn"
+BLOCK = ref.SCALE_BLOCK
+ACT_BLOCK, WEIGHT_BLOCK = (1, BLOCK), (BLOCK, BLOCK)
+OUT_DTYPES = ("bfloat16", "float16", "float32")
+cdiv = ref.cdiv
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _check_rank(name: str, x: Any, ndim: int, layout: str) -> None:
+    if getattr(x, "ndim", None) != ndim:
+        raise fail(f"{name}.shape", tuple(getattr(x, "shape", ())) or None, layout)
+
+
+def _check_operand(name: str, x: Any, ndim: int, layout: str) -> None:
+    _check_rank(name, x, ndim, layout)
+    check_array_dtype(name, x, (FP8,))
+
+
+def _check_scale(name: str, s: Any, expected: tuple[int, ...]) -> None:
+    _check_rank(name, s, len(expected), f"shape {expected}")
+    check_array_dtype(name, s, ("float32",))
+    check_shape(name, s.shape, expected)
+
+
+def _check_out_dtype(out_dtype) -> str:
+    try:
+        name = np.dtype(out_dtype).name
+    except TypeError:
+        raise fail("out_dtype", out_dtype, f"one of {OUT_DTYPES}") from None
+    if name not in OUT_DTYPES:
+        raise fail("out_dtype", out_dtype, f"one of {OUT_DTYPES}")
+    return name
+
+
+def _check_sizes(name: str, sizes: Any, groups: int, *, total: int, exact: bool = False,
+                 multiple_of: int | None = None) -> None:
+    """Group sizes: shape [G], int32; when concrete also >= 0, summing to <= total (== total if exact)."""
+    _check_rank(name, sizes, 1, f"[{groups}] (one size per group)")
+    check_shape(name, sizes.shape, (groups,))
+    check_array_dtype(name, sizes, ("int32",))
+    if not _is_concrete(sizes):
+        return  # traced under jit: values are the caller's contract (documented in each op)
+    v = np.asarray(sizes)
+    if (v < 0).any():
+        raise fail(name, v.tolist(), "non-negative sizes")
+    s = int(v.sum())
+    if (exact and s != total) or s > total:
+        raise fail(name, v.tolist(), f"sizes summing to {'exactly ' if exact else 'at most '}{total}, got {s}")
+    if multiple_of and (v % multiple_of).any():
+        raise fail(name, v.tolist(), f"multiples of {multiple_of}")
+
+
+def validate_fp8_gemm_nt(a, a_scale, b, b_scale, out_dtype) -> GemmSpec:
+    """a: [M, K] e4m3, a_scale: [M, ceil(K/128)] f32, b: [N, K] e4m3 (K-major), b_scale: [ceil(N/128), ceil(K/128)]."""
+    _check_operand("a", a, 2, "[M, K]")
+    _check_operand("b", b, 2, "[N, K] (K-major)")
+    m, k = a.shape
+    n = b.shape[0]
+    if b.shape[1] != k:
+        raise fail("b.shape", tuple(b.shape), f"[N, K] with K={k} matching a.shape={tuple(a.shape)} (K-major B)")
+    _check_scale("a_scale", a_scale, (m, cdiv(k, BLOCK)))
+    _check_scale("b_scale", b_scale, (cdiv(n, BLOCK), cdiv(k, BLOCK)))
+    return GemmSpec(m=m, n=n, k=k, a_dtype=FP8, b_dtype=FP8, out_dtype=_check_out_dtype(out_dtype),
+                    a_scale=ACT_BLOCK, b_scale=WEIGHT_BLOCK)
+
+
+def _validate_grouped_b(b, b_scale, k: int, name_k: str) -> tuple[int, int]:
+    _check_operand("b", b, 3, "[G, N, K] (K-major)")
+    g, n, kb_ = b.shape
+    if kb_ != k:
+        raise fail("b.shape", tuple(b.shape), f"[G, N, K] with K={k} matching {name_k} (K-major B)")
+    _check_scale("b_scale", b_scale, (g, cdiv(n, BLOCK), cdiv(k, BLOCK)))
+    return g, n
+
+
+def validate_m_grouped_contiguous(a, a_scale, b, b_scale, group_sizes, out_dtype) -> GroupedGemmSpec:
+    _check_operand("a", a, 2, "[M, K] (rows sorted by group)")
+    m, k = a.shape
+    g, n = _validate_grouped_b(b, b_scale, k, f"a.shape={tuple(a.shape)}")
+    _check_scale("a_scale", a_scale, (m, cdiv(k, BLOCK)))
+    _check_sizes("group_sizes", group_sizes, g, total=m)
+    return GroupedGemmSpec(num_groups=g, m=m, n=n, k=k, layout="contiguous", out_dtype=_check_out_dtype(out_dtype))
+
+
+def validate_m_grouped_masked(a, a_scale, b, b_scale, masked_m, out_dtype) -> GroupedGemmSpec:
+    _check_operand("a", a, 3, "[G, M_max, K]")
+    g, m_max, k = a.shape
+    gb, n = _validate_grouped_b(b, b_scale, k, f"a.shape={tuple(a.shape)}")
+    if gb != g:
+        raise fail("b.shape", tuple(b.shape), f"[G, N, K] with G={g} groups like a")
+    _check_scale("a_scale", a_scale, (g, m_max, cdiv(k, BLOCK)))
+    _check_rank("masked_m", masked_m, 1, f"[{g}]")
+    check_shape("masked_m", masked_m.shape, (g,))
+    check_array_dtype("masked_m", masked_m, ("int32",))
+    if _is_concrete(masked_m):
+        v = np.asarray(masked_m)
+        if (v < 0).any() or (v > m_max).any():
+            raise fail("masked_m", v.tolist(), f"values in [0, M_max={m_max}]")
+    return GroupedGemmSpec(num_groups=g, m=m_max, n=n, k=k, layout="masked", out_dtype=_check_out_dtype(out_dtype))
+
+
+def validate_k_grouped(a, a_scale, b, b_scale, group_sizes_k, out_dtype) -> GroupedGemmSpec:
+    _check_operand("a", a, 2, "[sum_K, M] (token-major)")
+    _check_operand("b", b, 2, "[sum_K, N] (token-major)")
+    total, m = a.shape
+    n = b.shape[1]
+    if b.shape[0] != total:
+        raise fail("b.shape", tuple(b.shape), f"[sum_K, N] with sum_K={total} rows like a.shape={tuple(a.shape)}")
+    if total % BLOCK:
+        raise fail("a.shape", tuple(a.shape), f"[sum_K, M] with sum_K a multiple of {BLOCK}")
+    _check_scale("a_scale", a_scale, (total // BLOCK, m))
+    _check_scale("b_scale", b_scale, (total // BLOCK, n))
+    _check_rank("group_sizes_k", group_sizes_k, 1, "[G]")
+    g = group_sizes_k.shape[0]
+    _check_sizes("group_sizes_k", group_sizes_k, g, total=total, exact=True, multiple_of=BLOCK)
+    return GroupedGemmSpec(num_groups=g, m=m, n=n, k=total, layout="k_grouped",
+                           out_dtype=_check_out_dtype(out_dtype))
+
+
+def _validate_quantize(x, block) -> tuple[int, int]:
+    block = tuple(block) if isinstance(block, (tuple, list)) else block
+    if block not in (ACT_BLOCK, WEIGHT_BLOCK):
+        raise fail("block", block, f"{ACT_BLOCK} or {WEIGHT_BLOCK}")
+    if getattr(x, "ndim", 0) < 2:
+        raise fail("x.shape", tuple(getattr(x, "shape", ())), "[..., M, K] (at least 2 dims)")
+    check_array_dtype("x", x, ("float32", "bfloat16", "float16"))
+    return block
+
+
+# ----------------------------------------------------------------------------------------------- quantisation
+def quantize_fp8(x, block=ACT_BLOCK, *, pow2_scale: bool = False):
+    """x: [..., M, K] f32/bf16/f16 -> (x_fp8 [..., M, K_pad] e4m3, scale [..., ceil(M/b0), ceil(K/128)] f32).
+
+    scale = max(amax, 1e-4) / 448 per block (block = (1, 128) activations, (128, 128) weights), K
+    zero-padded to a multiple of 128; pow2_scale rounds scales up to powers of two (UE8M0-style).
+    XLA fuses this memory-bound elementwise work well, so it has one backend.
+    """
+    block = _validate_quantize(x, block)
+    return ref.quantize_fp8(x, block, pow2_scale=pow2_scale)
+
+
+def dequantize_fp8(x_fp8, scale, block=ACT_BLOCK, *, dtype=jnp.float32):
+    """x_fp8: [..., M, K] e4m3, scale: [..., ceil(M/b0), ceil(K/128)] -> [..., M, K] in `dtype`."""
+    block = tuple(block) if isinstance(block, (tuple, list)) else block
+    if block not in (ACT_BLOCK, WEIGHT_BLOCK):
+        raise fail("block", block, f"{ACT_BLOCK} or {WEIGHT_BLOCK}")
+    if getattr(x_fp8, "ndim", 0) < 2:
+        raise fail("x_fp8.shape", tuple(getattr(x_fp8, "shape", ())), "[..., M, K]")
+    check_array_dtype("x_fp8", x_fp8, (FP8,))
+    *lead, m, k = x_fp8.shape
+    _check_scale("scale", scale, (*lead, cdiv(m, block[0]), cdiv(k, BLOCK)))
+    return ref.dequantize_fp8(x_fp8, scale, block, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------- dispatch
+def _run(requested: str, mosaic: Callable[[str], Any], xla: Callable[[], Any]) -> Any:
+    """Run the Mosaic path for "mosaic"/"interpret"; "auto" on Hopper falls back to xla on NotImplementedError."""
+    backend = resolve_backend(requested)
+    if backend == "xla":
+        return xla()
+    try:
+        return mosaic(backend)
+    except NotImplementedError:
+        if requested != "auto":
+            raise
+        return xla()
+
+
+def _config(spec, config: Fp8TileConfig | None, backend: str) -> Fp8TileConfig:
+    if config is not None:
+        return config
+    if backend == "mosaic":
+        cached = _cached_config(spec)
+        if cached is not None:
+            return cached
+    return choose_fp8_config(spec)
+
+
+def _cached_config(spec) -> Fp8TileConfig | None:
+    from seekax.ir.config_cache import ConfigCache
+    from seekax.ir.device import detect_device
+
+    dev = detect_device()
+    if dev is None:
+        return None
+    entry = ConfigCache().get(spec.key(), dev.name, jax.__version__)
+    return None if entry is None else Fp8TileConfig.from_dict(entry)
+
+
+def fp8_gemm_nt(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16, backend: str = "auto",
+                config: Fp8TileConfig | None = None, num_sms: int | None = None):
+    """out[M, N] = (a * a_scale) @ (b * b_scale)^T, fp32 accumulation promoted every 128-K block.
+
+    a: [M, K] e4m3, a_scale: [M, ceil(K/128)] f32; b: [N, K] e4m3 (K-major), b_scale: [ceil(N/128), ceil(K/128)].
+    Mosaic kernel: any M (masked tail), N a multiple of 64, K a multiple of 128 (quantize_fp8 pads K).
+    """
+    spec = validate_fp8_gemm_nt(a, a_scale, b, b_scale, out_dtype)
+
+    def mosaic(backend):
+        from seekax.lowering.mosaic import fp8_gemm_sm90
+
+        cfg = _config(spec, config, backend)
+        kernel = fp8_gemm_sm90.build(spec, cfg, num_sms or num_sms_for(backend))
+        return run_kernel(kernel, a, a_scale, b, b_scale, backend=backend)
+
+    return _run(backend, mosaic, lambda: ref.fp8_gemm_nt(a, a_scale, b, b_scale, out_dtype=spec.out_dtype))
+
+
+def m_grouped_fp8_gemm_nt_contiguous(a, a_scale, b, b_scale, group_sizes, *, out_dtype=jnp.bfloat16,
+                                     backend: str = "auto", config: Fp8TileConfig | None = None,
+                                     num_sms: int | None = None):
+    """MoE experts, tokens sorted by expert: out[r] = a[r] @ b[group(r)]^T for r < sum(group_sizes), else 0.
+
+    a: [M, K] e4m3, a_scale: [M, ceil(K/128)]; b: [G, N, K] e4m3, b_scale: [G, ceil(N/128), ceil(K/128)];
+    group_sizes: [G] int32, >= 0, sum <= M (checked when concrete; under jit the caller's contract) -> [M, N].
+    """
+    spec = validate_m_grouped_contiguous(a, a_scale, b, b_scale, group_sizes, out_dtype)
+
+    def mosaic(backend):
+        from seekax.lowering.mosaic import fp8_grouped_gemm_sm90
+
+        cfg = _config(spec, config, backend)
+        kernel = fp8_grouped_gemm_sm90.build_contiguous(spec, cfg, num_sms or num_sms_for(backend))
+        return run_kernel(kernel, a, a_scale, b, b_scale, group_sizes, backend=backend)
+
+    return _run(backend, mosaic, lambda: ref.m_grouped_fp8_gemm_nt_contiguous(
+        a, a_scale, b, b_scale, group_sizes, out_dtype=spec.out_dtype))
+
+
+def m_grouped_fp8_gemm_nt_masked(a, a_scale, b, b_scale, masked_m, *, out_dtype=jnp.bfloat16,
+                                 backend: str = "auto", config: Fp8TileConfig | None = None,
+                                 num_sms: int | None = None):
+    """Fixed-buffer decode layout (DeepEP low-latency): out[g, r] = a[g, r] @ b[g]^T for r < masked_m[g], else 0.
+
+    a: [G, M_max, K] e4m3, a_scale: [G, M_max, ceil(K/128)]; b: [G, N, K], b_scale: [G, ceil(N/128), ceil(K/128)];
+    masked_m: [G] int32 in [0, M_max] -> [G, M_max, N].
+    """
+    spec = validate_m_grouped_masked(a, a_scale, b, b_scale, masked_m, out_dtype)
+
+    def mosaic(backend):
+        from seekax.lowering.mosaic import fp8_grouped_gemm_sm90
+
+        cfg = _config(spec, config, backend)
+        kernel = fp8_grouped_gemm_sm90.build_masked(spec, cfg, num_sms or num_sms_for(backend))
+        return run_kernel(kernel, a, a_scale, b, b_scale, masked_m, backend=backend)
+
+    return _run(backend, mosaic, lambda: ref.m_grouped_fp8_gemm_nt_masked(
+        a, a_scale, b, b_scale, masked_m, out_dtype=spec.out_dtype))
+
+
+def k_grouped_fp8_gemm_tn_contiguous(a, a_scale, b, b_scale, group_sizes_k, *, out_dtype=jnp.float32,
+                                     backend: str = "auto"):
+    """Expert weight gradients (DeepGEMM's k-grouped wgrad): out[g] = a[tokens of g]^T @ b[tokens of g].
+
+    a: [sum_K, M] e4m3 and b: [sum_K, N] e4m3, token-major as the forward produced them (dY and X of each
+    expert, rows sorted by expert); a_scale: [sum_K/128, M], b_scale: [sum_K/128, N] f32 (one scale per 128
+    tokens per column); group_sizes_k: [G] int32, multiples of 128 summing to sum_K -> [G, M, N] (f32 default).
+    Only the xla backend exists: FP8 wgmma needs K-major operands, i.e. a transpose of these token-major inputs.
+    """
+    spec = validate_k_grouped(a, a_scale, b, b_scale, group_sizes_k, out_dtype)
+
+    def mosaic(_backend):
+        raise NotImplementedError("k_grouped_fp8_gemm_tn_contiguous has no Mosaic kernel yet (xla backend only)")
+
+    return _run(backend, mosaic, lambda: ref.k_grouped_fp8_gemm_tn_contiguous(
+        a, a_scale, b, b_scale, group_sizes_k, out_dtype=spec.out_dtype))
+
+
+# ----------------------------------------------------------------------------------------------- training
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _fp8_linear(x, w, backend):
+    return _fp8_linear_fwd(x, w, backend)[0]
+
+
+def _fp8_linear_fwd(x, w, backend):
+    n, k = w.shape
+    x2 = x.reshape(-1, k)                                                   # [T, K]
+    xq, xs = ref.quantize_fp8(x2, ACT_BLOCK)                                # [T, Kp], [T, Kb]
+    wq, ws = ref.quantize_fp8(w, WEIGHT_BLOCK)                              # [N, Kp], [Nb, Kb]
+    y = fp8_gemm_nt(xq, xs, wq, ws, out_dtype=x.dtype, backend=backend)     # [T, N]
+    return y.reshape(*x.shape[:-1], n), (x, w)
+
+
+def _fp8_linear_bwd(backend, res, dy):
+    x, w = res
+    n, k = w.shape
+    dy2 = dy.reshape(-1, n)                                                 # [T, N]
+    x2 = x.reshape(-1, k)                                                   # [T, K]
+    # dgrad: dx[T, K] = dy[T, N] @ w[N, K], as NT with B = w^T [K, N] in 128x128 blocks.
+    dyq, dys = ref.quantize_fp8(dy2, ACT_BLOCK)                             # [T, Np], [T, Nb]
+    wtq, wts = ref.quantize_fp8(w.T, WEIGHT_BLOCK)                          # [K, Np], [Kb, Nb]
+    dx = fp8_gemm_nt(dyq, dys, wtq, wts, out_dtype=jnp.float32, backend=backend)   # [T, K]
+    # wgrad: dw[N, K] = dy^T[N, T] @ x[T, K], as NT with A = dy^T (1x128 along tokens), B = x^T (128x128).
+    dytq, dyts = ref.quantize_fp8(dy2.T, ACT_BLOCK)                         # [N, Tp], [N, Tb]
+    xtq, xts = ref.quantize_fp8(x2.T, WEIGHT_BLOCK)                         # [K, Tp], [Kb, Tb]
+    dw = fp8_gemm_nt(dytq, dyts, xtq, xts, out_dtype=jnp.float32, backend=backend)  # [N, K]
+    return dx.reshape(x.shape).astype(x.dtype), dw.astype(w.dtype)
+
+
+_fp8_linear.defvjp(_fp8_linear_fwd, _fp8_linear_bwd)
+
+
+def fp8_linear(x, w, *, backend: str = "auto"):
+    """y[..., N] = x[..., K] @ w[N, K]^T with on-the-fly FP8 quantisation ((1,128) for x, (128,128) for w).
+
+    Custom VJP: dgrad (dy @ w) and wgrad (dy^T @ x) also run as FP8 NT GEMMs on freshly quantised operands
+    (dy per (1,128) along the contraction, w^T and x^T per (128,128) blocks). Works under jit and grad.
+    """
+    if getattr(w, "ndim", None) != 2:
+        raise fail("w.shape", tuple(getattr(w, "shape", ())), "[N, K]")
+    if getattr(x, "ndim", 0) < 1 or x.shape[-1] != w.shape[1]:
+        raise fail("x.shape", tuple(getattr(x, "shape", ())), f"[..., K] with K={w.shape[1]} matching w.shape={tuple(w.shape)}")
+    check_array_dtype("x", x, ("float32", "bfloat16", "float16"))
+    check_array_dtype("w", w, ("float32", "bfloat16", "float16"))
+    resolve_backend(backend)
+    return _fp8_linear(x, w, backend)
+
+
+# ----------------------------------------------------------------------------------------------- CLI / tuning
+def lowering_example(m: int, n: int, k: int) -> tuple[Callable[..., Any], tuple[jax.ShapeDtypeStruct, ...]]:
+    """(fn, abstract args) for `seekax lower fp8_gemm`: the dense FP8 GEMM forced onto the Mosaic backend."""
+    kb = cdiv(k, BLOCK)
+    args = (jax.ShapeDtypeStruct((m, k), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((m, kb), jnp.float32),
+            jax.ShapeDtypeStruct((n, k), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((cdiv(n, BLOCK), kb), jnp.float32))
+    return functools.partial(fp8_gemm_nt, backend="mosaic"), args
+
+
+def autotune_fp8_gemm_nt(m: int, n: int, k: int, *, candidates=None, out_dtype=jnp.bfloat16, cache=None,
+                         iters: int = 20) -> Fp8TileConfig:
+    """Time each candidate config on the local Hopper GPU and cache the fastest (ConfigCache JSON)."""
+    from seekax.ir.config_cache import ConfigCache
+    from seekax.ir.device import detect_device
+    from seekax.ir.fp8_tiling import candidate_fp8_configs
+
+    dev = detect_device()
+    if dev is None:
+        raise NotImplementedError("autotuning needs a Hopper GPU")
+    fn, avals = lowering_example(m, n, k)
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.standard_normal((m, k)), jnp.float8_e4m3fn)
+    b = jnp.asarray(rng.standard_normal((n, k)), jnp.float8_e4m3fn)
+    sa = jnp.ones(avals[1].shape, jnp.float32)
+    sb = jnp.ones(avals[3].shape, jnp.float32)
+    spec = validate_fp8_gemm_nt(a, sa, b, sb, out_dtype)
+    best, best_t = None, float("inf")
+    for cfg in candidates or candidate_fp8_configs(spec):
+        f = jax.jit(functools.partial(fp8_gemm_nt, backend="mosaic", config=cfg, out_dtype=out_dtype))
+        try:
+            f(a, sa, b, sb).block_until_ready()
+        except (ValueError, NotImplementedError):
+            continue
+        import time
+
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            out = f(a, sa, b, sb)
+        out.block_until_ready()
+        t = (time.perf_counter() - t0) / iters
+        if t < best_t:
+            best, best_t = cfg, t
+    if best is None:
+        raise NotImplementedError(f"no candidate config runs for m={m} n={n} k={k}")
+    (cache or ConfigCache()).put(spec.key(), dev.name, jax.__version__, best.to_dict(), best_t)
+    return best
