@@ -1,0 +1,128 @@
+"""Loader: grain pipeline whose element is a whole batch, yielding `jax.Array`s sharded over a mesh's data axis.
+
+Element `step` of the grain `MapDataset` is this process's rows of global batch `step` (see `order.BatchPlan`),
+read by `SampleStore.read` in one sorted, coalesced call. grain supplies the threads, the prefetch buffer and
+the iterator state; since batches are a pure function of (seed, step), that state is one counter and a resumed
+loader yields byte for byte the batches an uninterrupted one would.
+
+Multi-process: each process reads only rows [p * B/P, (p+1) * B/P) of each global batch (P = process count).
+`process_index`/`process_count` default to jax's and can be overridden (processes launched without
+`jax.distributed`, tests).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import grain
+import numpy as np
+
+from seekax.ir.validate import check_int, fail
+from seekax.storage.order import BatchPlan
+from seekax.storage.sample_store import SampleStore
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoaderConfig:
+    global_batch_size: int
+    seed: int = 0
+    shuffle: str = "random"  # "random" | "block" | "sequential" (see order.py)
+    block_records: int = 64
+    num_epochs: int | None = None
+    num_threads: int = 2
+    prefetch: int = 4
+    process_index: int | None = None
+    process_count: int | None = None
+
+    def __post_init__(self):
+        check_int("num_threads", self.num_threads, min_value=1)
+        check_int("prefetch", self.prefetch, min_value=0)
+        if (self.process_index is None) != (self.process_count is None):
+            raise fail("process_index", self.process_index, "set together with process_count (or neither)")
+        if self.process_count is not None:
+            check_int("process_count", self.process_count, min_value=1)
+            check_int("process_index", self.process_index)
+            if self.process_index >= self.process_count:
+                raise fail("process_index", self.process_index, f"< process_count ({self.process_count})")
+            if self.global_batch_size % self.process_count:
+                raise fail("global_batch_size", self.global_batch_size,
+                           f"a multiple of process_count ({self.process_count})")
+
+
+class _BatchSource:
+    """grain random-access source: item i = this process's rows of global batch i, [local_batch, seq_len]."""
+
+    def __init__(self, store: SampleStore, plan: BatchPlan, process_index: int, process_count: int):
+        self.store, self.plan, self.pi, self.pc = store, plan, process_index, process_count
+
+    def __len__(self) -> int:
+        return self.plan.num_batches
+
+    def __getitem__(self, step: int) -> np.ndarray:
+        return self.store.read(self.plan.batch_indices(step, process_index=self.pi, process_count=self.pc))
+
+
+class Loader:
+    """Iterates batches of a token store. `sharding`: a `jax.sharding.Sharding` for [batch, seq_len] (e.g.
+    `NamedSharding(mesh, P("data"))`); None yields numpy arrays of this process's rows.
+
+    `get_state()` -> JSON-able dict (global batch counter + a fingerprint of the order); `set_state(state)`.
+    """
+
+    def __init__(self, store: SampleStore | str, config: LoaderConfig, *, sharding=None):
+        self.store = store if isinstance(store, SampleStore) else SampleStore(store)
+        if self.store.kind != "tokens":
+            raise fail("store.kind", self.store.kind, "'tokens' (the loader batches fixed-size records)")
+        self.config, self.sharding = config, sharding
+        if config.process_count is None:
+            import jax
+
+            self.process_index, self.process_count = jax.process_index(), jax.process_count()
+        else:
+            self.process_index, self.process_count = config.process_index, config.process_count
+        if config.global_batch_size % self.process_count:
+            raise fail("global_batch_size", config.global_batch_size, f"a multiple of process_count ({self.process_count})")
+        self.plan = BatchPlan(num_records=self.store.num_records, global_batch_size=config.global_batch_size,
+                              seed=config.seed, mode=config.shuffle, block_records=config.block_records,
+                              num_epochs=config.num_epochs)
+        self.local_batch = config.global_batch_size // self.process_count
+        source = _BatchSource(self.store, self.plan, self.process_index, self.process_count)
+        self._dataset = grain.MapDataset.source(source).to_iter_dataset(
+            grain.ReadOptions(num_threads=config.num_threads, prefetch_buffer_size=config.prefetch))
+        self._it = iter(self._dataset)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.plan.batches_per_epoch
+
+    def _fingerprint(self) -> dict[str, Any]:
+        c = asdict(self.config)
+        keep = ("global_batch_size", "seed", "shuffle", "block_records", "num_epochs")
+        return {**{k: c[k] for k in keep}, "num_records": self.store.num_records, "seq_len": self.store.seq_len}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "step": int(self._it.get_state()["next_index"]),
+                "order": self._fingerprint()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION or "step" not in state:
+            raise fail("state", state, f"a dict from Loader.get_state (version {STATE_VERSION})")
+        if state.get("order") != self._fingerprint():
+            raise fail("state.order", state.get("order"), f"this loader's order {self._fingerprint()}")
+        self._it = iter(self._dataset)
+        self._it.set_state({"next_index": check_int("state.step", state["step"])})
+
+    def __iter__(self) -> "Loader":
+        return self
+
+    def __next__(self):
+        local = next(self._it)
+        if self.sharding is None:
+            return local
+        import jax
+
+        global_rows = self.config.global_batch_size if not self.sharding.is_fully_addressable else self.local_batch
+        return jax.make_array_from_process_local_data(self.sharding, local, (global_rows, local.shape[1]))
