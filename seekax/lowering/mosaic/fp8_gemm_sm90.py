@@ -1,0 +1,180 @@
+"""Dense FP8 NT GEMM with DeepGEMM's fine-grained scaling for Hopper, in Pallas Mosaic GPU.
+
+out[M, N] = sum_kb (A[:, kb] @ B[:, kb]^T) * a_scale[:, kb] * b_scale[n // 128, kb], kb over 128-wide K blocks.
+
+Structure (the lead's `matmul_sm90.py` template plus scale promotion):
+- persistent grid: one CTA per SM walks output tiles in a planar snake;
+- warp-specialised TMA pipeline: one memory warpgroup streams, per 128-wide K block, the e4m3 A tile
+  [cta_m, 128], the e4m3 B tile [cta_n, 128] (K-major) and the a_scale row slice [cta_m] into `stages` slots;
+- each compute warpgroup issues FP8 wgmma (both operands K-major) into a fresh fp32 accumulator for one
+  K block, then promotes: main += block_acc * (a_scale[row] * b_scale) in registers (DeepGEMM's fix for
+  the tensor cores' limited FP8 accumulation precision);
+- epilogue through shared memory, stored with TMA.
+M tails: the wrapper pads M up to the CTA tile and slices the result (TMA zero-fill is a follow-up).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+from jax import lax
+
+from seekax.ir.fp8_tiling import FP8_BLOCK_K, SCALE_BLOCK, Fp8TileConfig
+from seekax.ir.tiling import WgSplit
+
+_FP8 = jnp.float8_e4m3fn
+
+
+def operand_transforms():
+    """e4m3 tiles of 128 bytes per row: (8, 128) tiling + 128-byte swizzle, as wgmma reads them."""
+    return (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))
+
+
+def out_transforms(epi_n: int, out_dtype):
+    itemsize = jnp.dtype(out_dtype).itemsize
+    swizzle = plgpu.find_swizzle(epi_n * itemsize * 8)
+    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+def promote_step(a_smem, b_smem, sa_smem, b_scale, carry, *, wg_m, wg_n, block_m, block_n):
+    """One 128-wide K block: fp32 wgmma of the e4m3 tiles, then carry + acc * (a_scale[row] * b_scale)."""
+
+    def block_mma(acc_ref):
+        plgpu.wgmma(acc_ref, a_smem.at[wg_m], b_smem.at[wg_n].T)   # A [bm, 128], B^T [128, bn]: both K-major
+        plgpu.wgmma_wait(0)
+        return acc_ref[...]
+
+    acc = pl.run_scoped(block_mma, plgpu.ACC((block_m, block_n), jnp.float32))   # [bm, bn]
+    sa = sa_smem[0, wg_m]                                                            # [bm] a_scale of these rows
+    return carry + acc * (sa * b_scale)[:, None]
+
+
+def store_tile(acc, out_smem, out_gmem_tile, *, wg, epi_n: int):
+    """Write a [bm, bn] fp32 register tile through double-buffered SMEM slots with TMA stores."""
+    bm, bn = acc.shape
+    epi_m = 64
+    acc = acc.astype(out_smem.dtype)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    for e in range((bm // epi_m) * (bn // epi_n)):
+        ei, ej = divmod(e, bn // epi_n)
+        rows, cols = slice(ei * epi_m, (ei + 1) * epi_m), slice(ej * epi_n, (ej + 1) * epi_n)
+        slot = e % 2
+        plgpu.wait_smem_to_gmem(1, wait_read_only=True)   # the slot's previous store has been read
+        out_smem[wg, slot] = acc[rows, cols]
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], out_gmem_tile.at[rows, cols])
+
+
+def _kernel(a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem, *, config: Fp8TileConfig):
+    """a_gmem [Mp, K] e4m3; sa_gmem [Kb, Mp] f32 (M-major); b_gmem [N, K] e4m3; sb_gmem [Nb, Kb] f32."""
+    mp, k = a_gmem.shape
+    n = b_gmem.shape[0]
+    bm, bn = config.block_m, config.block_n
+    cta_m, cta_n = config.cta_block_m, config.cta_block_n
+    m_iters, n_iters, k_iters = mp // cta_m, n // cta_n, k // FP8_BLOCK_K
+    tf = operand_transforms()
+
+    def pipeline(body, compute_context):
+        return plgpu.emit_pipeline_warp_specialized(
+            body,
+            grid=(k_iters,),
+            memory_registers=40,
+            in_specs=[
+                plgpu.BlockSpec((cta_m, FP8_BLOCK_K), lambda ki: (0, ki), transforms=tf, memory_space=plgpu.SMEM),
+                plgpu.BlockSpec((cta_n, FP8_BLOCK_K), lambda ki: (0, ki), transforms=tf, memory_space=plgpu.SMEM),
+                plgpu.BlockSpec((1, cta_m), lambda ki: (ki, 0), memory_space=plgpu.SMEM),
+            ],
+            wg_axis="wg",
+            num_compute_wgs=config.num_compute_wgs,
+            max_concurrent_steps=config.stages,
+            compute_context=compute_context,
+        )
+
+    ignore = lambda *_, **__: None  # noqa: E731 - allocations do not depend on the body
+
+    @functools.partial(
+        pl.run_scoped,
+        pipeline_allocs=pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem, sa_gmem),
+        out_smem=plgpu.SMEM((config.num_compute_wgs, 2, 64, config.epi_block_n), out_gmem.dtype,
+                            transforms=out_transforms(config.epi_block_n, out_gmem.dtype)),
+        collective_axes="wg",
+    )
+    def _scope(pipeline_allocs, out_smem):
+        wg = lax.axis_index("wg")
+
+        @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+        def _tile_loop(info: plgpu.NDLoopInfo):
+            (lin,) = info.index
+            mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1, config.grid_tile_width)
+            cta_m_slice, cta_n_slice = pl.ds(mi * cta_m, cta_m), pl.ds(ni * cta_n, cta_n)
+            if config.wg_split == WgSplit.M:
+                wg_m, wg_n, n0 = pl.ds(wg * bm, bm), slice(None), ni * cta_n
+            else:
+                wg_m, wg_n, n0 = slice(None), pl.ds(wg * bn, bn), ni * cta_n + wg * bn
+            n_block = n0 // SCALE_BLOCK    # block_n divides 128: one b_scale row per warpgroup tile
+
+            def compute_context(run_pipeline):
+                acc = run_pipeline(jnp.zeros((bm, bn), jnp.float32))
+                store_tile(acc, out_smem, out_gmem.at[cta_m_slice, cta_n_slice].at[wg_m, wg_n],
+                           wg=wg, epi_n=config.epi_block_n)
+
+            def body(idx, a_smem, b_smem, sa_smem, carry):
+                (ki,) = idx
+                return promote_step(a_smem, b_smem, sa_smem, sb_gmem[n_block, ki], carry,
+                                    wg_m=wg_m, wg_n=wg_n, block_m=bm, block_n=bn)
+
+            pipeline(body, compute_context)(a_gmem.at[cta_m_slice, :], b_gmem.at[cta_n_slice, :],
+                                            sa_gmem.at[:, cta_m_slice], allocations=pipeline_allocs)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def check_problem(m: int, n: int, k: int, config: Fp8TileConfig) -> None:
+    """Shapes this kernel handles (valid input outside them raises NotImplementedError: the xla path runs)."""
+    if n % config.cta_block_n:
+        raise NotImplementedError(f"n={n}: the FP8 kernel needs a multiple of cta_block_n={config.cta_block_n} ({config})")
+    if k % FP8_BLOCK_K:
+        raise NotImplementedError(f"k={k}: the FP8 kernel needs a multiple of {FP8_BLOCK_K} (quantize_fp8 pads K)")
+    if m == 0:
+        raise NotImplementedError("m=0: nothing to launch")
+
+
+def padded_m(m: int, config: Fp8TileConfig) -> int:
+    return -(-m // config.cta_block_m) * config.cta_block_m
+
+
+def build(spec, config: Fp8TileConfig, num_sms: int):
+    """f(a [M, K], a_scale [M, Kb], b [N, K], b_scale [Nb, Kb]) -> [M, N] running the Mosaic kernel.
+
+    Checks shapes and the shared-memory budget before tracing the kernel.
+    """
+    m, n, k = spec.m, spec.n, spec.k
+    check_problem(m, n, k, config)
+    out_dtype = jnp.dtype(spec.out_dtype)
+    config.check_smem(out_dtype.itemsize)
+    mp = padded_m(m, config)
+    tiles = (mp // config.cta_block_m) * (n // config.cta_block_n)
+    kernel = plgpu.kernel(
+        functools.partial(_kernel, config=config),
+        out_type=jax.ShapeDtypeStruct((mp, n), out_dtype),
+        grid=(min(num_sms, tiles),),
+        grid_names=("sm",),
+        num_threads=config.num_compute_wgs + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+    )
+
+    def run(a, a_scale, b, b_scale):
+        if mp != m:
+            a = jnp.pad(a, ((0, mp - m), (0, 0)))
+            a_scale = jnp.pad(a_scale, ((0, mp - m), (0, 0)))
+        out = kernel(a, a_scale.T, b, b_scale)    # a_scale M-major so each K block's rows are one TMA row
+        return out[:m] if mp != m else out
+
+    return run
+
+
