@@ -1,0 +1,71 @@
+"""Tile config of the MLA decode kernel (FlashMLA on sm_90) and its shared-memory account.
+
+One CTA owns a 64-row query tile (64 rows of q_len x heads) and walks its split of the KV sequence in
+64-token pages. Warpgroup 0 computes S = Q K^T over all 576 channels and the online softmax, writes P
+(bf16) and the row rescale to shared memory; both compute warpgroups then do P V on their half of the
+512 value channels; a third warpgroup streams pages with TMA through `stages` slots.
+
+Shared memory (bf16): Q 64x576x2 = 72 KiB, each KV slot 64x576x2 = 72 KiB, P 64x64x2 = 8 KiB, the
+row-rescale vector 256 B, barriers. Two slots: 224.3 KiB of the 227 KiB sm_90 limit; three never fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from seekax.ir.tiling import SMEM_LIMIT_BYTES, SharedMemoryBudgetExceeded
+from seekax.ir.validate import check_int, fail
+
+BARRIER_BYTES = 8
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MlaTileConfig:
+    """block_m query rows per CTA (wgmma M = 64), block_n keys per step (= the page size), `stages` KV slots."""
+
+    block_m: int = 64
+    block_n: int = 64
+    stages: int = 2
+    qk_dim: int = 576
+    v_dim: int = 512
+    num_compute_wgs: int = 2
+
+    def __post_init__(self):
+        if check_int("block_m", self.block_m, min_value=64) != 64:
+            raise fail("block_m", self.block_m, "64 (one wgmma M tile per CTA; warpgroups split V instead)")
+        if check_int("block_n", self.block_n, min_value=64) != 64:
+            raise fail("block_n", self.block_n, "64 (one page per step)")
+        check_int("stages", self.stages, min_value=2)  # at least double buffering
+        check_int("qk_dim", self.qk_dim, min_value=64, multiple_of=64)
+        check_int("v_dim", self.v_dim, min_value=64, multiple_of=64)
+        if self.v_dim > self.qk_dim:
+            raise fail("v_dim", self.v_dim, f"<= qk_dim={self.qk_dim}")
+        if check_int("num_compute_wgs", self.num_compute_wgs, min_value=1) != 2:
+            raise fail("num_compute_wgs", self.num_compute_wgs, "2 (each holds a 64 x v_dim/2 fp32 accumulator)")
+        if (self.v_dim // self.num_compute_wgs) % 64 or self.v_dim // self.num_compute_wgs > 256:
+            raise fail("v_dim", self.v_dim, "split into per-warpgroup halves that are multiples of 64 and <= 256")
+
+    @property
+    def v_per_wg(self) -> int:
+        return self.v_dim // self.num_compute_wgs
+
+    def smem_bytes(self, kv_dtype: str = "bfloat16") -> int:
+        """Q tile + KV slots + P tile + rescale vector + barriers (kv ready/consumed per slot, Q, P ready/free)."""
+        isz = np.dtype(kv_dtype).itemsize
+        q = self.block_m * self.qk_dim * 2
+        kv = self.stages * self.block_n * self.qk_dim * isz
+        p = self.block_m * self.block_n * 2
+        rescale = self.block_m * 4
+        barriers = BARRIER_BYTES * (2 * self.stages + 3)
+        return q + kv + p + rescale + barriers
+
+    def check_smem(self, kv_dtype: str = "bfloat16", limit: int = SMEM_LIMIT_BYTES) -> int:
+        need = self.smem_bytes(kv_dtype)
+        if need > limit:
+            raise SharedMemoryBudgetExceeded(need, limit, what=repr(self))
+        return need
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

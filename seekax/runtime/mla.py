@@ -1,0 +1,221 @@
+"""`mla_decode` (FlashMLA): MLA decode over a paged latent KV cache, one validated call for every backend,
+plus `mla_metadata`, the split-KV tile scheduler that gives every CTA equal work.
+
+Backends: "mosaic" (the Hopper kernel, `lowering/mosaic/mla_decode_sm90.py`), "interpret" (the same
+kernel on the CPU interpreter), "xla" (the plain-JAX reference), "auto" (mosaic on sm_90, else xla).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from seekax.ir.mla import MlaDecodeSpec
+from seekax.ir.mla_tiling import MlaTileConfig
+from seekax.ir.validate import check_int, fail
+from seekax.lowering.backend import num_sms_for, resolve_backend
+
+KERNEL_QK_DIM, KERNEL_V_DIM = 576, 512
+FIXED_OVERHEAD_BLOCKS = 5  # FlashMLA's cost of starting a sequence (Q load, epilogue), in 64-token blocks
+
+
+def _concrete(x) -> np.ndarray | None:
+    """The value of `x` when it is known now (not a tracer), else None: value checks only run eagerly."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    return np.asarray(x)
+
+
+def validate_mla_decode(q, kv_cache, block_table, seq_lens, *, v_dim, softmax_scale, causal,
+                        kernel: bool = False, kv_dtypes=("bfloat16", "float16")) -> MlaDecodeSpec:
+    """The one validation point for every backend. `kernel`: the Mosaic kernel's stricter contract
+    (qk_dim 576, v_dim 512). Length values are checked when concrete (eager calls); under jit they are
+    trusted (the kernel clamps to the block table, the reference masks)."""
+    if getattr(q, "ndim", None) != 4:
+        raise fail("q.shape", getattr(q, "shape", None), "[batch, q_len, heads, qk_dim]")
+    if getattr(kv_cache, "ndim", None) != 4:
+        raise fail("kv_cache.shape", getattr(kv_cache, "shape", None), "[num_pages, page_size, 1, qk_dim]")
+    b, s_q, h, d = q.shape
+    num_pages, page, kv_heads, d_kv = kv_cache.shape
+    if kv_heads != 1:
+        raise fail("kv_cache.shape", tuple(kv_cache.shape), "one latent KV head: [num_pages, page_size, 1, qk_dim]")
+    if d_kv != d:
+        raise fail("kv_cache.shape", tuple(kv_cache.shape), f"qk_dim={d} matching q.shape={tuple(q.shape)}")
+    v_dim = check_int("v_dim", v_dim, min_value=1)
+    if v_dim > d:
+        raise fail("v_dim", v_dim, f"<= qk_dim={d} (V is a prefix of the latent)")
+    if kernel and d != KERNEL_QK_DIM:
+        raise fail("q.shape", tuple(q.shape), f"qk_dim {KERNEL_QK_DIM} (512 latent + 64 rope) for the kernel")
+    if kernel and v_dim != KERNEL_V_DIM:
+        raise fail("v_dim", v_dim, f"{KERNEL_V_DIM} for the kernel")
+    if kernel and page != 64:
+        raise fail("kv_cache.shape", tuple(kv_cache.shape), "64-token pages for the kernel")
+    if num_pages < 1:
+        raise fail("kv_cache.shape", tuple(kv_cache.shape), "at least one page")
+    qd, kvd = np.dtype(q.dtype).name, np.dtype(kv_cache.dtype).name
+    if qd not in ("bfloat16", "float16"):
+        raise fail("q.dtype", qd, "bfloat16 or float16")
+    if kvd not in kv_dtypes:
+        raise fail("kv_cache.dtype", kvd, f"one of {tuple(kv_dtypes)}")
+    if kvd in ("bfloat16", "float16") and kvd != qd:
+        raise fail("kv_cache.dtype", kvd, f"q.dtype={qd}")
+    if getattr(block_table, "ndim", None) != 2 or block_table.shape[0] != b:
+        raise fail("block_table.shape", getattr(block_table, "shape", None), f"[batch={b}, max_pages]")
+    if np.dtype(block_table.dtype).name != "int32":
+        raise fail("block_table.dtype", np.dtype(block_table.dtype).name, "int32")
+    if getattr(seq_lens, "shape", None) != (b,):
+        raise fail("seq_lens.shape", getattr(seq_lens, "shape", None), f"[batch={b}]")
+    if np.dtype(seq_lens.dtype).name != "int32":
+        raise fail("seq_lens.dtype", np.dtype(seq_lens.dtype).name, "int32")
+    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and softmax_scale > 0):
+        raise fail("softmax_scale", softmax_scale, "a positive float or None (1/sqrt(qk_dim))")
+    if not isinstance(causal, bool):
+        raise fail("causal", causal, "a bool")
+    capacity = block_table.shape[1] * page
+    lens = _concrete(seq_lens)
+    if lens is not None and lens.size:
+        if lens.min() < 0:
+            raise fail("seq_lens", lens.tolist(), "lengths >= 0")
+        if lens.max() > capacity:
+            raise fail("seq_lens", lens.tolist(), f"lengths <= the block table's capacity "
+                                                  f"{block_table.shape[1]} pages x {page} = {capacity}")
+    mean_len = int(lens.mean()) if lens is not None and lens.size else capacity
+    return MlaDecodeSpec(batch=b, seq_len=mean_len, q_len=s_q, q_heads=h, qk_dim=d, v_dim=v_dim, page_size=page,
+                         q_dtype=qd, kv_dtype=kvd, causal=causal)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MlaMetadata:
+    """Split-KV schedule (FlashMLA's tile-scheduler metadata), all int32 device arrays.
+
+    The work line concatenates, per batch b, FIXED_OVERHEAD_BLOCKS units then n_blocks[b] KV blocks;
+    part p (one CTA per row tile) owns units [p*payload, (p+1)*payload). A part touching batch b
+    writes one partial (out, lse) at row split_offsets[b] + p - first_part[b]; the combine merges them.
+    """
+
+    block_start: jax.Array     # [B]   unit position of batch b's first KV block
+    n_blocks: jax.Array        # [B]   ceil(seq_len / block)
+    first_part: jax.Array      # [B]   first part touching batch b
+    split_offsets: jax.Array   # [B+1] cumulative number of splits
+    part_batches: jax.Array    # [P, 2] batches [begin, end) a part touches (possibly with empty ranges)
+    payload: jax.Array         # [1]   units per part
+    block: int = dataclasses.field(metadata=dict(static=True), default=64)
+
+    @property
+    def num_parts(self) -> int:
+        return self.part_batches.shape[0]
+
+    @property
+    def max_splits(self) -> int:
+        """Static bound on the number of partial rows: every part boundary adds at most one split."""
+        return self.block_start.shape[0] + self.num_parts
+
+    def part_block_range(self, p, b):
+        """KV blocks [lo, hi) of batch b owned by part p (hi <= lo: nothing)."""
+        start = self.block_start[b]
+        lo = jnp.maximum(p * self.payload[0], start) - start
+        hi = jnp.minimum((p + 1) * self.payload[0], start + self.n_blocks[b]) - start
+        return lo, hi
+
+
+def num_parts_for(num_sms: int, q_rows: int, block_m: int = 64) -> int:
+    """FlashMLA's split: the SMs are shared by the row tiles (64 query rows = heads x q_len each)."""
+    return max(1, num_sms // max(1, math.ceil(q_rows / block_m)))
+
+
+def mla_metadata(seq_lens, num_sms: int | None = None, *, q_len: int = 1, num_heads: int = 128,
+                 block: int = 64, num_parts: int | None = None) -> MlaMetadata:
+    """seq_lens [B] int32 -> the split schedule, jit-able (computed on device from the lengths).
+    num_parts defaults to num_sms // ceil(q_len * num_heads / 64) so that all row tiles fill the SMs."""
+    if getattr(seq_lens, "ndim", None) != 1:
+        raise fail("seq_lens.shape", getattr(seq_lens, "shape", None), "[batch]")
+    check_int("block", block, min_value=1)
+    if num_parts is None:
+        num_sms = check_int("num_sms", num_sms if num_sms is not None else num_sms_for("auto"), min_value=1)
+        num_parts = num_parts_for(num_sms, check_int("q_len", q_len, min_value=1) * check_int("num_heads", num_heads, min_value=1))
+    num_parts = check_int("num_parts", num_parts, min_value=1)
+    lens = jnp.maximum(seq_lens.astype(jnp.int32), 0)                       # [B]
+    n_blocks = (lens + block - 1) // block                                   # [B]
+    cost = n_blocks + FIXED_OVERHEAD_BLOCKS                                  # [B]
+    ends = jnp.cumsum(cost)                                                  # [B]
+    block_start = ends - n_blocks                                            # [B]
+    total = ends[-1] if lens.shape[0] else jnp.int32(0)
+    payload = jnp.maximum((total + num_parts - 1) // num_parts, 1)          # []
+    first_part = block_start // payload                                      # [B]
+    last_part = (block_start + n_blocks - 1) // payload                      # [B]
+    num_splits = jnp.where(n_blocks > 0, last_part - first_part + 1, 0)      # [B]
+    split_offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(num_splits).astype(jnp.int32)])
+    p = jnp.arange(num_parts, dtype=jnp.int32)                               # [P]
+    begin = jnp.searchsorted(ends, p * payload, side="right")  # [P]
+    end = jnp.searchsorted(block_start, (p + 1) * payload, side="left")     # [P]
+    part_batches = jnp.stack([begin, jnp.maximum(end, begin)], axis=1).astype(jnp.int32)  # [P, 2]
+    return MlaMetadata(block_start=block_start.astype(jnp.int32), n_blocks=n_blocks.astype(jnp.int32),
+                       first_part=first_part.astype(jnp.int32), split_offsets=split_offsets,
+                       part_batches=part_batches, payload=payload.reshape(1).astype(jnp.int32), block=block)
+
+
+def split_ranges(metadata: MlaMetadata):
+    """Per partial row t (of max_splits): (batch [T], key begin [T], key end [T]); rows past the last split
+    get batch = B and an empty range. The XLA split path and the tests use this inverse map."""
+    num_b = metadata.block_start.shape[0]
+    t = jnp.arange(metadata.max_splits, dtype=jnp.int32)                            # [T]
+    b = jnp.searchsorted(metadata.split_offsets[1:], t, side="right").astype(jnp.int32)  # [T]
+    bc = jnp.clip(b, 0, num_b - 1)
+    part = metadata.first_part[bc] + t - metadata.split_offsets[bc]                 # [T]
+    lo, hi = metadata.part_block_range(part, bc)                                    # [T], [T]
+    live = b < num_b
+    return b, jnp.where(live, lo * metadata.block, 0), jnp.where(live, hi * metadata.block, 0)
+
+
+def mla_decode(q: jax.Array, kv_cache: jax.Array, block_table: jax.Array, seq_lens: jax.Array, *,
+               v_dim: int = 512, softmax_scale: float | None = None, causal: bool = True,
+               metadata: MlaMetadata | None = None, config: MlaTileConfig | None = None,
+               backend: str = "auto", num_sms: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """MLA decode over a paged latent cache (FlashMLA's `flash_mla_with_kvcache`).
+
+    q: [B, q_len, H, 576] bf16; kv_cache: [num_pages, 64, 1, 576] (V = first v_dim channels);
+    block_table: [B, max_pages] int32; seq_lens: [B] int32 -> out [B, q_len, H, v_dim] (q.dtype),
+    lse [B, H, q_len] float32. Causal for q_len > 1: query i sees keys < seq_len - q_len + i + 1.
+    A query with no visible key returns out = 0, lse = -inf. The "xla" backend also accepts other head
+    dims (small demo models); the kernel requires 576/512 and 64-token pages.
+    """
+    backend = resolve_backend(backend)
+    strict = backend in ("mosaic", "interpret")
+    spec = validate_mla_decode(q, kv_cache, block_table, seq_lens, v_dim=v_dim, softmax_scale=softmax_scale,
+                               causal=causal, kernel=strict)
+    if backend == "mosaic" and (spec.qk_dim, spec.v_dim, spec.page_size) != (KERNEL_QK_DIM, KERNEL_V_DIM, 64):
+        backend = "xla"  # auto on Hopper with a small demo model: only the reference handles it
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(spec.qk_dim)
+    if backend == "xla":
+        from seekax.lowering.reference import mla_decode as ref
+
+        return ref.mla_decode(q, kv_cache, block_table, seq_lens, v_dim=v_dim, softmax_scale=scale, causal=causal)
+    from seekax.lowering.mosaic import mla_decode_sm90
+
+    config = config or MlaTileConfig()
+    if metadata is None:
+        metadata = mla_metadata(seq_lens, num_sms or num_sms_for(backend), q_len=spec.q_len,
+                                num_heads=spec.q_heads, block=config.block_n)
+    return mla_decode_sm90.mla_decode(q, kv_cache, block_table, seq_lens, metadata, softmax_scale=scale,
+                                      causal=causal, config=config, interpret=backend == "interpret")
+
+
+def mla_decode_split_xla(q, kv_cache, block_table, seq_lens, metadata: MlaMetadata, *, v_dim: int = 512,
+                         softmax_scale: float | None = None, causal: bool = True):
+    """The split-KV algorithm in plain JAX: one partial per metadata split, then the combine. Same result
+    as `mla_decode(..., backend="xla")` up to float32 rounding; the executable spec of the kernel's plan."""
+    from seekax.lowering.reference import mla_decode as ref
+
+    spec = validate_mla_decode(q, kv_cache, block_table, seq_lens, v_dim=v_dim, softmax_scale=softmax_scale,
+                               causal=causal)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(spec.qk_dim)
+    b, lo, hi = split_ranges(metadata)                                        # [T] each
+    bc = jnp.clip(b, 0, spec.batch - 1)
+    out_p, lse_p = ref.mla_decode_partial(q[bc], kv_cache, block_table[bc], seq_lens[bc], lo, hi,
+                                          v_dim=v_dim, softmax_scale=scale, causal=causal)
+    return ref.combine_splits(out_p, lse_p, metadata.split_offsets, out_dtype=q.dtype)
