@@ -1,0 +1,277 @@
+"""MoE-grouped FP8 NT GEMMs for Hopper in Pallas Mosaic GPU (DeepGEMM's m-grouped contiguous and masked).
+
+Both reuse the dense kernel's pieces (`fp8_gemm_sm90`: warp-specialised TMA pipeline over 128-wide K
+blocks, e4m3 wgmma, per-block scale promotion) and differ in how output tiles map to groups:
+- contiguous: a [M, K] rows sorted by group. Tiles walk "virtual row blocks": group g covers the row
+  blocks its rows touch, so a block straddling two groups is computed once per group and each pass
+  stores only its own rows, with a ladder of power-of-two TMA stores (rows 64, 32, ..., 1) out of an
+  unswizzled SMEM tile. Group metadata (sizes) is read from GMEM scalars, as ragged_dot_mgpu does.
+- masked: a [G, M_max, K] fixed buffers; tiles whose first row is >= masked_m[g] are skipped.
+Rows no group owns (past sum(group_sizes), or >= masked_m[g]) are not written by the kernel; the wrapper
+zeroes them with one fused select so the public contract (zeros) holds.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+from jax import lax
+
+from seekax.ir.fp8_tiling import FP8_BLOCK_K, SCALE_BLOCK, Fp8TileConfig
+from seekax.ir.tiling import WgSplit
+from seekax.lowering.mosaic.fp8_gemm_sm90 import operand_transforms, out_transforms, promote_step, store_tile
+
+_PARAMS = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+
+
+def _pipeline(config: Fp8TileConfig, k_iters: int):
+    tf = operand_transforms()
+    cta_m, cta_n = config.cta_block_m, config.cta_block_n
+
+    def make(body, compute_context):
+        return plgpu.emit_pipeline_warp_specialized(
+            body,
+            grid=(k_iters,),
+            memory_registers=40,
+            in_specs=[
+                plgpu.BlockSpec((cta_m, FP8_BLOCK_K), lambda ki: (0, ki), transforms=tf, memory_space=plgpu.SMEM),
+                plgpu.BlockSpec((cta_n, FP8_BLOCK_K), lambda ki: (0, ki), transforms=tf, memory_space=plgpu.SMEM),
+                plgpu.BlockSpec((1, cta_m), lambda ki: (ki, 0), memory_space=plgpu.SMEM),
+            ],
+            wg_axis="wg",
+            num_compute_wgs=config.num_compute_wgs,
+            max_concurrent_steps=config.stages,
+            compute_context=compute_context,
+        )
+
+    return make
+
+
+def _wg_slices(config: Fp8TileConfig, wg, ni):
+    """(rows of this warpgroup in the CTA tile, its columns, its first output column)."""
+    bm, bn, cta_n = config.block_m, config.block_n, config.cta_block_n
+    if config.wg_split == WgSplit.M:
+        return pl.ds(wg * bm, bm), slice(None), ni * cta_n
+    return slice(None), pl.ds(wg * bn, bn), ni * cta_n + wg * bn
+
+
+def _group_of_block(sizes_gmem, num_groups: int, tile_m: int, v):
+    """Virtual row block v -> (group, first row of the block, rows [lo, hi) of the group in it, valid).
+
+    Group g with rows [start, end) covers row blocks start//T .. (end-1)//T (none if empty); virtual
+    blocks enumerate those ranges group after group. Unrolled over groups (scalar GMEM reads)."""
+    zero = jnp.int32(0)
+    start = offset = group = blk = lo = hi = zero
+    found = jnp.bool_(False)
+    for g in range(num_groups):
+        size = sizes_gmem[g]
+        end = start + size
+        first = lax.div(start, jnp.int32(tile_m))
+        count = jnp.where(size > 0, lax.div(end - 1, jnp.int32(tile_m)) - first + 1, zero)
+        mine = (v >= offset) & (v < offset + count)
+        b = first + (v - offset)
+        group = jnp.where(mine, jnp.int32(g), group)
+        blk = jnp.where(mine, b, blk)
+        lo = jnp.where(mine, start, lo)
+        hi = jnp.where(mine, end, hi)
+        found = found | mine
+        offset = offset + count
+        start = end
+    return group, blk * tile_m, lo, hi, found
+
+
+def _ladder_store(smem, gmem_rows, s, length, max_rows: int):
+    """Store rows [s, s + length) of `smem` ([max_rows, C], unswizzled) to the same rows of `gmem_rows`
+    with at most log2(max_rows) + 1 TMA copies of power-of-two heights (static shapes, dynamic offsets)."""
+    p = max_rows
+    while p >= 1:
+        @pl.when((length & p) != 0)
+        def _store(p=p, s=s):
+            plgpu.copy_smem_to_gmem(smem.at[pl.ds(s, p)], gmem_rows.at[pl.ds(s, p)])
+
+        s = s + (length & p)
+        p //= 2
+
+
+def _contiguous_kernel(sizes_gmem, a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem, *, config: Fp8TileConfig,
+                       num_groups: int, row_blocks: int):
+    """a_gmem [Mp, K]; sa_gmem [Kb, Mp]; b_gmem [G, N, K]; sb_gmem [G, Nb, Kb]; out_gmem [Mp, N]."""
+    k = a_gmem.shape[1]
+    n = b_gmem.shape[1]
+    bm, bn, cta_m, cta_n = config.block_m, config.block_n, config.cta_block_m, config.cta_block_n
+    n_iters, k_iters = n // cta_n, k // FP8_BLOCK_K
+    pipeline = _pipeline(config, k_iters)
+    ignore = lambda *_, **__: None  # noqa: E731
+
+    @functools.partial(
+        pl.run_scoped,
+        pipeline_allocs=pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem.at[0], sa_gmem),
+        out_smem=plgpu.SMEM((config.num_compute_wgs, bm, bn), out_gmem.dtype),
+        collective_axes="wg",
+    )
+    def _scope(pipeline_allocs, out_smem):
+        wg = lax.axis_index("wg")
+
+        @plgpu.nd_loop((row_blocks * n_iters,), collective_axes="sm")
+        def _tile_loop(info: plgpu.NDLoopInfo):
+            (lin,) = info.index
+            v, ni = plgpu.planar_snake(lin, (row_blocks, n_iters), 1, config.grid_tile_width)
+            group, row0, lo, hi, active = _group_of_block(sizes_gmem, num_groups, cta_m, v)
+            wg_m, wg_n, n0 = _wg_slices(config, wg, ni)
+            n_block = n0 // SCALE_BLOCK
+            wg_row0 = row0 + (wg * bm if config.wg_split == WgSplit.M else 0)
+            cols = pl.ds(ni * cta_n, cta_n)
+
+            def compute_context(run_pipeline):
+                acc = run_pipeline(jnp.zeros((bm, bn), jnp.float32))      # [bm, bn]
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)           # previous tile's stores read
+                out_smem[wg] = acc.astype(out_smem.dtype)
+                plgpu.commit_smem()
+                s = jnp.clip(lo - wg_row0, 0, bm)
+                e = jnp.clip(hi - wg_row0, 0, bm)
+                _ladder_store(out_smem.at[wg], out_gmem.at[pl.ds(wg_row0, bm), cols].at[:, wg_n], s,
+                              jnp.maximum(e - s, 0), bm)
+
+            def body(idx, a_smem, b_smem, sa_smem, carry):
+                (ki,) = idx
+                return promote_step(a_smem, b_smem, sa_smem, sb_gmem[group, n_block, ki], carry,
+                                    wg_m=wg_m, wg_n=wg_n, block_m=bm, block_n=bn)
+
+            @pl.when(active)
+            def _run():
+                rows = pl.ds(row0, cta_m)
+                pipeline(body, compute_context)(a_gmem.at[rows, :], b_gmem.at[group, cols, :], sa_gmem.at[:, rows],
+                                                allocations=pipeline_allocs)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _masked_kernel(masked_gmem, a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem, *, config: Fp8TileConfig,
+                   num_groups: int, m_pad: int):
+    """a_gmem [G*Mp, K]; sa_gmem [Kb, G*Mp]; b_gmem [G, N, K]; sb_gmem [G, Nb, Kb]; out_gmem [G*Mp, N]."""
+    k = a_gmem.shape[1]
+    n = b_gmem.shape[1]
+    bm, bn, cta_m, cta_n = config.block_m, config.block_n, config.cta_block_m, config.cta_block_n
+    m_iters, n_iters, k_iters = m_pad // cta_m, n // cta_n, k // FP8_BLOCK_K
+    pipeline = _pipeline(config, k_iters)
+    ignore = lambda *_, **__: None  # noqa: E731
+
+    @functools.partial(
+        pl.run_scoped,
+        pipeline_allocs=pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem.at[0], sa_gmem),
+        out_smem=plgpu.SMEM((config.num_compute_wgs, 2, 64, config.epi_block_n), out_gmem.dtype,
+                            transforms=out_transforms(config.epi_block_n, out_gmem.dtype)),
+        collective_axes="wg",
+    )
+    def _scope(pipeline_allocs, out_smem):
+        wg = lax.axis_index("wg")
+
+        @plgpu.nd_loop((num_groups * m_iters * n_iters,), collective_axes="sm")
+        def _tile_loop(info: plgpu.NDLoopInfo):
+            (lin,) = info.index
+            gm, ni = plgpu.planar_snake(lin, (num_groups * m_iters, n_iters), 1, config.grid_tile_width)
+            group, mi = lax.div(gm, jnp.int32(m_iters)), lax.rem(gm, jnp.int32(m_iters))
+            wg_m, wg_n, n0 = _wg_slices(config, wg, ni)
+            n_block = n0 // SCALE_BLOCK
+            rows = pl.ds(group * m_pad + mi * cta_m, cta_m)
+            cols = pl.ds(ni * cta_n, cta_n)
+
+            def compute_context(run_pipeline):
+                acc = run_pipeline(jnp.zeros((bm, bn), jnp.float32))
+                store_tile(acc, out_smem, out_gmem.at[rows, cols].at[wg_m, wg_n], wg=wg, epi_n=config.epi_block_n)
+
+            def body(idx, a_smem, b_smem, sa_smem, carry):
+                (ki,) = idx
+                return promote_step(a_smem, b_smem, sa_smem, sb_gmem[group, n_block, ki], carry,
+                                    wg_m=wg_m, wg_n=wg_n, block_m=bm, block_n=bn)
+
+            @pl.when(mi * cta_m < masked_gmem[group])
+            def _run():
+                pipeline(body, compute_context)(a_gmem.at[rows, :], b_gmem.at[group, cols, :], sa_gmem.at[:, rows],
+                                                allocations=pipeline_allocs)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def check_problem(n: int, k: int, config: Fp8TileConfig) -> None:
+    if n % config.cta_block_n:
+        raise NotImplementedError(f"n={n}: the FP8 grouped kernel needs a multiple of cta_block_n={config.cta_block_n}")
+    if k % FP8_BLOCK_K:
+        raise NotImplementedError(f"k={k}: the FP8 grouped kernel needs a multiple of {FP8_BLOCK_K} (quantize_fp8 pads K)")
+
+
+def contiguous_smem_bytes(config: Fp8TileConfig, out_itemsize: int) -> int:
+    """The contiguous kernel's epilogue is one unswizzled [block_m, block_n] tile per warpgroup."""
+    return (config.smem_bytes(out_itemsize) - config.num_compute_wgs * 2 * 64 * config.epi_block_n * out_itemsize
+            + config.num_compute_wgs * config.block_m * config.block_n * out_itemsize)
+
+
+def build_contiguous(spec, config: Fp8TileConfig, num_sms: int):
+    """f(a [M, K], a_scale [M, Kb], b [G, N, K], b_scale [G, Nb, Kb], group_sizes [G]) -> [M, N]."""
+    g, m, n, k = spec.num_groups, spec.m, spec.n, spec.k
+    check_problem(n, k, config)
+    if m == 0:
+        raise NotImplementedError("m=0: nothing to launch")
+    out_dtype = jnp.dtype(spec.out_dtype)
+    need = contiguous_smem_bytes(config, out_dtype.itemsize)
+    if need > 227 * 1024:
+        from seekax.ir.tiling import SharedMemoryBudgetExceeded
+
+        raise SharedMemoryBudgetExceeded(need, what=repr(config))
+    cta_m = config.cta_block_m
+    mp = -(-m // cta_m) * cta_m
+    row_blocks = mp // cta_m + g - 1          # a bound on the virtual row blocks over all groups
+    tiles = row_blocks * (n // config.cta_block_n)
+    kernel = plgpu.kernel(
+        functools.partial(_contiguous_kernel, config=config, num_groups=g, row_blocks=row_blocks),
+        out_type=jax.ShapeDtypeStruct((mp, n), out_dtype),
+        grid=(min(num_sms, tiles),), grid_names=("sm",),
+        num_threads=config.num_compute_wgs + 1, thread_name="wg", compiler_params=_PARAMS,
+    )
+
+    def run(a, a_scale, b, b_scale, group_sizes):
+        if mp != m:
+            a = jnp.pad(a, ((0, mp - m), (0, 0)))
+            a_scale = jnp.pad(a_scale, ((0, mp - m), (0, 0)))
+        sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
+        out = kernel(sizes, a, a_scale.T, b, b_scale)[:m]                       # [M, N]
+        owned = jnp.arange(m, dtype=jnp.int32) < jnp.sum(sizes)                 # [M] rows some group owns
+        return jnp.where(owned[:, None], out, jnp.zeros((), out.dtype))
+
+    return run
+
+
+def build_masked(spec, config: Fp8TileConfig, num_sms: int):
+    """f(a [G, M_max, K], a_scale [G, M_max, Kb], b [G, N, K], b_scale [G, Nb, Kb], masked_m [G]) -> [G, M_max, N]."""
+    g, m_max, n, k = spec.num_groups, spec.m, spec.n, spec.k
+    check_problem(n, k, config)
+    if m_max == 0:
+        raise NotImplementedError("M_max=0: nothing to launch")
+    out_dtype = jnp.dtype(spec.out_dtype)
+    config.check_smem(out_dtype.itemsize)
+    cta_m = config.cta_block_m
+    mp = -(-m_max // cta_m) * cta_m
+    tiles = g * (mp // cta_m) * (n // config.cta_block_n)
+    kernel = plgpu.kernel(
+        functools.partial(_masked_kernel, config=config, num_groups=g, m_pad=mp),
+        out_type=jax.ShapeDtypeStruct((g * mp, n), out_dtype),
+        grid=(min(num_sms, tiles),), grid_names=("sm",),
+        num_threads=config.num_compute_wgs + 1, thread_name="wg", compiler_params=_PARAMS,
+    )
+
+    def run(a, a_scale, b, b_scale, masked_m):
+        kb = a.shape[-1] // FP8_BLOCK_K
+        if mp != m_max:
+            a = jnp.pad(a, ((0, 0), (0, mp - m_max), (0, 0)))
+            a_scale = jnp.pad(a_scale, ((0, 0), (0, mp - m_max), (0, 0)))
+        masked = masked_m.astype(jnp.int32)
+        out = kernel(masked, a.reshape(g * mp, k), a_scale.reshape(g * mp, kb).T, b, b_scale)
+        out = out.reshape(g, mp, n)[:, :m_max]                                  # [G, M_max, N]
+        keep = jnp.arange(m_max, dtype=jnp.int32)[None, :] < masked[:, None]    # [G, M_max]
+        return jnp.where(keep[..., None], out, jnp.zeros((), out.dtype))
+
+    return run
