@@ -1,0 +1,287 @@
+"""EPLB applied at run time: count tokens per expert over a window, rebalance, move the fewest expert weights.
+
+  window = LoadWindow.create(64, layers, experts); window = window.add(counts)   # each step (jit-able)
+  placement, plan = rebalance(window, placement, num_groups=8, num_nodes=4, num_gpus=32)
+  weights = migrate_expert_weights(weights, plan.src_slot[layer], mesh)          # per layer, shard_map over "ep"
+
+`rebalance` runs EPLB on the window's load, then relabels the result without changing any GPU's load:
+GPUs (within a node for the hierarchical policy, whole nodes, or any GPU for the global policy) are matched
+to the current GPUs that already hold most of their experts, and inside a GPU every expert already there
+keeps its slot. Each new slot is then filled from the nearest current replica (same GPU, same node, any).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from scipy.optimize import linear_sum_assignment
+
+from seekax.ir.placement import ExpertPlacement
+from seekax.ir.validate import check_int, fail
+from seekax.schedules.eplb import check_rebalance_args, policy, rebalance_experts
+
+
+# ---- load window -------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class LoadWindow:
+    """A ring buffer of per-step token counts per logical expert: a pytree, so `add` can run under jit.
+
+    counts: [window, layers, experts] int32; step: [] int32 steps recorded so far (the ring slot is step % window).
+    """
+
+    counts: jax.Array
+    step: jax.Array
+
+    @classmethod
+    def create(cls, window: int, num_layers: int, num_experts: int) -> LoadWindow:
+        window = check_int("window", window, min_value=1)
+        num_layers = check_int("num_layers", num_layers, min_value=1)
+        num_experts = check_int("num_experts", num_experts, min_value=1)
+        return cls(counts=jnp.zeros((window, num_layers, num_experts), jnp.int32), step=jnp.zeros((), jnp.int32))
+
+    @property
+    def window(self) -> int:
+        return int(self.counts.shape[0])
+
+    def add(self, counts: jax.Array) -> LoadWindow:
+        """counts: [layers, experts] tokens routed to each logical expert this step -> the updated window."""
+        counts = jnp.asarray(counts)
+        if tuple(counts.shape) != tuple(self.counts.shape[1:]):
+            raise fail("counts.shape", tuple(counts.shape), f"{tuple(self.counts.shape[1:])} (layers, experts)")
+        ring = self.counts.at[self.step % self.window].set(counts.astype(jnp.int32))
+        return LoadWindow(counts=ring, step=self.step + 1)
+
+    def load(self) -> jax.Array:
+        """[layers, experts] tokens per expert summed over the last `window` steps."""
+        return self.counts.sum(0)
+
+
+jax.tree_util.register_dataclass(LoadWindow, data_fields=["counts", "step"], meta_fields=[])
+
+
+def logical_counts(slot_counts: jax.Array, phy2log: jax.Array, num_experts: int) -> jax.Array:
+    """slot_counts: [layers, replicas] tokens per physical slot -> [layers, experts] per logical expert. jit-able."""
+    slot_counts, phy2log = jnp.asarray(slot_counts), jnp.asarray(phy2log)
+    if slot_counts.shape != phy2log.shape:
+        raise fail("slot_counts.shape", tuple(slot_counts.shape), f"{tuple(phy2log.shape)} like phy2log")
+    rows = jnp.arange(phy2log.shape[0])[:, None]
+    return jnp.zeros((phy2log.shape[0], num_experts), slot_counts.dtype).at[rows, phy2log].add(slot_counts)
+
+
+# ---- rebalance with a migration plan -----------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class MigrationPlan:
+    """Where each new physical slot gets its weights: src_slot[l, s] is a slot of the *current* placement
+    holding the same logical expert (src_slot[l, s] == s: the slot keeps its weights).
+
+    src_slot: [layers, replicas] int64; num_gpus: GPUs the slots are spread over (GPU g: slots g*R/P ...).
+    """
+
+    src_slot: np.ndarray
+    num_gpus: int
+
+    def __post_init__(self) -> None:
+        src = np.asarray(self.src_slot, np.int64)
+        if src.ndim != 2 or src.min() < 0 or src.max() >= src.shape[1]:
+            raise fail("src_slot", src.shape, "[layers, replicas] slot ids in [0, replicas)")
+        check_int("num_gpus", self.num_gpus, min_value=1)
+        if src.shape[1] % self.num_gpus:
+            raise fail("num_gpus", self.num_gpus, f"a divisor of replicas={src.shape[1]}")
+        src.flags.writeable = False
+        object.__setattr__(self, "src_slot", src)
+
+    @property
+    def moved(self) -> np.ndarray:
+        """[layers, replicas] True where the slot receives new weights."""
+        return self.src_slot != np.arange(self.src_slot.shape[1])
+
+    @property
+    def num_moves(self) -> int:
+        """Expert weight copies (local or remote) the migration performs."""
+        return int(self.moved.sum())
+
+    @property
+    def num_remote(self) -> int:
+        """Copies whose source is on another GPU (these cross the interconnect)."""
+        per_gpu = self.src_slot.shape[1] // self.num_gpus
+        dst_gpu = np.arange(self.src_slot.shape[1]) // per_gpu
+        return int((self.src_slot // per_gpu != dst_gpu).sum())
+
+    @classmethod
+    def identity(cls, num_layers: int, num_replicas: int, num_gpus: int) -> MigrationPlan:
+        return cls(src_slot=np.tile(np.arange(num_replicas), (num_layers, 1)), num_gpus=num_gpus)
+
+
+def _overlap(cur: np.ndarray, tgt: np.ndarray) -> np.ndarray:
+    """cur [a, E], tgt [b, E] expert counts -> [a, b] multiset intersection sizes."""
+    return np.minimum(cur[:, None, :], tgt[None, :, :]).sum(-1)
+
+
+def _match_gpus(cur_phy2log: np.ndarray, tgt_phy2log: np.ndarray, num_experts: int, num_gpus: int,
+                num_nodes: int) -> np.ndarray:
+    """One layer -> gpu_of_pack [P]: the current GPU that takes target GPU t's slots, maximising kept experts.
+
+    num_nodes > 1 restricts the matching to whole-node and within-node permutations (hierarchical policy).
+    """
+    per_gpu = cur_phy2log.size // num_gpus
+    cur = np.stack([np.bincount(r, minlength=num_experts) for r in cur_phy2log.reshape(num_gpus, per_gpu)])
+    tgt = np.stack([np.bincount(r, minlength=num_experts) for r in tgt_phy2log.reshape(num_gpus, per_gpu)])
+    score = _overlap(cur, tgt)  # [cur GPU, target GPU]
+    gpus_per_node = num_gpus // num_nodes
+    blocks = score.reshape(num_nodes, gpus_per_node, num_nodes, gpus_per_node)
+    inner = {}  # (current node, target node) -> (value, within-node assignment)
+    node_score = np.zeros((num_nodes, num_nodes))
+    for a in range(num_nodes):
+        for b in range(num_nodes):
+            rows, cols = linear_sum_assignment(blocks[a, :, b, :], maximize=True)
+            inner[a, b] = cols
+            node_score[a, b] = blocks[a, rows, b, cols].sum()
+    node_rows, node_cols = linear_sum_assignment(node_score, maximize=True)
+    gpu_of_pack = np.empty(num_gpus, np.int64)
+    for a, b in zip(node_rows, node_cols):
+        for i, j in enumerate(inner[a, b]):  # current GPU a*g+i takes target GPU b*g+j
+            gpu_of_pack[b * gpus_per_node + j] = a * gpus_per_node + i
+    return gpu_of_pack
+
+
+def _place_layer(cur: np.ndarray, tgt: np.ndarray, num_experts: int, num_gpus: int,
+                 num_nodes: int) -> tuple[np.ndarray, np.ndarray]:
+    """One layer: cur, tgt phy2log [R] -> (new phy2log [R] with tgt's per-GPU multisets, src_slot [R])."""
+    replicas = cur.size
+    per_gpu = replicas // num_gpus
+    gpus_per_node = num_gpus // num_nodes
+    gpu_of_pack = _match_gpus(cur, tgt, num_experts, num_gpus, num_nodes)
+    new = np.empty(replicas, np.int64)
+    for pack, gpu in enumerate(gpu_of_pack):
+        want = list(tgt[pack * per_gpu:(pack + 1) * per_gpu])
+        slots = range(gpu * per_gpu, (gpu + 1) * per_gpu)
+        free = []
+        for s in slots:  # an expert already here keeps its slot
+            if cur[s] in want:
+                want.remove(cur[s])
+                new[s] = cur[s]
+            else:
+                free.append(s)
+        for s, e in zip(free, want):
+            new[s] = e
+    # Sources: the slot itself, else a replica on the same GPU, same node, anywhere; spread sends evenly.
+    src = np.arange(replicas)
+    sends = np.zeros(replicas, np.int64)
+    holders = {e: np.flatnonzero(cur == e) for e in np.unique(new)}
+    for s in np.flatnonzero(new != cur):
+        cand = holders[new[s]]
+        gpu = s // per_gpu
+        cand_gpu = cand // per_gpu
+        rank = (cand_gpu != gpu).astype(np.int64) + (cand_gpu // gpus_per_node != gpu // gpus_per_node)
+        best = cand[np.lexsort((cand, sends[cand], rank))[0]]
+        src[s] = best
+        sends[best] += int(best // per_gpu != gpu)
+    return new, src
+
+
+def rebalance(load: Any, current: ExpertPlacement, *, num_groups: int, num_nodes: int, num_gpus: int,
+              num_replicas: int | None = None) -> tuple[ExpertPlacement, MigrationPlan]:
+    """EPLB on `load` (a LoadWindow or [layers, experts] counts), relabelled to move the fewest weights.
+
+    Returns the new placement (per-GPU loads identical to `rebalance_experts`' output) and the plan that
+    turns the current slots' weights into the new ones. num_replicas defaults to the current placement's.
+    """
+    if isinstance(load, LoadWindow):
+        load = np.asarray(load.load())
+    if not isinstance(current, ExpertPlacement):
+        raise fail("current", type(current).__name__, "an ExpertPlacement")
+    num_replicas = current.num_replicas if num_replicas is None else num_replicas
+    if num_replicas != current.num_replicas:
+        raise fail("num_replicas", num_replicas, f"the current placement's {current.num_replicas} slots")
+    weight = check_rebalance_args(load, num_replicas, num_groups, num_nodes, num_gpus)
+    if weight.shape != current.logcnt.shape:
+        raise fail("load.shape", weight.shape, f"{current.logcnt.shape} like the current placement's logcnt")
+    target = rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus)
+    match_nodes = num_nodes if policy(num_groups, num_nodes) == "hierarchical" else 1
+    layers = [_place_layer(c, t, current.num_logical, num_gpus, match_nodes)
+              for c, t in zip(current.phy2log, target.phy2log)]
+    new = ExpertPlacement.from_phy2log(np.stack([n for n, _ in layers]), current.num_logical)
+    return new, MigrationPlan(src_slot=np.stack([s for _, s in layers]), num_gpus=num_gpus)
+
+
+# ---- migration under shard_map -----------------------------------------------------------------------------
+def _migration_tables(src_slot: np.ndarray, num_devices: int) -> tuple[list[tuple[int, np.ndarray]], np.ndarray]:
+    """src_slot [R] -> rounds [(offset k, send_idx [D, m_k])] and gather_idx [D, S].
+
+    In round k device c sends send_idx[c] of its local slots to device (c + k) % D. Device d then gathers its
+    new slots from concat(local slots, round buffers...) with gather_idx[d]. A slot needed twice is sent once.
+    """
+    replicas = src_slot.size
+    per_dev = replicas // num_devices
+    sends: dict[int, list[list[int]]] = {k: [[] for _ in range(num_devices)] for k in range(1, num_devices)}
+    where: dict[tuple[int, int], int] = {}  # (offset, source slot) -> position in that round's buffer
+    for s, q in enumerate(src_slot):
+        d, c = s // per_dev, int(q) // per_dev
+        k = (d - c) % num_devices
+        if k and (k, int(q)) not in where:
+            where[k, int(q)] = len(sends[k][c])
+            sends[k][c].append(int(q) % per_dev)
+    rounds, base, offsets = [], per_dev, {}
+    for k in range(1, num_devices):
+        m = max(len(lst) for lst in sends[k])
+        if m == 0:
+            continue
+        table = np.zeros((num_devices, m), np.int32)
+        for c, lst in enumerate(sends[k]):
+            table[c, :len(lst)] = lst
+        rounds.append((k, table))
+        offsets[k] = base
+        base += m
+    gather = np.empty((num_devices, per_dev), np.int32)
+    for s, q in enumerate(src_slot):
+        d, c = s // per_dev, int(q) // per_dev
+        k = (d - c) % num_devices
+        gather[d, s % per_dev] = int(q) % per_dev if k == 0 else offsets[k] + where[k, int(q)]
+    return rounds, gather
+
+
+def migrate_expert_weights(weights: Any, src_slot: Any, mesh: jax.sharding.Mesh, *, axis_name: str = "ep") -> Any:
+    """Move expert weights to their new slots with collective permutes over the EP axis.
+
+    weights: a pytree of arrays [replicas, ...] sharded over `axis_name` on the slot axis (device d holds
+    slots [d*S, (d+1)*S)); src_slot: [replicas] one layer of MigrationPlan.src_slot.
+    Returns the same pytree with new[s] = old[src_slot[s]], sharded the same way. One ppermute per device
+    offset that carries any slot, padded to the busiest sender; slots that stay local never move.
+    """
+    src_slot = np.asarray(src_slot, np.int64)
+    if axis_name not in mesh.shape:
+        raise fail("axis_name", axis_name, f"an axis of the mesh {dict(mesh.shape)}")
+    num_devices = mesh.shape[axis_name]
+    leaves, treedef = jax.tree.flatten(weights)
+    replicas = src_slot.size
+    if src_slot.ndim != 1 or replicas % num_devices or src_slot.min() < 0 or src_slot.max() >= replicas:
+        raise fail("src_slot", src_slot.shape, f"[replicas] slot ids, replicas a multiple of {num_devices} devices")
+    for i, leaf in enumerate(leaves):
+        if leaf.ndim < 1 or leaf.shape[0] != replicas:
+            raise fail(f"weights[{i}].shape", tuple(leaf.shape), f"({replicas}, ...) one row per slot")
+    if np.array_equal(src_slot, np.arange(replicas)):
+        return weights
+    rounds, gather = _migration_tables(src_slot, num_devices)
+
+    def body(*local):  # each leaf [S, ...] on one device
+        me = jax.lax.axis_index(axis_name)
+        out = []
+        for x in local:
+            buffers = [x]
+            for k, table in rounds:
+                send = x[jnp.asarray(table)[me]]  # [m_k, ...]
+                perm = [(c, (c + k) % num_devices) for c in range(num_devices)]
+                buffers.append(jax.lax.ppermute(send, axis_name, perm))
+            out.append(jnp.concatenate(buffers)[jnp.asarray(gather)[me]])
+        return tuple(out)
+
+    spec = P(axis_name)
+    fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(spec,) * len(leaves), out_specs=(spec,) * len(leaves)))
+    placed = [jax.device_put(x, NamedSharding(mesh, spec)) for x in leaves]
+    return jax.tree.unflatten(treedef, list(fn(*placed)))
