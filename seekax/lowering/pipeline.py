@@ -1,0 +1,298 @@
+"""Lower any pipeline `Schedule` to one SPMD program under `jax.shard_map` over a `pp` mesh axis.
+
+Stages of the lowering (each a plain function, each inspectable):
+  1. `plan_pipeline(schedule)`: cut time into ticks (a unit-cost replay: one compute op per rank per tick, a
+     value produced in tick t is usable in tick t+1), give every activation and gradient a buffer slot
+     (interval colouring: slots = peak live values, not chunks x micro-batches), and write per-rank op tables
+     [num_ranks, num_ticks] of int32: op code, chunk, slots, and for every transfer channel the slot where the
+     value arriving at the end of the tick is stored.
+  2. `lower_pipeline(plan, stage_fn, loss_fn, ...)`: a `lax.scan` over ticks in which every rank picks its op
+     with `lax.switch` (F, F+loss at the last stage, B = input-grad VJP, W = weight-grad VJP, BW, F&BW), then
+     activations and gradients move by cyclic `ppermute` one rank right or left (both directions for
+     DualPipe; the wrap from the last rank to the first for interleaved 1F1B), or stay on the rank (the turn
+     of DualPipeV's V). Only the shifts the schedule uses are emitted.
+
+B and W recompute the stage forward from the stashed stage input (activation checkpointing per stage): the
+stash is one [*x] array per live (chunk, micro-batch), and W needs only that input and the output gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from seekax.ir.schedule import Op, Schedule
+from seekax.ir.validate import fail
+
+# Op codes of the per-rank tables (the lax.switch branch index).
+NOOP, F, F_LAST, B, W, BW, FBW, FBW_LAST = range(8)
+CODE_NAMES = ("noop", "F", "F+loss", "B", "W", "BW", "F&BW", "F+loss&BW")
+FIELDS = ("code", "f_chunk", "f_slot", "f_first", "f_gmb", "f_gslot", "b_chunk", "b_slot", "b_gslot")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PipelinePlan:
+    """Static tables of a lowered schedule. tables[name]: [num_ranks, num_ticks] int32; slot index
+    num_act_slots / num_grad_slots is the trash slot for writes that carry nothing.
+    act_channels / grad_channels: cyclic rank shifts d (rank r sends to (r + d) % num_ranks; 1 = right,
+    num_ranks - 1 = left, 0 = the same rank) that carry values."""
+
+    schedule: Schedule
+    num_ticks: int
+    num_act_slots: int
+    num_grad_slots: int
+    act_channels: tuple[int, ...]
+    grad_channels: tuple[int, ...]
+    tables: dict[str, np.ndarray]
+    ticks: tuple[tuple[int, ...], ...]
+
+    def describe(self) -> str:
+        """One row per rank, one column per tick (the op each rank runs)."""
+        lines = [f"{self.schedule.name}: {self.num_ticks} ticks, act slots {self.num_act_slots}, "
+                 f"grad slots {self.num_grad_slots}, channels act {self.act_channels} grad {self.grad_channels}"]
+        for r, ops in enumerate(self.schedule.compute_only().ranks):
+            row = ["."] * self.num_ticks
+            for t, op in zip(self.ticks[r], ops):
+                row[t] = str(op)
+            lines.append(f"rank {r}: " + " ".join(f"{x:>8}" for x in row))
+        return "\n".join(lines)
+
+
+def _allocate(intervals: list[tuple[int, int, Any]]) -> tuple[dict[Any, int], int]:
+    """Interval colouring: a slot is reused only by a value written after its last read (strictly later
+    tick, so one tick's reads and writes never share a slot)."""
+    slot_of: dict[Any, int] = {}
+    busy: list[tuple[int, int]] = []  # (last_use, slot)
+    free: list[int] = []
+    count = 0
+    for start, end, key in sorted(intervals, key=lambda x: (x[0], x[1])):
+        while busy and busy[0][0] < start:
+            heapq.heappush(free, heapq.heappop(busy)[1])
+        if free:
+            slot = heapq.heappop(free)
+        else:
+            slot, count = count, count + 1
+        slot_of[key] = slot
+        heapq.heappush(busy, (end, slot))
+    return slot_of, count
+
+
+def plan_pipeline(schedule: Schedule) -> PipelinePlan:
+    """Ticks, buffer slots and per-rank op tables for `schedule` (compute ops; SEND/RECV are implied)."""
+    s = schedule.compute_only().validate()
+    n, S = s.num_ranks, s.num_stages
+    costs = {"F": 1.0, "B": 1.0, "W": 1.0, "BW": 1.0, "F&BW": 1.0}
+    sim = s.simulate(costs)
+    ticks = tuple(tuple(int(t) for t in row) for row in sim.start)
+    num_ticks = 1 + max((t for row in ticks for t in row), default=0)
+
+    # When each (rank, chunk, mb) part runs.
+    when: dict[tuple[str, int, int, int], int] = {}
+    for r, ops in enumerate(s.ranks):
+        for t, op in zip(ticks[r], ops):
+            for kind, c, m in op.parts():
+                when[("B" if kind == "BW" else kind, r, c, m)] = t
+                if kind == "BW":
+                    when[("W", r, c, m)] = t
+
+    # Transfers: (channel kind, shift, tick, receiving rank, receiving chunk, mb).
+    act_iv, grad_iv, sends = [], [], []
+    for r in range(n):
+        for c in range(s.num_chunks):
+            d, st = s.chunk_streams[r][c], s.chunk_stages[r][c]
+            for m in range(s.microbatches_per_stream):
+                last_use = when[("W", r, c, m)]
+                if st == 0:
+                    act_iv.append((when[("F", r, c, m)], last_use, (r, c, m)))
+                else:
+                    pr, _ = s.location(d, st - 1)
+                    t = when[("F", pr, s.location(d, st - 1)[1], m)]
+                    act_iv.append((t, last_use, (r, c, m)))
+                    sends.append(("act", (r - pr) % n, t, r, c, m))
+                if st == S - 1:
+                    grad_iv.append((when[("F", r, c, m)], last_use, (r, c, m)))
+                else:
+                    nr, nc = s.location(d, st + 1)
+                    t = when[("B", nr, nc, m)]
+                    grad_iv.append((t, last_use, (r, c, m)))
+                    sends.append(("grad", (r - nr) % n, t, r, c, m))
+    act_slot, grad_slot, n_act, n_grad = {}, {}, 0, 0
+    for r in range(n):
+        a, na = _allocate([iv for iv in act_iv if iv[2][0] == r])
+        g, ng = _allocate([iv for iv in grad_iv if iv[2][0] == r])
+        act_slot.update(a)
+        grad_slot.update(g)
+        n_act, n_grad = max(n_act, na), max(n_grad, ng)
+
+    act_channels = tuple(sorted({x[1] for x in sends if x[0] == "act"}))
+    grad_channels = tuple(sorted({x[1] for x in sends if x[0] == "grad"}))
+    tables = {k: np.zeros((n, num_ticks), np.int32) for k in FIELDS}
+    tables["f_slot"][:] = n_act
+    tables["f_gslot"][:] = n_grad
+    tables["b_slot"][:] = n_act
+    tables["b_gslot"][:] = n_grad
+    for kind, chans, trash in (("act", act_channels, n_act), ("grad", grad_channels, n_grad)):
+        for d in chans:
+            tables[f"recv_{kind}_{d}"] = np.full((n, num_ticks), trash, np.int32)
+    for kind, d, t, r, c, m in sends:
+        tab = tables[f"recv_{kind}_{d}"]
+        slot = (act_slot if kind == "act" else grad_slot)[(r, c, m)]
+        if tab[r, t] != (n_act if kind == "act" else n_grad):
+            raise AssertionError(f"two {kind} values reach rank {r} over shift {d} in tick {t}")
+        tab[r, t] = slot
+
+    for r, ops in enumerate(s.ranks):
+        for t, op in zip(ticks[r], ops):
+            for kind, c, m in op.parts():
+                st = s.chunk_stages[r][c]
+                if kind == "F":
+                    tables["f_chunk"][r, t] = c
+                    tables["f_slot"][r, t] = act_slot[(r, c, m)]
+                    tables["f_first"][r, t] = st == 0
+                    tables["f_gmb"][r, t] = s.global_mb(r, c, m)
+                    if st == S - 1:
+                        tables["f_gslot"][r, t] = grad_slot[(r, c, m)]
+                else:
+                    tables["b_chunk"][r, t] = c
+                    tables["b_slot"][r, t] = act_slot[(r, c, m)]
+                    tables["b_gslot"][r, t] = grad_slot[(r, c, m)]
+            tables["code"][r, t] = _code(op, s.chunk_stages[r][op.chunk] == S - 1)
+    return PipelinePlan(schedule=s, num_ticks=num_ticks, num_act_slots=n_act, num_grad_slots=n_grad,
+                        act_channels=act_channels, grad_channels=grad_channels, tables=tables, ticks=ticks)
+
+
+def _code(op: Op, f_is_last: bool) -> int:
+    if op.kind == "F":
+        return F_LAST if f_is_last else F
+    if op.kind == "F&BW":
+        return FBW_LAST if f_is_last else FBW
+    return {"B": B, "W": W, "BW": BW}[op.kind]
+
+
+def lower_pipeline(plan: PipelinePlan, stage_fn: Callable, loss_fn: Callable, *, pp_axis: str = "pp",
+                   batch_axes: tuple[str, ...] = (), batch_shards: int = 1, has_targets: bool = True) -> Callable:
+    """The per-device body for `shard_map`: (params_local, microbatches, targets, tables) -> (loss, grads).
+
+    params_local: pytree of [1, num_chunks, ...] (this rank's chunks); microbatches: [M, *x];
+    targets: [M, ...] or None; tables: dict of [1, num_ticks] int32. Returns the loss summed over `pp`
+    (mean over micro-batches and over `batch_axes` shards) and this rank's [1, num_chunks, ...] grads.
+    """
+    s = plan.schedule
+    n = s.num_ranks
+    scale = 1.0 / (s.num_microbatches * batch_shards)
+    vary_axes = (pp_axis,) + tuple(batch_axes)
+
+    def body(params_local, microbatches, targets, tables):
+        params = jax.tree.map(lambda p: p[0], params_local)  # [num_chunks, ...]
+        rows = {k: v[0] for k, v in tables.items()}  # [num_ticks]
+        x0 = microbatches[0]
+
+        def chunk_params(c):
+            return jax.tree.map(lambda p: p[c], params)
+
+        def forward(state, row, last):
+            act, grad, gacc, loss = state
+            c, slot = row["f_chunk"], row["f_slot"]
+            x = jnp.where(row["f_first"] == 1, microbatches[row["f_gmb"]], act[slot])
+            act = act.at[slot].set(x)
+            y = stage_fn(chunk_params(c), x)
+            if last:
+                t = targets[row["f_gmb"]] if has_targets else None
+                l, gy = jax.value_and_grad(lambda yy: loss_fn(yy, t) if has_targets else loss_fn(yy))(y)
+                grad = grad.at[row["f_gslot"]].set((gy * scale).astype(grad.dtype))
+                loss = loss + l.astype(jnp.float32) * scale
+                y = jnp.zeros_like(y)
+            return (act, grad, gacc, loss), y
+
+        def backward(state, row, need_x: bool, need_p: bool):
+            act, grad, gacc, loss = state
+            c = row["b_chunk"]
+            x, g, p = act[row["b_slot"]], grad[row["b_gslot"]], chunk_params(c)
+            if need_x and need_p:
+                _, vjp = jax.vjp(stage_fn, p, x)
+                gp, gx = vjp(g)
+            elif need_x:
+                _, vjp = jax.vjp(lambda xx: stage_fn(p, xx), x)
+                (gx,) = vjp(g)
+                gp = None
+            else:
+                _, vjp = jax.vjp(lambda pp: stage_fn(pp, x), p)
+                (gp,) = vjp(g)
+                gx = jnp.zeros_like(x)
+            if gp is not None:
+                gacc = jax.tree.map(lambda a, d: a.at[c].add(d.astype(a.dtype)), gacc, gp)
+            return (act, grad, gacc, loss), gx
+
+        def zeros_msg(act):
+            return jnp.zeros_like(act[0])
+
+        def br_noop(state, row):
+            return state, zeros_msg(state[0]), zeros_msg(state[0])
+
+        def br_f(last):
+            def f(state, row):
+                state, y = forward(state, row, last)
+                return state, y, zeros_msg(state[0])
+            return f
+
+        def br_b(need_x, need_p):
+            def f(state, row):
+                state, gx = backward(state, row, need_x, need_p)
+                return state, zeros_msg(state[0]), gx
+            return f
+
+        def br_fbw(last):
+            def f(state, row):
+                state, y = forward(state, row, last)
+                state, gx = backward(state, row, True, True)
+                return state, y, gx
+            return f
+
+        branches = [br_noop, br_f(False), br_f(True), br_b(True, False), br_b(False, True), br_b(True, True),
+                    br_fbw(False), br_fbw(True)]
+
+        def tick(state, row):
+            state, act_msg, grad_msg = lax.switch(row["code"], branches, state, row)
+            act, grad, gacc, loss = state
+            for d in plan.act_channels:
+                recv = act_msg if d == 0 else lax.ppermute(act_msg, pp_axis, _shift(n, d))
+                act = act.at[row[f"recv_act_{d}"]].set(recv)
+            for d in plan.grad_channels:
+                recv = grad_msg if d == 0 else lax.ppermute(grad_msg, pp_axis, _shift(n, d))
+                grad = grad.at[row[f"recv_grad_{d}"]].set(recv)
+            return (act, grad, gacc, loss), None
+
+        def varying(x):
+            missing = tuple(a for a in vary_axes if a not in jax.typeof(x).manual_axis_type.varying)
+            return lax.pcast(x, missing, to="varying") if missing else x
+
+        act0 = varying(jnp.zeros((plan.num_act_slots + 1,) + x0.shape, x0.dtype))
+        grad0 = varying(jnp.zeros((plan.num_grad_slots + 1,) + x0.shape, x0.dtype))
+        gacc0 = jax.tree.map(jnp.zeros_like, params)
+        loss0 = varying(jnp.zeros((), jnp.float32))
+        (_, _, gacc, loss), _ = lax.scan(tick, (act0, grad0, gacc0, loss0), rows)
+        loss = lax.psum(loss, pp_axis)
+        if batch_axes:  # each shard holds its part of the mean already (scale includes 1/batch_shards)
+            loss = lax.psum(loss, tuple(batch_axes))
+        return loss, jax.tree.map(lambda gr: gr[None], gacc)
+
+    return body
+
+
+def _shift(n: int, d: int) -> list[tuple[int, int]]:
+    """Cyclic shift by d ranks (wrapped sends land in the receiver's trash slot when unused)."""
+    return [(i, (i + d) % n) for i in range(n)]
+
+
+def check_stage_fn(stage_fn: Callable, stage_params: Any, x: Any) -> None:
+    """stage_fn must map an activation to one of the same shape and dtype (it is passed rank to rank)."""
+    out = jax.eval_shape(stage_fn, stage_params, x)
+    if out.shape != x.shape or out.dtype != x.dtype:
+        raise fail("stage_fn", f"{x.shape}/{x.dtype} -> {out.shape}/{out.dtype}",
+                   "a stage mapping [*x] to the same shape and dtype")

@@ -1,0 +1,121 @@
+"""`pipeline_train_step`: loss and gradients of a stage-stacked model run under any pipeline schedule.
+
+The model is `num_stages` applications of one `stage_fn(stage_params, x) -> x` (same shape and dtype in and
+out), with `params` stacked along a leading stage axis, and `loss_fn` applied to the last stage's output.
+Each rank gets the parameters of the stages its chunks hold (DualPipe: stage r and stage N-1-r, two copies);
+the gradients of the copies are summed back into one [num_stages, ...] tree.
+
+Extra mesh axes pass through: with a mesh ("pp", "ep") say, give `param_specs` (a pytree of PartitionSpecs
+for the per-stage dims, e.g. P("ep", None, None) for expert weights) and `batch_spec` (for the dims of one
+micro-batch after the leading micro-batch axis, e.g. P("ep") to split tokens). `stage_fn` then runs on the
+local shards and may use collectives over those axes. Axes named in `batch_spec` are data-parallel: the loss
+is the mean over their shards and gradients of parameters replicated over them are summed by the VJP.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from seekax.ir.schedule import Schedule
+from seekax.ir.validate import fail
+from seekax.lowering.pipeline import PipelinePlan, check_stage_fn, lower_pipeline, plan_pipeline
+
+
+def make_pipeline_train_step(schedule: Schedule | PipelinePlan, stage_fn: Callable, loss_fn: Callable, *,
+                             mesh: jax.sharding.Mesh, pp_axis: str = "pp", param_specs: Any = None,
+                             batch_spec: P | None = None, with_targets: bool = True) -> Callable:
+    """A jitted `step(params, microbatches, targets) -> (loss, grads)`; see `pipeline_train_step`."""
+    plan = schedule if isinstance(schedule, PipelinePlan) else plan_pipeline(schedule)
+    s = plan.schedule
+    if pp_axis not in mesh.shape or mesh.shape[pp_axis] != s.num_ranks:
+        raise fail("mesh", dict(mesh.shape), f"an axis {pp_axis!r} of size num_ranks = {s.num_ranks}")
+    batch_spec = P() if batch_spec is None else batch_spec
+    batch_axes = tuple(a for e in batch_spec if e is not None for a in ((e,) if isinstance(e, str) else e))
+    if pp_axis in batch_axes:
+        raise fail("batch_spec", batch_spec, f"no use of the pipeline axis {pp_axis!r}")
+    batch_shards = int(np.prod([mesh.shape[a] for a in batch_axes])) if batch_axes else 1
+    stage_index = np.asarray(s.chunk_stages, np.int32)  # [num_ranks, num_chunks] -> stage
+    body = lower_pipeline(plan, stage_fn, loss_fn, pp_axis=pp_axis, batch_axes=batch_axes,
+                          batch_shards=batch_shards, has_targets=with_targets)
+    tables = {k: jnp.asarray(v) for k, v in plan.tables.items()}
+
+    def specs_for(params):
+        if param_specs is None:
+            return jax.tree.map(lambda _: P(pp_axis, None), params)
+        return jax.tree.map(lambda _, sp: P(pp_axis, None, *sp), params, param_specs,
+                            is_leaf=lambda x: isinstance(x, P))
+
+    @jax.jit
+    def step(params, microbatches, targets):
+        leaves = jax.tree.leaves(params)
+        if any(leaf.shape[:1] != (s.num_stages,) for leaf in leaves):
+            raise fail("params", [leaf.shape for leaf in leaves], f"leaves with a leading stage axis of {s.num_stages}")
+        if microbatches.shape[0] != s.num_microbatches:
+            raise fail("microbatches.shape", microbatches.shape, f"a leading axis of {s.num_microbatches}")
+        check_stage_fn(stage_fn, jax.tree.map(lambda p: p[0], params), microbatches[0])
+        local = jax.tree.map(lambda p: p[stage_index], params)  # [num_ranks, num_chunks, ...]
+        pspec = specs_for(params)
+        mb_spec = P(None, *batch_spec)
+        tgt = targets if with_targets else jnp.zeros((s.num_microbatches,), jnp.float32)
+        tgt_spec = mb_spec if with_targets else P()
+        put = lambda x, sp: jax.sharding.reshard(x, NamedSharding(mesh, sp))  # noqa: E731
+        local = jax.tree.map(put, local, pspec, is_leaf=lambda x: isinstance(x, P))
+        microbatches = put(microbatches, mb_spec)
+        tgt = put(tgt, tgt_spec)
+        tabs = {k: put(v, P(pp_axis)) for k, v in tables.items()}
+        loss, g_local = jax.shard_map(
+            body, mesh=mesh,
+            in_specs=(pspec, mb_spec, tgt_spec, {k: P(pp_axis) for k in tabs}),
+            out_specs=(P(), pspec))(local, microbatches, tgt, tabs)
+        # Sum the copies of each stage (DualPipe holds every stage twice) back into [num_stages, ...].
+        flat = stage_index.reshape(-1)
+
+        def combine(g, sp):
+            g = put(g, P(None, None, *sp[2:]))  # gather the pp shards (ranks hold different stages)
+            return jax.ops.segment_sum(g.reshape((-1,) + g.shape[2:]), flat, num_segments=s.num_stages)
+
+        grads = jax.tree.map(combine, g_local, pspec, is_leaf=lambda x: isinstance(x, P))
+        return loss, grads
+
+    if with_targets:
+        return step
+    return lambda params, microbatches, targets=None: step(params, microbatches, None)
+
+
+def pipeline_train_step(schedule: Schedule, stage_fn: Callable, params: Any, microbatches: jax.Array,
+                        loss_fn: Callable, *, mesh: jax.sharding.Mesh, targets: jax.Array | None = None,
+                        pp_axis: str = "pp", param_specs: Any = None, batch_spec: P | None = None):
+    """(loss, grads) of mean_m loss_fn(model(microbatches[m]), targets[m]) run under `schedule`.
+
+    params: pytree of [num_stages, ...]; microbatches: [num_microbatches, *x]; targets: [num_microbatches, ...]
+    or None (then loss_fn(y)). stage_fn(stage_params, x: [*x]) -> [*x]. mesh: has `pp_axis` of size
+    num_ranks (other axes: see the module docstring). grads: same tree and shapes as params.
+    DualPipe: micro-batches [0, M/2) enter at rank 0, [M/2, M) at rank N-1; both run the same stages.
+    """
+    step = make_pipeline_train_step(schedule, stage_fn, loss_fn, mesh=mesh, pp_axis=pp_axis,
+                                    param_specs=param_specs, batch_spec=batch_spec,
+                                    with_targets=targets is not None)
+    return step(params, microbatches, targets)
+
+
+def reference_train_step(stage_fn: Callable, params: Any, microbatches: jax.Array, loss_fn: Callable,
+                         targets: jax.Array | None = None):
+    """The unpipelined model: value_and_grad of the mean loss over micro-batches (the test oracle)."""
+    num_stages = jax.tree.leaves(params)[0].shape[0]
+
+    def total(params):
+        def one(i):
+            x = microbatches[i]
+            for st in range(num_stages):
+                x = stage_fn(jax.tree.map(lambda p: p[st], params), x)
+            return loss_fn(x, targets[i]) if targets is not None else loss_fn(x)
+
+        return sum(one(i) for i in range(microbatches.shape[0])) / microbatches.shape[0]
+
+    return jax.value_and_grad(total)(params)
