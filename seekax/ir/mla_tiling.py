@@ -6,7 +6,10 @@ One CTA owns a 64-row query tile (64 rows of q_len x heads) and walks its split 
 512 value channels; a third warpgroup streams pages with TMA through `stages` slots.
 
 Shared memory (bf16): Q 64x576x2 = 72 KiB, each KV slot 64x576x2 = 72 KiB, P 64x64x2 = 8 KiB, the
-row-rescale vector 256 B, barriers. Two slots: 224.3 KiB of the 227 KiB sm_90 limit; three never fit.
+row-rescale vector (256 B, padded to Mosaic's 1 KiB allocation alignment), 7 barriers: 230,456 B of
+the 232,448 B sm_90 limit with two slots (three never fit). This only fits because the kernel sets
+Mosaic's `reduction_scratch_bytes=0`: its row reductions stay in registers, the default 2 KiB reserve
+would overflow the budget by 56 bytes.
 """
 
 from __future__ import annotations
@@ -19,6 +22,11 @@ from seekax.ir.tiling import SMEM_LIMIT_BYTES, SharedMemoryBudgetExceeded
 from seekax.ir.validate import check_int, fail
 
 BARRIER_BYTES = 8
+SMEM_ALIGNMENT = 1024  # Mosaic GPU aligns every scoped shared-memory allocation to 1 KiB
+
+
+def _aligned(n: int) -> int:
+    return -(-n // SMEM_ALIGNMENT) * SMEM_ALIGNMENT
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -54,10 +62,10 @@ class MlaTileConfig:
     def smem_bytes(self, kv_dtype: str = "bfloat16") -> int:
         """Q tile + KV slots + P tile + rescale vector + barriers (kv ready/consumed per slot, Q, P ready/free)."""
         isz = np.dtype(kv_dtype).itemsize
-        q = self.block_m * self.qk_dim * 2
-        kv = self.stages * self.block_n * self.qk_dim * isz
-        p = self.block_m * self.block_n * 2
-        rescale = self.block_m * 4
+        q = _aligned(self.block_m * self.qk_dim * 2)
+        kv = _aligned(self.stages * self.block_n * self.qk_dim * isz)
+        p = _aligned(self.block_m * self.block_n * 2)
+        rescale = _aligned(self.block_m * 4)
         barriers = BARRIER_BYTES * (2 * self.stages + 3)
         return q + kv + p + rescale + barriers
 

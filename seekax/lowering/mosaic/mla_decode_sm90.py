@@ -1,0 +1,271 @@
+"""MLA decode for Hopper in Pallas Mosaic GPU (FlashMLA's dense bf16 decode kernel, split-KV).
+
+Grid (row_tiles, parts): a CTA owns 64 query rows (rows = q_len x heads, flattened) and one part of the
+balanced split schedule (`runtime.mla.MlaMetadata`); it walks the batches its part touches, and for each
+writes one fp32 partial (out, lse) that the combine merges. Three warpgroups:
+  wg 0: loads the Q tile (TMA), S = Q K^T over 576 channels (wgmma), mask, online softmax in fp32
+        (row statistics as WGMMA.reduce(1) vectors), hands P (bf16) and the row rescale to wg 1 through
+        shared memory, then P V for value channels [0, 256);
+  wg 1: P V for value channels [256, 512);
+  wg 2: reads block-table entries in the kernel and TMA-copies `kv_cache.at[page]` into `stages` slots.
+Handshakes: kv_ready/kv_consumed per slot (TMA <-> both compute wgs), p_ready/p_free (wg 0 <-> wg 1;
+the last message of a split carries 1/l instead of a rescale). Outputs are stored from registers.
+Keys in the last page at or past seq_len must be finite (masked to P = 0; 0 x NaN would still be NaN).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+
+import jax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+from jax import lax
+
+from seekax.ir.mla_tiling import MlaTileConfig
+from seekax.lowering.reference.mla_decode import combine_splits
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+
+
+def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, part_batches_ref, payload_ref,
+            q_ref, kv_ref, table_ref, lens_ref, out_ref, lse_ref, *,
+            config: MlaTileConfig, scale_log2: float, causal: bool, q_len: int, heads: int, in_place_acc: bool):
+    """q_ref [B, R, 576]; kv_ref [pages, 64, 1, 576]; table_ref [B, max_pages]; lens_ref [B];
+    out_ref [T, R, 512] f32 partials; lse_ref [T, R] f32 partials (natural log)."""
+    bm, bn, stages, vh = config.block_m, config.block_n, config.stages, config.v_per_wg
+    dtype = q_ref.dtype
+    num_pages, max_pages = kv_ref.shape[0], table_ref.shape[1]
+    rt, part, wg = lax.axis_index("rt"), lax.axis_index("part"), lax.axis_index("wg")
+    payload = payload_ref[0]
+    b_begin, b_end = part_batches_ref[part, 0], part_batches_ref[part, 1]
+
+    def block_range(b):
+        start = block_start_ref[b]
+        lo = jnp.maximum(part * payload, start) - start
+        hi = jnp.minimum((part + 1) * payload, start + n_blocks_ref[b]) - start
+        return lo, jnp.maximum(hi, lo)
+
+    tiling, swizzle = plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)
+
+    def scoped(q_smem, kv_smem, p_smem, a_smem, kv_ready, kv_consumed, q_bar, p_ready, p_free):
+        def pv(acc, alpha, slot):
+            """acc * alpha + P V[:, this wg's channels]; in place on hardware, via a fresh accumulator when
+            interpreting (the CPU interpreter does not run `run_state` over wgmma accumulators)."""
+            v = kv_smem.at[slot, :, pl.ds(wg * vh, vh)]                       # [64 keys, vh]
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            if in_place_acc:
+                return pl.run_state(lambda r: plgpu.wgmma(r, p_smem, v))(plgpu.ACC.init(acc))
+
+            def fresh(r):
+                plgpu.wgmma(r, p_smem, v)
+                plgpu.wgmma_wait(0)
+                return r[...]
+            return acc + pl.run_scoped(fresh, plgpu.ACC((bm, vh), jnp.float32))
+
+        def zeros_acc():
+            return plgpu.layout_cast(jnp.zeros((bm, vh), jnp.float32), plgpu.Layout.WGMMA)
+
+        def row_vec(value):
+            return plgpu.layout_cast(jnp.full((bm,), value, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+
+        def split_row(b):
+            return split_offsets_ref[b] + part - first_part_ref[b]
+
+        @pl.when(wg == 0)
+        def _softmax_wg():
+            plgpu.set_max_registers(232, action="increase")
+
+            def batch(b, carry):
+                step, msgs = carry
+                lo, hi = block_range(b)
+
+                @pl.when(hi > lo)
+                def _():
+                    plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(rt * bm, bm)], q_smem, q_bar.at[0])
+                    plgpu.barrier_wait(q_bar.at[0])
+                    seq_len = lens_ref[b]
+                    rows = rt * bm + plgpu.broadcasted_iota(jnp.int32, (bm, bn), 0, layout=plgpu.Layout.WGMMA)
+                    cols = plgpu.broadcasted_iota(jnp.int32, (bm, bn), 1, layout=plgpu.Layout.WGMMA)
+                    limit = jnp.full((bm, bn), seq_len, jnp.int32)
+                    if causal:  # query i = row // heads sees keys < seq_len - q_len + i + 1
+                        qi = jnp.zeros((bm, bn), jnp.int32)
+                        for i in range(1, q_len):
+                            qi = qi + (rows >= i * heads).astype(jnp.int32)
+                        limit = limit - (q_len - 1) + qi
+
+                    def kv_step(j, c):
+                        acc, m_i, l_i, step, msgs = c
+                        slot = lax.rem(step, stages)
+                        plgpu.barrier_wait(kv_ready.at[slot])
+
+                        def qk(r):
+                            plgpu.wgmma(r, q_smem, kv_smem.at[slot].T)
+                            plgpu.wgmma_wait(0)
+                            return r[...]
+                        s = pl.run_scoped(qk, plgpu.ACC((bm, bn), jnp.float32)) * scale_log2   # [64, 64]
+                        s = jnp.where(cols + j * bn < limit, s, -jnp.inf)
+                        m_new = jnp.maximum(m_i, s.max(axis=1))
+                        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)     # a row with nothing seen yet
+                        alpha = jnp.exp2(m_i - m_safe)
+                        p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
+                        l_i = l_i * alpha + p.sum(axis=1)
+
+                        @pl.when(msgs > 0)
+                        def _():
+                            plgpu.barrier_wait(p_free.at[0])                  # wg 1 is done with the last P
+                        p_smem[...] = p.astype(dtype)
+                        a_smem[...] = alpha
+                        plgpu.commit_smem()
+                        plgpu.barrier_arrive(p_ready.at[0])
+                        acc = pv(acc, alpha, slot)
+                        plgpu.barrier_arrive(kv_consumed.at[slot])
+                        return acc, m_new, l_i, step + 1, msgs + 1
+
+                    acc, m_i, l_i, _, msgs_in = lax.fori_loop(
+                        lo, hi, kv_step, (zeros_acc(), row_vec(-jnp.inf), row_vec(0.0), step, msgs))
+                    inv = jnp.where(l_i > 0, 1.0 / jnp.where(l_i > 0, l_i, 1.0), 0.0)
+                    plgpu.barrier_wait(p_free.at[0])
+                    a_smem[...] = inv
+                    plgpu.commit_smem()
+                    plgpu.barrier_arrive(p_ready.at[0])
+                    t = split_row(b)
+                    out_ref.at[t, pl.ds(rt * bm, bm), pl.ds(0, vh)][...] = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
+                    lse = jnp.where(l_i > 0, m_i * LN2 + jnp.log(jnp.where(l_i > 0, l_i, 1.0)), -jnp.inf)
+                    lse_ref.at[t, pl.ds(rt * bm, bm)][...] = lse
+
+                n = hi - lo
+                return step + n, msgs + jnp.where(n > 0, n + 1, 0)
+
+            _, msgs = lax.fori_loop(b_begin, b_end, batch, (jnp.int32(0), jnp.int32(0)))
+
+            @pl.when(msgs > 0)
+            def _():
+                plgpu.barrier_wait(p_free.at[0])  # observe wg 1's last release before the barrier goes away
+
+        @pl.when(wg == 1)
+        def _value_wg():
+            plgpu.set_max_registers(232, action="increase")
+
+            def batch(b, step):
+                lo, hi = block_range(b)
+
+                @pl.when(hi > lo)
+                def _():
+                    def kv_step(j, c):
+                        acc, step = c
+                        slot = lax.rem(step, stages)
+                        plgpu.barrier_wait(p_ready.at[0])
+                        alpha = plgpu.load(a_smem, layout=plgpu.Layout.WGMMA.reduce(1))
+                        plgpu.barrier_wait(kv_ready.at[slot])
+                        acc = pv(acc, alpha, slot)
+                        plgpu.barrier_arrive(p_free.at[0])
+                        plgpu.barrier_arrive(kv_consumed.at[slot])
+                        return acc, step + 1
+
+                    acc, _ = lax.fori_loop(lo, hi, kv_step, (zeros_acc(), step))
+                    plgpu.barrier_wait(p_ready.at[0])
+                    inv = plgpu.load(a_smem, layout=plgpu.Layout.WGMMA.reduce(1))
+                    plgpu.barrier_arrive(p_free.at[0])
+                    out_ref.at[split_row(b), pl.ds(rt * bm, bm), pl.ds(vh, vh)][...] = (
+                        acc * lax.broadcast_in_dim(inv, acc.shape, [0]))
+
+                return step + (hi - lo)
+
+            lax.fori_loop(b_begin, b_end, batch, jnp.int32(0))
+
+        @pl.when(wg == 2)
+        def _memory_wg():
+            plgpu.set_max_registers(40, action="decrease")
+
+            def batch(b, step):
+                lo, hi = block_range(b)
+
+                def load(j, step):
+                    slot = lax.rem(step, stages)
+
+                    @pl.when(step >= stages)
+                    def _():
+                        plgpu.barrier_wait(kv_consumed.at[slot])
+                    page = jnp.clip(table_ref[b, jnp.minimum(j, max_pages - 1)], 0, num_pages - 1)
+                    plgpu.copy_gmem_to_smem(kv_ref.at[page, :, 0, :], kv_smem.at[slot], kv_ready.at[slot])
+                    return step + 1
+
+                return lax.fori_loop(lo, hi, load, step)
+
+            steps = lax.fori_loop(b_begin, b_end, batch, jnp.int32(0))
+
+            @pl.loop(jnp.maximum(steps - stages, 0), steps)
+            def _drain(step):  # observe the last consumptions of every slot before the barriers go away
+                plgpu.barrier_wait(kv_consumed.at[lax.rem(step, stages)])
+
+    d = q_ref.shape[-1]
+    pl.run_scoped(
+        scoped,
+        plgpu.SMEM((bm, d), dtype, transforms=(tiling, swizzle)),
+        plgpu.SMEM((stages, bn, d), kv_ref.dtype, transforms=(tiling, swizzle)),
+        plgpu.SMEM((bm, bn), dtype, transforms=(tiling, swizzle)),
+        plgpu.SMEM((bm,), jnp.float32),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+        plgpu.Barrier(num_barriers=1),
+        plgpu.Barrier(num_barriers=1),
+        plgpu.Barrier(num_barriers=1),
+        collective_axes="wg",
+    )
+
+
+def build(*, batch: int, rows: int, num_parts: int, max_splits: int, config: MlaTileConfig, scale: float,
+          causal: bool, q_len: int, heads: int, in_place_acc: bool = True):
+    """The kernel callable f(metadata arrays..., q [B, rows, 576], kv_cache, block_table, seq_lens) ->
+    (out partials [max_splits, rows, 512] f32, lse partials [max_splits, rows] f32)."""
+    config.check_smem()
+    if rows % config.block_m:
+        raise ValueError(f"rows={rows}: expected a multiple of block_m={config.block_m} (the wrapper pads)")
+    body = functools.partial(_kernel, config=config, scale_log2=scale * LOG2E, causal=causal, q_len=q_len,
+                             heads=heads, in_place_acc=in_place_acc)
+    return plgpu.kernel(
+        body,
+        out_type=(jax.ShapeDtypeStruct((max_splits, rows, config.v_dim), jnp.float32),
+                  jax.ShapeDtypeStruct((max_splits, rows), jnp.float32)),
+        grid=(rows // config.block_m, num_parts),
+        grid_names=("rt", "part"),
+        num_threads=config.num_compute_wgs + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),  # row reductions stay in registers
+    )
+
+
+def _interpret_context():
+    """CPU interpreter unless the caller already set one up (e.g. `testing.interpret_mode` with races on)."""
+    from jax._src import config as jax_config
+
+    if jax_config.pallas_tpu_interpret_mode_context_manager.value is not None:
+        return contextlib.nullcontext()
+    return plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams())
+
+
+def mla_decode(q, kv_cache, block_table, seq_lens, metadata, *, softmax_scale: float, causal: bool,
+               config: MlaTileConfig, interpret: bool = False):
+    """Validated inputs (runtime.mla.validate_mla_decode) -> out [B, q_len, H, 512] q.dtype, lse [B, H, q_len]."""
+    b, q_len, heads, d = q.shape
+    rows = q_len * heads
+    rows_p = -(-rows // config.block_m) * config.block_m
+    qf = q.reshape(b, rows, d)                                                  # rows ordered (q_len, heads)
+    if rows_p != rows:
+        qf = jnp.pad(qf, ((0, 0), (0, rows_p - rows), (0, 0)))                 # [B, rows_p, 576]
+    kernel = build(batch=b, rows=rows_p, num_parts=metadata.num_parts, max_splits=metadata.max_splits,
+                   config=config, scale=softmax_scale, causal=causal, q_len=q_len, heads=heads,
+                   in_place_acc=not interpret)
+    ctx = _interpret_context() if interpret else contextlib.nullcontext()
+    with ctx:
+        out_p, lse_p = kernel(metadata.block_start, metadata.n_blocks, metadata.first_part, metadata.split_offsets,
+                              metadata.part_batches, metadata.payload, qf, kv_cache, block_table, seq_lens)
+    t = metadata.max_splits
+    out_p = out_p[:, :rows].reshape(t, q_len, heads, config.v_dim)              # [T, q_len, H, 512]
+    lse_p = jnp.transpose(lse_p[:, :rows].reshape(t, q_len, heads), (0, 2, 1))  # [T, H, q_len]
+    return combine_splits(out_p, lse_p, metadata.split_offsets, out_dtype=q.dtype)
