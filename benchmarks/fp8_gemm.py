@@ -1,0 +1,127 @@
+"""FP8 GEMMs (DeepGEMM's table shapes): TFLOPS, fraction of the roofline floor, and ratios against baselines
+run in the same process: XLA dequantise + bf16 dot (dense), `jax.lax.ragged_dot` bf16 (grouped).
+
+Timing: on a GPU the device time of every kernel launched by one call (CUPTI, Mosaic GPU's profiler),
+median of 10 calls; on a CPU (`--quick`, xla backend only) median wall time.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import emit, parser, time_fn  # noqa: E402
+
+from seekax.ir.device import H200, is_hopper  # noqa: E402
+from seekax.ir.gemm import GemmSpec, GroupedGemmSpec  # noqa: E402
+from seekax.runtime import fp8  # noqa: E402
+
+NK = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
+DENSE = [(m, n, k) for m in (64, 128, 4096) for n, k in NK]
+CONTIGUOUS = [(4, 8192, 4096, 7168), (4, 8192, 7168, 2048), (8, 4096, 4096, 7168), (8, 4096, 7168, 2048)]
+MASKED = [(g, m, n, k) for g, m in ((1, 1024), (2, 512), (4, 256)) for n, k in ((4096, 7168), (7168, 2048))]
+QUICK_DENSE, QUICK_CONTIGUOUS, QUICK_MASKED = [(64, 256, 256), (128, 512, 384)], [(2, 128, 256, 256)], [(2, 64, 256, 256)]
+
+
+def device_time(fn, *args, iters: int = 10) -> float:
+    """Median seconds per call: CUPTI kernel time on a GPU, synchronised wall time elsewhere."""
+    if jax.devices()[0].platform == "gpu":
+        from jax.experimental.mosaic.gpu import profiler
+
+        _, ms = profiler.measure(fn, iterations=iters)(*args)
+        if ms is not None:
+            return statistics.median(ms) / 1e3
+    return time_fn(fn, *args, iters=iters)
+
+
+def _quant(key, shape, block, scale=1.0):
+    x = jax.random.normal(key, shape, jnp.float32) * scale
+    return fp8.quantize_fp8(x, block)
+
+
+def _row(kind, shape, spec, t, t_base, base_name, backend):
+    return {"kind": kind, "shape": "x".join(map(str, shape)), "backend": backend, "us": t * 1e6,
+            "tflops": spec.flops() / t / 1e12, "frac_of_floor": spec.floor_seconds(H200) / t,
+            "baseline": base_name, "baseline_us": t_base * 1e6, "speedup": t_base / t}
+
+
+def bench_dense(shapes, backend):
+    rows = []
+    for m, n, k in shapes:
+        ka, kb = jax.random.split(jax.random.key(m * 7 + n * 3 + k))
+        a, sa = _quant(ka, (m, k), (1, 128))
+        b, sb = _quant(kb, (n, k), (128, 128), 0.05)
+        spec = GemmSpec(m=m, n=n, k=k, a_dtype="float8_e4m3fn", b_dtype="float8_e4m3fn", a_scale=(1, 128),
+                        b_scale=(128, 128))
+        f = jax.jit(functools.partial(fp8.fp8_gemm_nt, backend=backend))
+        base = jax.jit(lambda a, sa, b, sb: jnp.einsum(
+            "mk,nk->mn", fp8.dequantize_fp8(a, sa, dtype=jnp.bfloat16),
+            fp8.dequantize_fp8(b, sb, (128, 128), dtype=jnp.bfloat16), preferred_element_type=jnp.float32
+        ).astype(jnp.bfloat16))
+        rows.append(_row("dense", (m, n, k), spec, device_time(f, a, sa, b, sb), device_time(base, a, sa, b, sb),
+                         "xla_dequant_bf16", backend))
+    return rows
+
+
+def bench_contiguous(shapes, backend):
+    rows = []
+    for g, m_per, n, k in shapes:
+        m = g * m_per
+        ka, kb = jax.random.split(jax.random.key(g + m + n + k))
+        a, sa = _quant(ka, (m, k), (1, 128))
+        b, sb = _quant(kb, (g, n, k), (128, 128), 0.05)
+        sizes = jnp.full((g,), m_per, jnp.int32)
+        spec = GroupedGemmSpec(num_groups=g, m=m, n=n, k=k, layout="contiguous")
+        f = jax.jit(functools.partial(fp8.m_grouped_fp8_gemm_nt_contiguous, backend=backend))
+        a16 = fp8.dequantize_fp8(a, sa, dtype=jnp.bfloat16)
+        b16 = jnp.swapaxes(fp8.dequantize_fp8(b, sb, (128, 128), dtype=jnp.bfloat16), 1, 2)   # [G, K, N]
+        base = jax.jit(lambda x, w, s: jax.lax.ragged_dot(x, w, s, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+        rows.append(_row("contiguous", (g, m_per, n, k), spec, device_time(f, a, sa, b, sb, sizes),
+                         device_time(base, a16, b16, sizes), "ragged_dot_bf16", backend))
+    return rows
+
+
+def bench_masked(shapes, backend):
+    rows = []
+    for g, m_max, n, k in shapes:
+        ka, kb = jax.random.split(jax.random.key(g * m_max + n + k))
+        a, sa = _quant(ka, (g, m_max, k), (1, 128))
+        b, sb = _quant(kb, (g, n, k), (128, 128), 0.05)
+        masked = jnp.full((g,), m_max, jnp.int32)
+        spec = GroupedGemmSpec(num_groups=g, m=m_max, n=n, k=k, layout="masked", expected_m=m_max)
+        f = jax.jit(functools.partial(fp8.m_grouped_fp8_gemm_nt_masked, backend=backend))
+        a16 = fp8.dequantize_fp8(a, sa, dtype=jnp.bfloat16).reshape(g * m_max, k)
+        b16 = jnp.swapaxes(fp8.dequantize_fp8(b, sb, (128, 128), dtype=jnp.bfloat16), 1, 2)
+        base = jax.jit(lambda x, w, s: jax.lax.ragged_dot(x, w, s, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+        rows.append(_row("masked", (g, m_max, n, k), spec, device_time(f, a, sa, b, sb, masked),
+                         device_time(base, a16, b16, masked), "ragged_dot_bf16", backend))
+    return rows
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--only", choices=("dense", "contiguous", "masked"), default=None)
+    args = p.parse_args()
+    gpu = is_hopper()
+    quick = args.quick or not gpu
+    backend = "mosaic" if gpu else "xla"
+    rows = []
+    if args.only in (None, "dense"):
+        rows += bench_dense(QUICK_DENSE if quick else DENSE, backend)
+    if args.only in (None, "contiguous"):
+        rows += bench_contiguous(QUICK_CONTIGUOUS if quick else CONTIGUOUS, backend)
+    if args.only in (None, "masked"):
+        rows += bench_masked(QUICK_MASKED if quick else MASKED, backend)
+    emit("fp8_gemm", rows, args.json)
+    if not gpu:
+        print("(CPU dry run: xla backend only; ratios compare XLA paths, not the Mosaic kernels)")
+
+
+if __name__ == "__main__":
+    main()
