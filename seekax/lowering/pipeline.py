@@ -192,6 +192,7 @@ def lower_pipeline(plan: PipelinePlan, stage_fn: Callable, loss_fn: Callable, *,
         params = jax.tree.map(lambda p: p[0], params_local)  # [num_chunks, ...]
         rows = {k: v[0] for k, v in tables.items()}  # [num_ticks]
         x0 = microbatches[0]
+        check_stage_fn(stage_fn, jax.tree.map(lambda p: p[0], params), x0)  # inside: extra axes are bound
 
         def chunk_params(c):
             return jax.tree.map(lambda p: p[c], params)

@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from seekax.ir.schedule import Schedule
 from seekax.ir.validate import fail
-from seekax.lowering.pipeline import PipelinePlan, check_stage_fn, lower_pipeline, plan_pipeline
+from seekax.lowering.pipeline import PipelinePlan, lower_pipeline, plan_pipeline
 
 
 def make_pipeline_train_step(schedule: Schedule | PipelinePlan, stage_fn: Callable, loss_fn: Callable, *,
@@ -58,7 +58,6 @@ def make_pipeline_train_step(schedule: Schedule | PipelinePlan, stage_fn: Callab
             raise fail("params", [leaf.shape for leaf in leaves], f"leaves with a leading stage axis of {s.num_stages}")
         if microbatches.shape[0] != s.num_microbatches:
             raise fail("microbatches.shape", microbatches.shape, f"a leading axis of {s.num_microbatches}")
-        check_stage_fn(stage_fn, jax.tree.map(lambda p: p[0], params), microbatches[0])
         local = jax.tree.map(lambda p: p[stage_index], params)  # [num_ranks, num_chunks, ...]
         pspec = specs_for(params)
         mb_spec = P(None, *batch_spec)
@@ -77,8 +76,10 @@ def make_pipeline_train_step(schedule: Schedule | PipelinePlan, stage_fn: Callab
         flat = stage_index.reshape(-1)
 
         def combine(g, sp):
-            g = put(g, P(None, None, *sp[2:]))  # gather the pp shards (ranks hold different stages)
-            return jax.ops.segment_sum(g.reshape((-1,) + g.shape[2:]), flat, num_segments=s.num_stages)
+            out = P(None, *sp[2:])
+            g = put(g, P(None, None, *sp[2:])).reshape((-1,) + g.shape[2:])  # gather the pp shards
+            zeros = jnp.zeros((s.num_stages,) + g.shape[1:], g.dtype, device=NamedSharding(mesh, out))
+            return zeros.at[flat].add(g, out_sharding=NamedSharding(mesh, out))
 
         grads = jax.tree.map(combine, g_local, pspec, is_leaf=lambda x: isinstance(x, P))
         return loss, grads
