@@ -118,9 +118,35 @@ class MigrationPlan:
         return cls(src_slot=np.tile(np.arange(num_replicas), (num_layers, 1)), num_gpus=num_gpus)
 
 
-def _overlap(cur: np.ndarray, tgt: np.ndarray) -> np.ndarray:
-    """cur [a, E], tgt [b, E] expert counts -> [a, b] multiset intersection sizes."""
-    return np.minimum(cur[:, None, :], tgt[None, :, :]).sum(-1)
+def _overlap(cur: np.ndarray, tgt: np.ndarray, num_gpus: int) -> np.ndarray:
+    """cur, tgt phy2log [R] -> [P, P] experts that current GPU g and target GPU t have in common (multisets).
+
+    min(x, y) copies of an expert match: the i-th copy on g pairs with the i-th copy on t. Joining on
+    (expert, copy index) touches only the few slot pairs that share an expert (no BLAS, no [P, P, E] tensor).
+    """
+    replicas = cur.size
+    gpu = np.arange(replicas) // (replicas // num_gpus)
+    key_cur = cur * replicas + _occurrence(gpu * replicas + cur)  # [R] (expert, copy index on its GPU)
+    key_tgt = tgt * replicas + _occurrence(gpu * replicas + tgt)  # [R]
+    order = np.argsort(key_cur, kind="stable")
+    sorted_cur = key_cur[order]
+    lo = np.searchsorted(sorted_cur, key_tgt, "left")
+    count = np.searchsorted(sorted_cur, key_tgt, "right") - lo  # [R] current slots matching each target slot
+    pair_tgt = np.repeat(np.arange(replicas), count)
+    pair_cur = order[np.repeat(lo, count) + np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)]
+    return np.bincount(gpu[pair_cur] * num_gpus + gpu[pair_tgt], minlength=num_gpus * num_gpus).reshape(
+        num_gpus, num_gpus)
+
+
+def _occurrence(keys: np.ndarray) -> np.ndarray:
+    """[n] keys -> [n] how many earlier entries have the same key."""
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    start = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+    first = np.repeat(start, np.diff(np.r_[start, keys.size]))
+    occ = np.empty_like(keys)
+    occ[order] = np.arange(keys.size) - first
+    return occ
 
 
 def _match_gpus(cur_phy2log: np.ndarray, tgt_phy2log: np.ndarray, num_experts: int, num_gpus: int,
@@ -129,10 +155,7 @@ def _match_gpus(cur_phy2log: np.ndarray, tgt_phy2log: np.ndarray, num_experts: i
 
     num_nodes > 1 restricts the matching to whole-node and within-node permutations (hierarchical policy).
     """
-    per_gpu = cur_phy2log.size // num_gpus
-    cur = np.stack([np.bincount(r, minlength=num_experts) for r in cur_phy2log.reshape(num_gpus, per_gpu)])
-    tgt = np.stack([np.bincount(r, minlength=num_experts) for r in tgt_phy2log.reshape(num_gpus, per_gpu)])
-    score = _overlap(cur, tgt)  # [cur GPU, target GPU]
+    score = _overlap(cur_phy2log, tgt_phy2log, num_gpus)  # [cur GPU, target GPU]
     gpus_per_node = num_gpus // num_nodes
     blocks = score.reshape(num_nodes, gpus_per_node, num_nodes, gpus_per_node)
     inner = {}  # (current node, target node) -> (value, within-node assignment)
@@ -156,32 +179,42 @@ def _place_layer(cur: np.ndarray, tgt: np.ndarray, num_experts: int, num_gpus: i
     replicas = cur.size
     per_gpu = replicas // num_gpus
     gpus_per_node = num_gpus // num_nodes
-    gpu_of_pack = _match_gpus(cur, tgt, num_experts, num_gpus, num_nodes)
-    new = np.empty(replicas, np.int64)
-    for pack, gpu in enumerate(gpu_of_pack):
-        want = list(tgt[pack * per_gpu:(pack + 1) * per_gpu])
-        slots = range(gpu * per_gpu, (gpu + 1) * per_gpu)
-        free = []
-        for s in slots:  # an expert already here keeps its slot
-            if cur[s] in want:
-                want.remove(cur[s])
-                new[s] = cur[s]
-            else:
-                free.append(s)
-        for s, e in zip(free, want):
-            new[s] = e
-    # Sources: the slot itself, else a replica on the same GPU, same node, anywhere; spread sends evenly.
+    gpu_of_pack = _match_gpus(cur, tgt, num_experts, num_gpus, num_nodes)  # [P]
+    slot_gpu = np.arange(replicas) // per_gpu  # [R]
+    # Target slots relabelled onto the GPUs that take them; experts counted per (GPU, expert).
+    tgt_gpu = gpu_of_pack[slot_gpu]  # [R] GPU that receives target slot u
+    want = np.zeros((num_gpus, num_experts), np.int64)
+    np.add.at(want, (tgt_gpu, tgt), 1)
+    # An expert already on its GPU keeps its slot (up to the number of copies the GPU needs).
+    cur_occ = _occurrence(slot_gpu * num_experts + cur)  # [R]
+    kept = cur_occ < want[slot_gpu, cur]  # [R]
+    have = np.zeros((num_gpus, num_experts), np.int64)
+    np.add.at(have, (slot_gpu[kept], cur[kept]), 1)
+    tgt_occ = _occurrence(tgt_gpu * num_experts + tgt)  # [R]
+    missing = tgt_occ >= have[tgt_gpu, tgt]  # target slots not covered by a kept slot
+    # Free slots (ascending) take the missing experts (in target order), GPU by GPU.
+    free = np.flatnonzero(~kept)
+    fill = np.flatnonzero(missing)
+    fill = fill[np.argsort(tgt_gpu[fill], kind="stable")]
+    new = cur.copy()
+    new[free] = tgt[fill]
+    # Sources: a replica on the same GPU, else the same node, else anywhere; remote sends spread evenly.
     src = np.arange(replicas)
-    sends = np.zeros(replicas, np.int64)
-    holders = {e: np.flatnonzero(cur == e) for e in np.unique(new)}
-    for s in np.flatnonzero(new != cur):
-        cand = holders[new[s]]
+    holders: dict[int, list[int]] = {}
+    for slot, expert in enumerate(cur.tolist()):
+        holders.setdefault(expert, []).append(slot)
+    sends = [0] * replicas
+    for s, e in zip(free.tolist(), new[free].tolist()):
         gpu = s // per_gpu
-        cand_gpu = cand // per_gpu
-        rank = (cand_gpu != gpu).astype(np.int64) + (cand_gpu // gpus_per_node != gpu // gpus_per_node)
-        best = cand[np.lexsort((cand, sends[cand], rank))[0]]
+        node = gpu // gpus_per_node
+
+        def cost(q: int) -> tuple[int, int, int]:
+            q_gpu = q // per_gpu
+            return (q_gpu != gpu) + (q_gpu // gpus_per_node != node), sends[q], q
+
+        best = min(holders[e], key=cost)
         src[s] = best
-        sends[best] += int(best // per_gpu != gpu)
+        sends[best] += best // per_gpu != gpu
     return new, src
 
 

@@ -174,3 +174,13 @@ def test_migration_identity_and_bad_input(rng):
         migrate_expert_weights(w, reversed_slots, mesh, axis_name="tp")
     with pytest.raises(ValueError, match="num_gpus"):
         MigrationPlan(src_slot=np.zeros((1, 6), np.int64), num_gpus=4)
+
+
+def test_overlap_counts_shared_experts_per_gpu_pair(rng):
+    from seekax.runtime.eplb_runtime import _overlap
+
+    experts, replicas, gpus = 12, 24, 6
+    cur, tgt = rng.integers(0, experts, replicas), rng.integers(0, experts, replicas)
+    count = lambda p: np.stack([np.bincount(r, minlength=experts) for r in p.reshape(gpus, -1)])  # noqa: E731
+    want = np.minimum(count(cur)[:, None, :], count(tgt)[None, :, :]).sum(-1)
+    np.testing.assert_array_equal(_overlap(cur, tgt, gpus), want)
