@@ -1,0 +1,173 @@
+"""KV-cache page store: MLA latent KV pages keyed by a chained prefix hash, so a new request reuses stored prefixes.
+
+A page holds `page_shape[0]` tokens (64 by default) of latent KV (576 = 512 latent + 64 rope dims, bf16).
+Page i of a token sequence is keyed by h_i = blake2b(h_{i-1} || tokens of page i), h_{-1} = blake2b(namespace,
+page shape, dtype): equal keys mean equal whole prefixes, so `match_prefix` walks pages until the first miss.
+
+Backends (chosen by `path`): a local path -> `kv_slots.SlotFileBackend` (a preallocated slot file + append-only
+index log with checksums and generation numbers; crash-safe publish order), a URL such as "memory://" or
+"file:///dir/" -> `kv_tensorstore.TensorStoreBackend` (tensorstore kvstore drivers, object-storage-like).
+The store keeps the index and LRU order in memory and evicts least recently used pages when full.
+Arrays in, arrays out (numpy); not thread-safe (one store per serving process).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from seekax.ir.validate import canonical_dtype, check_choice, check_int, fail
+from seekax.storage.atomic import crc32
+
+DTYPES = ("bfloat16", "float16", "float32", "float8_e4m3fn", "uint8", "int8")
+HASH_BYTES = 16
+
+
+def chain_hashes(token_ids, page_tokens: int, *, root: bytes) -> list[bytes]:
+    """Chained keys of the full pages of `token_ids` [n]: key i covers tokens [0, (i+1) * page_tokens)."""
+    tokens = np.asarray(token_ids)
+    if tokens.ndim != 1 or (tokens.size and not np.issubdtype(tokens.dtype, np.integer)):
+        raise fail("token_ids", f"array{tokens.shape} of {tokens.dtype}", "a 1-D sequence of integer token ids")
+    tokens = tokens.astype("<i4")
+    keys, prev = [], root
+    for i in range(len(tokens) // page_tokens):
+        prev = hashlib.blake2b(prev + tokens[i * page_tokens:(i + 1) * page_tokens].tobytes(),
+                               digest_size=HASH_BYTES).digest()
+        keys.append(prev)
+    return keys
+
+
+@dataclass
+class KVStats:
+    hits: int = 0  # pages served by match_prefix
+    misses: int = 0  # full pages asked for and not served
+    puts: int = 0  # pages written
+    evictions: int = 0
+    corrupt_pages: int = 0  # pages whose checksum failed on read (dropped, served as misses)
+    recovered: dict = field(default_factory=dict)  # what the backend found/repaired when opening
+
+
+class KVPageStore:
+    """`KVPageStore(path, page_shape=(64, 576), dtype="bfloat16", capacity_pages=N, namespace="")`.
+
+    `put_pages(token_ids, pages) -> n_new`: pages [n, *page_shape] of the first n full pages of token_ids.
+    `match_prefix(token_ids) -> (num_tokens_matched, pages [m, *page_shape])`: the longest stored prefix.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, page_shape: Sequence[int] = (64, 576), dtype="bfloat16",
+                 capacity_pages: int, namespace: str = "", backend: str = "auto"):
+        page_shape = tuple(page_shape)
+        if not page_shape or not all(isinstance(d, (int, np.integer)) and d > 0 for d in page_shape):
+            raise fail("page_shape", page_shape, "a tuple of positive ints, tokens first, e.g. (64, 576)")
+        self.page_shape = tuple(int(d) for d in page_shape)
+        self.page_tokens = self.page_shape[0]
+        self.dtype = np.dtype(canonical_dtype("dtype", dtype, DTYPES))
+        self.capacity = check_int("capacity_pages", capacity_pages, min_value=1)
+        self.page_bytes = int(np.prod(self.page_shape)) * self.dtype.itemsize
+        self.namespace = str(namespace)
+        self.root = hashlib.blake2b(repr((self.namespace, self.page_shape, self.dtype.name)).encode(),
+                                    digest_size=HASH_BYTES).digest()
+        backend = check_choice("backend", backend, ("auto", "slots", "tensorstore"))
+        path = os.fspath(path)
+        if backend == "auto":
+            backend = "tensorstore" if "://" in path else "slots"
+        meta = {"page_shape": list(self.page_shape), "dtype": self.dtype.name, "capacity_pages": self.capacity}
+        if backend == "slots":
+            from seekax.storage.kv_slots import SlotFileBackend
+
+            self._backend = SlotFileBackend(path, meta=meta, page_bytes=self.page_bytes)
+        else:
+            from seekax.storage.kv_tensorstore import TensorStoreBackend
+
+            self._backend = TensorStoreBackend(path, meta=meta, page_bytes=self.page_bytes)
+        self.backend = backend
+        self._stats = KVStats()
+        entries, recovered = self._backend.load()  # [(key, crc)] oldest first
+        self._stats.recovered = recovered
+        self._lru: OrderedDict[bytes, int] = OrderedDict(entries)  # key -> crc32 of the page
+
+    # -- API -------------------------------------------------------------------------------------------------
+    def put_pages(self, token_ids, pages: np.ndarray) -> int:
+        """Store the pages not stored yet; returns how many were new. Existing ones become most recent."""
+        keys = chain_hashes(token_ids, self.page_tokens, root=self.root)
+        pages = np.asarray(pages)
+        if pages.ndim != 1 + len(self.page_shape) or tuple(pages.shape[1:]) != self.page_shape:
+            raise fail("pages.shape", tuple(pages.shape), f"(n, {', '.join(map(str, self.page_shape))})")
+        if pages.dtype != self.dtype:
+            raise fail("pages.dtype", pages.dtype.name, f"{self.dtype.name} (the store's dtype)")
+        if len(pages) > len(keys):
+            raise fail("pages", f"{len(pages)} pages", f"at most the {len(keys)} full pages of token_ids")
+        new = [i for i in range(len(pages)) if keys[i] not in self._lru]
+        if len(new) > self.capacity:
+            raise fail("pages", f"{len(new)} new pages", f"at most capacity_pages={self.capacity}")
+        for k in keys[:len(pages)]:
+            if k in self._lru:
+                self._lru.move_to_end(k)
+        if not new:
+            return 0
+        evicted = []
+        while len(self._lru) + len(new) > self.capacity:
+            evicted.append(self._lru.popitem(last=False)[0])
+        data = [np.ascontiguousarray(pages[i]).reshape(-1).view(np.uint8) for i in new]
+        crcs = [crc32(d) for d in data]
+        self._backend.put([keys[i] for i in new], data, crcs, evicted)
+        for i, c in zip(new, crcs):
+            self._lru[keys[i]] = c
+        self._stats.puts += len(new)
+        self._stats.evictions += len(evicted)
+        return len(new)
+
+    def match_prefix(self, token_ids) -> tuple[int, np.ndarray]:
+        """Longest stored prefix of `token_ids`: (tokens matched, pages [m, *page_shape]); checksums verified."""
+        keys = chain_hashes(token_ids, self.page_tokens, root=self.root)
+        m = 0
+        while m < len(keys) and keys[m] in self._lru:
+            m += 1
+        out = np.empty((m, *self.page_shape), dtype=self.dtype)
+        if m:
+            self._backend.get(keys[:m], out.reshape(m, -1).view(np.uint8))
+            flat = out.reshape(m, -1).view(np.uint8)
+            for i in range(m):
+                if crc32(flat[i]) != self._lru[keys[i]]:
+                    self._stats.corrupt_pages += 1
+                    self._drop(keys[i:m])
+                    m = i
+                    out = out[:m]
+                    break
+            for k in keys[:m]:
+                self._lru.move_to_end(k)
+        self._stats.hits += m
+        self._stats.misses += len(keys) - m
+        return m * self.page_tokens, out
+
+    def _drop(self, keys: list[bytes]) -> None:
+        present = [k for k in keys if k in self._lru]
+        for k in present:
+            del self._lru[k]
+        self._backend.drop(present)
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._lru
+
+    def stats(self) -> dict:
+        s = self._stats
+        return {"hits": s.hits, "misses": s.misses, "puts": s.puts, "evictions": s.evictions,
+                "corrupt_pages": s.corrupt_pages, "pages": len(self._lru), "capacity_pages": self.capacity,
+                "backend": self.backend, "recovered": dict(s.recovered)}
+
+    def close(self) -> None:
+        self._backend.close()
+
+    def __enter__(self) -> "KVPageStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
