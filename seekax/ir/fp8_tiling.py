@@ -98,20 +98,29 @@ def _deepest(cfg: Fp8TileConfig, out_itemsize: int, k_steps: int, limit: int) ->
     raise SharedMemoryBudgetExceeded(dataclasses.replace(cfg, stages=2).smem_bytes(out_itemsize), limit, repr(cfg))
 
 
-def choose_fp8_config(spec, limit: int = SMEM_LIMIT_BYTES) -> Fp8TileConfig:
-    """Heuristic from a GemmSpec/GroupedGemmSpec: 64 x 128 per warpgroup, two warpgroups stacked along M
-    (along N when M is small), then the deepest pipeline that fits 227 KiB."""
-    n, k = spec.n, spec.k
-    m = spec.m
-    block_n = 128 if n % 128 == 0 else 64 if n % 64 == 0 else 32 if n % 32 == 0 else 16
-    split, wgs = WgSplit.M, 2
-    if m <= 64:
-        if n % (2 * block_n) == 0:
-            split = WgSplit.N
-        else:
-            wgs = 1
-    cfg = Fp8TileConfig(block_m=64, block_n=block_n, num_compute_wgs=wgs, wg_split=split,
-                        epi_block_n=min(64, block_n), stages=2)
+# CTA layouts in order of preference (bigger tiles reuse more operand bytes per wgmma):
+# (block_n, compute warpgroups, split).
+_LAYOUTS = ((128, 2, WgSplit.M), (128, 2, WgSplit.N), (64, 2, WgSplit.M), (64, 2, WgSplit.N), (64, 1, WgSplit.M),
+            (32, 1, WgSplit.M), (16, 1, WgSplit.M))
+
+
+def choose_fp8_config(spec, limit: int = SMEM_LIMIT_BYTES, sm_count: int = 132) -> Fp8TileConfig:
+    """Heuristic from a GemmSpec/GroupedGemmSpec: the first CTA layout (largest first) that divides N,
+    does not pad M past one 64-row block more than needed, and gives every one of `sm_count` SMs an output
+    tile (else the layout with the most tiles: small M is memory-bound on B, and more CTAs stream B in
+    parallel); then the deepest pipeline that fits 227 KiB."""
+    m, n, k = spec.m, spec.n, spec.k
+    options = []
+    for bn, wgs, split in _LAYOUTS:
+        cfg = Fp8TileConfig(block_m=64, block_n=bn, num_compute_wgs=wgs, wg_split=split,
+                            epi_block_n=min(64, bn), stages=2)
+        if n % cfg.cta_block_n or (m <= 64 and cfg.cta_block_m > 64):
+            continue
+        options.append(cfg)
+    if not options:
+        raise NotImplementedError(f"n={n}: the FP8 kernels need a multiple of 16 (valid input; the xla path runs it)")
+    tiles = lambda c: -(-max(m, 1) // c.cta_block_m) * (n // c.cta_block_n)  # noqa: E731
+    cfg = next((c for c in options if tiles(c) >= sm_count), max(options, key=tiles))
     return _deepest(cfg, _out_itemsize(spec), math.ceil(k / FP8_BLOCK_K), limit)
 
 
