@@ -2,7 +2,7 @@
 
   window = LoadWindow.create(64, layers, experts); window = window.add(counts)   # each step (jit-able)
   placement, plan = rebalance(window, placement, num_groups=8, num_nodes=4, num_gpus=32)
-  weights = migrate_expert_weights(weights, plan.src_slot[layer], mesh)          # per layer, shard_map over "ep"
+  weights = migrate_expert_weights(weights, plan.src_slot, mesh)   # [layers, slots, ...], all_to_all over "ep"
 
 `rebalance` runs EPLB on the window's load, then relabels the result without changing any GPU's load:
 GPUs (within a node for the hierarchical policy, whole nodes, or any GPU for the global policy) are matched
@@ -244,77 +244,112 @@ def rebalance(load: Any, current: ExpertPlacement, *, num_groups: int, num_nodes
 
 
 # ---- migration under shard_map -----------------------------------------------------------------------------
-def _migration_tables(src_slot: np.ndarray, num_devices: int) -> tuple[list[tuple[int, np.ndarray]], np.ndarray]:
-    """src_slot [R] -> rounds [(offset k, send_idx [D, m_k])] and gather_idx [D, S].
+def migration_capacity(src_slot: Any, num_devices: int) -> int:
+    """Rows the busiest (source device, destination device) pair carries in one layer (>= 1).
 
-    In round k device c sends send_idx[c] of its local slots to device (c + k) % D. Device d then gathers its
-    new slots from concat(local slots, round buffers...) with gather_idx[d]. A slot needed twice is sent once.
+    src_slot: [replicas] or [layers, replicas]. Passing a fixed capacity to migrate_expert_weights keeps one
+    compiled program across layers and rebalances.
     """
-    replicas = src_slot.size
+    src = np.atleast_2d(np.asarray(src_slot, np.int64))
+    per_dev = src.shape[1] // num_devices
+    dst_dev = np.arange(src.shape[1]) // per_dev
+    best = 1
+    for row in src:
+        remote = row // per_dev != dst_dev
+        pairs = np.unique(np.stack([row[remote], dst_dev[remote]]), axis=1)  # distinct (slot, destination)
+        if pairs.size:
+            best = max(best, int(np.unique(pairs[0] // per_dev * num_devices + pairs[1], return_counts=True)[1].max()))
+    return best
+
+
+def _migration_tables(src: np.ndarray, num_devices: int, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """src [L, R] -> send [L, D, D, m] local slot each device sends to each device, gather [L, D, S].
+
+    Device d's new slot j is concat(local slots [S], received [D * m])[gather[l, d, j]]; received row
+    c * m + i is send[l, c, d, i] of device c. A slot needed twice on one device is sent once.
+    """
+    layers, replicas = src.shape
     per_dev = replicas // num_devices
-    sends: dict[int, list[list[int]]] = {k: [[] for _ in range(num_devices)] for k in range(1, num_devices)}
-    where: dict[tuple[int, int], int] = {}  # (offset, source slot) -> position in that round's buffer
-    for s, q in enumerate(src_slot):
-        d, c = s // per_dev, int(q) // per_dev
-        k = (d - c) % num_devices
-        if k and (k, int(q)) not in where:
-            where[k, int(q)] = len(sends[k][c])
-            sends[k][c].append(int(q) % per_dev)
-    rounds, base, offsets = [], per_dev, {}
-    for k in range(1, num_devices):
-        m = max(len(lst) for lst in sends[k])
-        if m == 0:
-            continue
-        table = np.zeros((num_devices, m), np.int32)
-        for c, lst in enumerate(sends[k]):
-            table[c, :len(lst)] = lst
-        rounds.append((k, table))
-        offsets[k] = base
-        base += m
-    gather = np.empty((num_devices, per_dev), np.int32)
-    for s, q in enumerate(src_slot):
-        d, c = s // per_dev, int(q) // per_dev
-        k = (d - c) % num_devices
-        gather[d, s % per_dev] = int(q) % per_dev if k == 0 else offsets[k] + where[k, int(q)]
-    return rounds, gather
+    send = np.zeros((layers, num_devices, num_devices, capacity), np.int32)
+    gather = np.empty((layers, num_devices, per_dev), np.int32)
+    for layer in range(layers):
+        fill = np.zeros((num_devices, num_devices), np.int64)
+        where: dict[tuple[int, int], int] = {}
+        for s, q in enumerate(src[layer].tolist()):
+            d, c = s // per_dev, q // per_dev
+            if c == d:
+                gather[layer, d, s % per_dev] = q % per_dev
+                continue
+            if (q, d) not in where:
+                if fill[c, d] >= capacity:
+                    raise fail("capacity", capacity, f">= {migration_capacity(src, num_devices)} rows per device pair")
+                where[q, d] = int(fill[c, d])
+                send[layer, c, d, fill[c, d]] = q % per_dev
+                fill[c, d] += 1
+            gather[layer, d, s % per_dev] = per_dev + c * capacity + where[q, d]
+    return send, gather
 
 
-def migrate_expert_weights(weights: Any, src_slot: Any, mesh: jax.sharding.Mesh, *, axis_name: str = "ep") -> Any:
-    """Move expert weights to their new slots with collective permutes over the EP axis.
+def _migration_program(mesh: jax.sharding.Mesh, axis_name: str, num_leaves: int):
+    """jit(shard_map) moving [L, R, ...] leaves with runtime tables: one all_to_all per leaf."""
 
-    weights: a pytree of arrays [replicas, ...] sharded over `axis_name` on the slot axis (device d holds
-    slots [d*S, (d+1)*S)); src_slot: [replicas] one layer of MigrationPlan.src_slot.
-    Returns the same pytree with new[s] = old[src_slot[s]], sharded the same way. One ppermute per device
-    offset that carries any slot, padded to the busiest sender; slots that stay local never move.
+    def body(send, gather, *leaves):  # send [L, 1, D, m], gather [L, 1, S], leaves [L, S, ...] on one device
+        send, gather = send[:, 0], gather[:, 0]
+        out = []
+        for x in leaves:
+            rows = jax.vmap(lambda xl, il: xl[il])(x, send)  # [L, D, m, ...] rows for each destination
+            recv = jax.lax.all_to_all(rows, axis_name, split_axis=1, concat_axis=1)  # [L, D (source), m, ...]
+            pool = jnp.concatenate([x, recv.reshape(x.shape[0], -1, *x.shape[2:])], axis=1)  # [L, S + D*m, ...]
+            out.append(jax.vmap(lambda pl, gl: pl[gl])(pool, gather))  # [L, S, ...]
+        return tuple(out)
+
+    spec = P(None, axis_name)
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(spec, spec) + (spec,) * num_leaves,
+                                 out_specs=(spec,) * num_leaves))
+
+
+_PROGRAMS: dict[tuple[Any, str, int], Any] = {}
+
+
+def migrate_expert_weights(weights: Any, src_slot: Any, mesh: jax.sharding.Mesh, *, axis_name: str = "ep",
+                           capacity: int | None = None) -> Any:
+    """Move expert weights to their new slots with one all_to_all over the EP axis (per pytree leaf).
+
+    weights: a pytree of arrays [replicas, ...] (src_slot [replicas], one layer) or [layers, replicas, ...]
+    (src_slot [layers, replicas], e.g. MigrationPlan.src_slot), the slot axis sharded over `axis_name`
+    (device d holds slots [d*S, (d+1)*S)). Returns the pytree with new[s] = old[src_slot[s]] (per layer),
+    sharded the same way. Slots whose source is on the same device never leave it; the exchange is padded
+    to `capacity` rows per device pair (default: the busiest pair's need). The tables are runtime inputs,
+    so one compiled program serves every layer and every rebalance with the same shapes and capacity.
     """
-    src_slot = np.asarray(src_slot, np.int64)
+    src = np.asarray(src_slot)
     if axis_name not in mesh.shape:
         raise fail("axis_name", axis_name, f"an axis of the mesh {dict(mesh.shape)}")
     num_devices = mesh.shape[axis_name]
+    if src.ndim not in (1, 2) or not np.issubdtype(src.dtype, np.integer) or src.size == 0:
+        raise fail("src_slot", src.shape, "[replicas] or [layers, replicas] integer slot ids")
+    layered = src.ndim == 2
+    src = np.atleast_2d(src).astype(np.int64)
+    layers, replicas = src.shape
+    if replicas % num_devices or src.min() < 0 or src.max() >= replicas:
+        raise fail("src_slot", src.shape, f"slot ids in [0, replicas), replicas a multiple of {num_devices} devices")
     leaves, treedef = jax.tree.flatten(weights)
-    replicas = src_slot.size
-    if src_slot.ndim != 1 or replicas % num_devices or src_slot.min() < 0 or src_slot.max() >= replicas:
-        raise fail("src_slot", src_slot.shape, f"[replicas] slot ids, replicas a multiple of {num_devices} devices")
+    want = (layers, replicas) if layered else (replicas,)
     for i, leaf in enumerate(leaves):
-        if leaf.ndim < 1 or leaf.shape[0] != replicas:
-            raise fail(f"weights[{i}].shape", tuple(leaf.shape), f"({replicas}, ...) one row per slot")
-    if np.array_equal(src_slot, np.arange(replicas)):
+        if tuple(leaf.shape[:len(want)]) != want:
+            raise fail(f"weights[{i}].shape", tuple(leaf.shape), f"{want} + (...) one row per slot")
+    if np.array_equal(src, np.broadcast_to(np.arange(replicas), src.shape)):
         return weights
-    rounds, gather = _migration_tables(src_slot, num_devices)
-
-    def body(*local):  # each leaf [S, ...] on one device
-        me = jax.lax.axis_index(axis_name)
-        out = []
-        for x in local:
-            buffers = [x]
-            for k, table in rounds:
-                send = x[jnp.asarray(table)[me]]  # [m_k, ...]
-                perm = [(c, (c + k) % num_devices) for c in range(num_devices)]
-                buffers.append(jax.lax.ppermute(send, axis_name, perm))
-            out.append(jnp.concatenate(buffers)[jnp.asarray(gather)[me]])
-        return tuple(out)
-
-    spec = P(axis_name)
-    fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(spec,) * len(leaves), out_specs=(spec,) * len(leaves)))
-    placed = [jax.device_put(x, NamedSharding(mesh, spec)) for x in leaves]
-    return jax.tree.unflatten(treedef, list(fn(*placed)))
+    need = migration_capacity(src, num_devices)
+    capacity = need if capacity is None else check_int("capacity", capacity, min_value=1)
+    send, gather = _migration_tables(src, num_devices, capacity)
+    key = (mesh, axis_name, len(leaves))
+    if key not in _PROGRAMS:
+        _PROGRAMS[key] = _migration_program(mesh, axis_name, len(leaves))
+    spec = NamedSharding(mesh, P(None, axis_name))
+    put = lambda a: jax.device_put(a, spec)  # noqa: E731
+    # The tables' device axis (1) is sharded, so device d reads send[:, d] and gather[:, d].
+    args = [put(jnp.asarray(leaf if layered else leaf[None])) for leaf in leaves]
+    out = _PROGRAMS[key](put(send), put(gather), *args)
+    out = [o if layered else o[0] for o in out]
+    return jax.tree.unflatten(treedef, out)

@@ -184,3 +184,23 @@ def test_overlap_counts_shared_experts_per_gpu_pair(rng):
     count = lambda p: np.stack([np.bincount(r, minlength=experts) for r in p.reshape(gpus, -1)])  # noqa: E731
     want = np.minimum(count(cur)[:, None, :], count(tgt)[None, :, :]).sum(-1)
     np.testing.assert_array_equal(_overlap(cur, tgt, gpus), want)
+
+
+def test_migration_all_layers_at_once_with_fixed_capacity(rng):
+    from seekax.runtime.eplb_runtime import migration_capacity
+
+    mesh = _mesh()
+    table = rng.standard_normal((LAYERS, EXPERTS, 2, 3)).astype(np.float32)  # per-layer expert weights
+    current = rebalance_experts(_skewed(rng), REPLICAS, GROUPS, NODES, GPUS)
+    new, plan = rebalance(_skewed(rng), current, num_groups=GROUPS, num_nodes=NODES, num_gpus=GPUS)
+    old = np.stack([table[layer][current.phy2log[layer]] for layer in range(LAYERS)])  # [L, R, 2, 3]
+    sharded = jax.device_put(old, NamedSharding(mesh, P(None, "ep")))
+    need = migration_capacity(plan.src_slot, GPUS)
+    out = migrate_expert_weights(sharded, plan.src_slot, mesh, capacity=need + 2)
+    want = np.stack([table[layer][new.phy2log[layer]] for layer in range(LAYERS)])
+    np.testing.assert_array_equal(np.asarray(out), want)
+    per_layer = migrate_expert_weights(old[0], plan.src_slot[0], mesh, capacity=need + 2)
+    np.testing.assert_array_equal(np.asarray(per_layer), want[0])
+    assert need > 1  # skewed loads move several experts between some device pair
+    with pytest.raises(ValueError, match="capacity"):
+        migrate_expert_weights(sharded, plan.src_slot, mesh, capacity=need - 1)
