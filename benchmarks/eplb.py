@@ -147,7 +147,8 @@ def main() -> None:
             "same_as_loops": same,
             "balance_mean": float(placement.balance(weight, gpus).mean()),
             "balance_worst": float(placement.balance(weight, gpus).max()),
-            "rebalance_plan_ms": plan_s * 1e3, "moves": plan.num_moves, "moves_naive": naive,
+            "rebalance_plan_ms": plan_s * 1e3, "moves": plan.num_moves, "moves_remote": plan.num_remote,
+            "moves_naive": naive,
         })
     emit("eplb", rows, args.json)
 
