@@ -73,20 +73,25 @@ def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np
     if per_pack == 1:  # one item per pack: item i -> pack i (the original's shortcut, not the greedy order)
         return np.broadcast_to(np.arange(items), weight.shape).copy(), np.zeros(weight.shape, np.int64)
     order = np.argsort(-weight, axis=1, kind="stable")  # [rows, items] stable descending
-    sorted_w = np.take_along_axis(weight, order, axis=1)  # [rows, items]
-    row = np.arange(rows)
-    load = np.zeros((rows, num_packs), np.float32)  # accumulated load per pack
+    sorted_w = np.ascontiguousarray(np.take_along_axis(weight, order, axis=1).T)  # [items, rows]
+    base = np.arange(rows) * num_packs  # flat offset of each row's packs
+    load = np.zeros(rows * num_packs, np.float32)  # accumulated load per (row, pack)
     open_load = np.zeros((rows, num_packs), np.float32)  # load, or +inf once the pack is full
-    fill = np.zeros((rows, num_packs), np.int64)  # items per pack
-    pack_sorted = np.empty((rows, items), np.int64)
-    rank_sorted = np.empty((rows, items), np.int64)
+    open_flat = open_load.reshape(-1)  # a view: writes through
+    fill = np.zeros(rows * num_packs, np.int64)  # items per (row, pack)
+    pack_sorted = np.empty((items, rows), np.int64)
+    rank_sorted = np.empty((items, rows), np.int64)
     for j in range(items):
         pack = open_load.argmin(1)  # [rows] first index among the lightest non-full packs
-        pack_sorted[:, j] = pack
-        rank_sorted[:, j] = fill[row, pack]
-        load[row, pack] += sorted_w[:, j]
-        fill[row, pack] += 1
-        open_load[row, pack] = np.where(fill[row, pack] < per_pack, load[row, pack], np.inf)
+        flat = base + pack
+        pack_sorted[j] = pack
+        rank = fill[flat]
+        rank_sorted[j] = rank
+        new_load = load[flat] + sorted_w[j]  # float32, in the greedy order
+        load[flat] = new_load
+        fill[flat] = rank + 1
+        open_flat[flat] = np.where(rank + 1 < per_pack, new_load, np.float32(np.inf))
+    pack_sorted, rank_sorted = pack_sorted.T, rank_sorted.T
     pack_index = np.empty_like(pack_sorted)
     rank_in_pack = np.empty_like(rank_sorted)
     np.put_along_axis(pack_index, order, pack_sorted, axis=1)
