@@ -278,12 +278,16 @@ class SampleStore:
 
     def verify(self) -> list[str]:
         """Recompute every shard's checksums; returns one line per problem (empty list: the store is whole)."""
+        return [p for i in range(len(self.shards)) for p in self.verify_shard(i)]
+
+    def verify_shard(self, i: int) -> list[str]:
+        """Checksum problems of shard `i` (its data and index files)."""
+        s = self.shards[i]
         problems = []
-        for s in self.shards:
-            for suffix, want in (("data", s.data_crc32), ("index", s.index_crc32)):
-                got = file_crc32(self.path / f"{s.name}.{suffix}")
-                if got != want:
-                    problems.append(f"shard {s.name}: {suffix} checksum {got:08x} != manifest {want:08x}")
+        for suffix, want in (("data", s.data_crc32), ("index", s.index_crc32)):
+            got = file_crc32(self.path / f"{s.name}.{suffix}")
+            if got != want:
+                problems.append(f"shard {s.name}: {suffix} checksum {got:08x} != manifest {want:08x}")
         return problems
 
     def _check_indices(self, indices) -> np.ndarray:

@@ -1,0 +1,172 @@
+"""`seekax data prepare|inspect|verify`: build a token sample store from parquet/text files or a synthetic corpus,
+summarise one, or check its checksums (exit 1 when a store is torn, incomplete or corrupt)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+WORDS = ("expert", "token", "latent", "pipeline", "kernel", "shard", "router", "cache", "page", "gradient",
+         "warp", "tile", "schedule", "batch", "prefix", "the", "a", "of", "and", "to")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("data", help="prepare, inspect or verify a sample store", description=__doc__)
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+
+    pr = dsub.add_parser("prepare", help="files or a synthetic corpus -> tokenised sample store (DuckDB partitions)")
+    pr.add_argument("out", help="sample store directory to write")
+    src = pr.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", nargs="+", help="parquet files/globs (with --text-column), or text files (one "
+                                                "document each)")
+    src.add_argument("--synthetic", type=int, metavar="DOCS", help="generate this many synthetic documents")
+    pr.add_argument("--text-column", default="text")
+    pr.add_argument("--seq-len", type=int, default=512)
+    pr.add_argument("--partitions", type=int, default=4)
+    pr.add_argument("--workers", type=int, default=2)
+    pr.add_argument("--executor", choices=("process", "inline", "ray"), default="process")
+    pr.add_argument("--dedupe", action="store_true", help="drop repeated texts (hash-partitioned by the text)")
+    pr.add_argument("--seed", type=int, default=0, help="shuffle seed (and synthetic corpus seed)")
+    pr.add_argument("--work-dir", default=None, help="intermediate partitions (default: OUT.work); reruns reuse them")
+    pr.add_argument("--overwrite", action="store_true")
+    pr.add_argument("--quiet", action="store_true", help="no progress bars")
+    pr.set_defaults(func=prepare)
+
+    ins = dsub.add_parser("inspect", help="print a store's manifest summary")
+    ins.add_argument("store")
+    ins.add_argument("--json", action="store_true")
+    ins.add_argument("--show", type=int, default=0, metavar="N", help="also print the first N records (decoded)")
+    ins.set_defaults(func=inspect)
+
+    ver = dsub.add_parser("verify", help="recompute every shard checksum; exit 1 on any problem")
+    ver.add_argument("store")
+    ver.add_argument("--quiet", action="store_true")
+    ver.set_defaults(func=verify)
+
+
+def _synthetic(work: Path, docs: int, seed: int, files: int = 4) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from seekax.storage.atomic import ensure_dir
+
+    d = ensure_dir("work_dir", work / f"synthetic-{docs}-{seed}")
+    rng = np.random.default_rng(seed)
+    out = []
+    for f, ids in enumerate(np.array_split(np.arange(docs), files)):
+        path = d / f"part-{f:05d}.parquet"
+        texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(5, 200)))) + f" #{i}." for i in ids]
+        if not path.exists():
+            pq.write_table(pa.table({"id": ids, "text": texts}), path)
+        out.append(str(path))
+    return out
+
+
+def _text_files(work: Path, inputs: list[str]) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from seekax.storage.atomic import ensure_dir
+
+    texts = [Path(p).read_text(encoding="utf-8", errors="replace") for p in inputs]
+    d = ensure_dir("work_dir", work / "text-input")
+    path = d / "part-00000.parquet"
+    pq.write_table(pa.table({"path": inputs, "text": texts}), path)
+    return [str(path)]
+
+
+def prepare(args) -> int:
+    import glob
+
+    from seekax.storage.prep import Session
+
+    work = Path(args.work_dir or f"{args.out}.work")
+    try:
+        with Session(work, num_workers=args.workers, executor=args.executor, progress=not args.quiet) as s:
+            if args.synthetic is not None:
+                files, column = _synthetic(work, args.synthetic, args.seed), "text"
+            else:
+                paths = sorted({f for p in args.input for f in glob.glob(p)})
+                if not paths:
+                    raise ValueError(f"input={args.input!r}: expected existing files")
+                if all(p.endswith(".parquet") for p in paths):
+                    files, column = paths, args.text_column
+                elif not any(p.endswith(".parquet") for p in paths):
+                    files, column = _text_files(work, paths), "text"
+                else:
+                    raise ValueError(f"input={args.input!r}: expected all parquet or all text files")
+            df = s.read_parquet(files)
+            df = df.repartition(args.partitions, hash_by=column if args.dedupe else None)
+            if args.dedupe:
+                df = df.dedupe(column)
+            df = df.shuffle(seed=args.seed)
+            m = df.to_sample_store(args.out, text_column=column, seq_len=args.seq_len, overwrite=args.overwrite)
+    except ValueError as e:
+        print(f"seekax data prepare: FAIL {e}", file=sys.stderr)
+        return 2
+    print(f"seekax data prepare: wrote {m['num_records']} sequences x {args.seq_len} tokens "
+          f"({m['metadata']['docs']} documents, {len(m['shards'])} shard(s)) to {args.out}")
+    return 0
+
+
+def _open(path: str, cmd: str):
+    from seekax.storage.sample_store import CorruptStoreError, IncompleteStoreError, SampleStore
+
+    try:
+        return SampleStore(path), 0
+    except (IncompleteStoreError, CorruptStoreError) as e:
+        print(f"seekax data {cmd}: FAIL {e}", file=sys.stderr)
+        return None, 1
+    except ValueError as e:
+        print(f"seekax data {cmd}: FAIL {e}", file=sys.stderr)
+        return None, 2
+
+
+def inspect(args) -> int:
+    store, rc = _open(args.store, "inspect")
+    if store is None:
+        return rc
+    summary = store.summary()
+    summary["shards"] = [{"name": s.name, "records": s.records, "data_bytes": s.data_bytes} for s in store.shards]
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(f"{summary['path']}: {summary['kind']} store, {summary['num_records']} records"
+              + (f" x {summary['seq_len']} {summary['dtype']}" if summary["kind"] == "tokens" else "")
+              + f", {summary['num_shards']} shard(s), {summary['data_bytes'] / 2**20:.2f} MiB")
+        for k, v in summary["metadata"].items():
+            print(f"  {k}: {v}")
+        for s in summary["shards"]:
+            print(f"  {s['name']}: {s['records']} records, {s['data_bytes']} bytes")
+    if args.show:
+        from seekax.storage.tokens import decode
+
+        recs = store.read(np.arange(min(args.show, len(store))))
+        for i, r in enumerate(recs):
+            print(f"[{i}] {decode(r) if store.kind == 'tokens' else bytes(r)!r}")
+    store.close()
+    return 0
+
+
+def verify(args) -> int:
+    from tqdm import tqdm
+
+    store, rc = _open(args.store, "verify")
+    if store is None:
+        return rc
+    problems = []
+    total = sum(s.data_bytes for s in store.shards)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=args.quiet, file=sys.stderr) as bar:
+        for i, s in enumerate(store.shards):
+            problems += store.verify_shard(i)
+            bar.update(s.data_bytes)
+    store.close()
+    if problems:
+        for p in problems:
+            print(f"seekax data verify: FAIL {p}", file=sys.stderr)
+        return 1
+    print(f"seekax data verify: OK {args.store} ({len(store.shards)} shard(s), {store.num_records} records)")
+    return 0

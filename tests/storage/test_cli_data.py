@@ -1,0 +1,56 @@
+"""`seekax data prepare|inspect|verify` through the CLI entry point."""
+
+import json
+
+import numpy as np
+
+from seekax.runtime.cli import main
+from seekax.storage.sample_store import SampleStore
+from seekax.storage.tokens import EOS
+
+
+def test_prepare_inspect_verify_synthetic(tmp_path, capsys):
+    out = str(tmp_path / "store")
+    rc = main(["data", "prepare", out, "--synthetic", "300", "--seq-len", "128", "--partitions", "3",
+               "--executor", "inline", "--dedupe", "--quiet"])
+    assert rc == 0
+    assert "sequences x 128 tokens (300 documents" in capsys.readouterr().out
+    with SampleStore(out, verify=True) as s:
+        toks = s.read(np.arange(len(s)))
+        assert toks.shape[1] == 128 and (toks == EOS).sum() >= 250
+    assert main(["data", "inspect", out, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["kind"] == "tokens" and summary["seq_len"] == 128 and summary["metadata"]["docs"] == 300
+    assert main(["data", "inspect", out, "--show", "1"]) == 0
+    assert "[0] '" in capsys.readouterr().out
+    assert main(["data", "verify", out, "--quiet"]) == 0
+    # rerun with overwrite: finished partitions are reused, the same store comes out
+    before = (tmp_path / "store" / "shard-00000.data").read_bytes()
+    assert main(["data", "prepare", out, "--synthetic", "300", "--seq-len", "128", "--partitions", "3",
+                 "--executor", "inline", "--dedupe", "--quiet", "--overwrite"]) == 0
+    assert (tmp_path / "store" / "shard-00000.data").read_bytes() == before
+    # corruption: a flipped byte fails verify with exit 1 and names the shard
+    p = tmp_path / "store" / "shard-00000.data"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 1
+    p.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["data", "verify", out, "--quiet"]) == 1
+    assert "shard-00000: data checksum" in capsys.readouterr().err
+
+
+def test_prepare_from_text_files_and_errors(tmp_path, capsys):
+    for i in range(3):
+        (tmp_path / f"doc{i}.txt").write_text(f"document number {i} " * 20)
+    out = str(tmp_path / "store")
+    assert main(["data", "prepare", out, "--input", str(tmp_path / "doc*.txt"), "--seq-len", "32",
+                 "--partitions", "1", "--executor", "inline", "--quiet"]) == 0
+    with SampleStore(out) as s:
+        assert s.manifest["metadata"]["docs"] == 3
+    assert main(["data", "prepare", out, "--synthetic", "10", "--quiet", "--executor", "inline"]) == 2
+    assert "overwrite=True" in capsys.readouterr().err
+    assert main(["data", "verify", str(tmp_path / "nothing")]) == 2
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "shard-00000.data").write_bytes(b"x")
+    assert main(["data", "verify", str(tmp_path / "half")]) == 1
+    assert "incomplete" in capsys.readouterr().err
