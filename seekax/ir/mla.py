@@ -10,7 +10,7 @@ import numpy as np
 from seekax.ir.spec import KernelSpec
 from seekax.ir.validate import canonical_dtype, check_int, fail
 
-KV_DTYPES = ("bfloat16", "float16", "float8_e4m3fn")
+KV_DTYPES = ("bfloat16", "float16", "float32", "float8_e4m3fn")  # float32: the XLA path (tests, tiny models)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -45,7 +45,7 @@ class MlaDecodeSpec(KernelSpec):
         if self.v_dim > self.qk_dim:
             raise fail("v_dim", self.v_dim, f"<= qk_dim={self.qk_dim} (V is a prefix of the latent)")
         set_("page_size", check_int("page_size", self.page_size, min_value=1, multiple_of=16))
-        set_("q_dtype", canonical_dtype("q_dtype", self.q_dtype, ("bfloat16", "float16")))
+        set_("q_dtype", canonical_dtype("q_dtype", self.q_dtype, ("bfloat16", "float16", "float32")))
         set_("kv_dtype", canonical_dtype("kv_dtype", self.kv_dtype, KV_DTYPES))
         if not isinstance(self.causal, bool):
             raise fail("causal", self.causal, "a bool")

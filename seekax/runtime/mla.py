@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +31,28 @@ def _concrete(x) -> np.ndarray | None:
     return np.asarray(x)
 
 
+class MlaProblem(NamedTuple):
+    """What validation found; `spec()` is the kernel-sized MlaDecodeSpec (576/512-style dims only)."""
+
+    batch: int
+    q_len: int
+    q_heads: int
+    qk_dim: int
+    v_dim: int
+    page_size: int
+    q_dtype: str
+    kv_dtype: str
+    causal: bool
+    mean_len: int
+
+    def spec(self) -> MlaDecodeSpec:
+        return MlaDecodeSpec(batch=self.batch, seq_len=self.mean_len, q_len=self.q_len, q_heads=self.q_heads,
+                             qk_dim=self.qk_dim, v_dim=self.v_dim, page_size=self.page_size,
+                             q_dtype=self.q_dtype, kv_dtype=self.kv_dtype, causal=self.causal)
+
+
 def validate_mla_decode(q, kv_cache, block_table, seq_lens, *, v_dim, softmax_scale, causal,
-                        kernel: bool = False, kv_dtypes=("bfloat16", "float16")) -> MlaDecodeSpec:
+                        kernel: bool = False, kv_dtypes=("bfloat16", "float16")) -> MlaProblem:
     """The one validation point for every backend. `kernel`: the Mosaic kernel's stricter contract
     (qk_dim 576, v_dim 512). Length values are checked when concrete (eager calls); under jit they are
     trusted (the kernel clamps to the block table, the reference masks)."""
@@ -57,11 +78,13 @@ def validate_mla_decode(q, kv_cache, block_table, seq_lens, *, v_dim, softmax_sc
     if num_pages < 1:
         raise fail("kv_cache.shape", tuple(kv_cache.shape), "at least one page")
     qd, kvd = np.dtype(q.dtype).name, np.dtype(kv_cache.dtype).name
-    if qd not in ("bfloat16", "float16"):
-        raise fail("q.dtype", qd, "bfloat16 or float16")
+    q_dtypes = ("bfloat16", "float16") if kernel else ("bfloat16", "float16", "float32")
+    if qd not in q_dtypes:
+        raise fail("q.dtype", qd, f"one of {q_dtypes}" + (" for the kernel" if kernel else ""))
+    kv_dtypes = tuple(kv_dtypes) + (() if kernel else ("float32",))
     if kvd not in kv_dtypes:
-        raise fail("kv_cache.dtype", kvd, f"one of {tuple(kv_dtypes)}")
-    if kvd in ("bfloat16", "float16") and kvd != qd:
+        raise fail("kv_cache.dtype", kvd, f"one of {kv_dtypes}")
+    if kvd in ("bfloat16", "float16", "float32") and kvd != qd:
         raise fail("kv_cache.dtype", kvd, f"q.dtype={qd}")
     if getattr(block_table, "ndim", None) != 2 or block_table.shape[0] != b:
         raise fail("block_table.shape", getattr(block_table, "shape", None), f"[batch={b}, max_pages]")
@@ -84,8 +107,8 @@ def validate_mla_decode(q, kv_cache, block_table, seq_lens, *, v_dim, softmax_sc
             raise fail("seq_lens", lens.tolist(), f"lengths <= the block table's capacity "
                                                   f"{block_table.shape[1]} pages x {page} = {capacity}")
     mean_len = int(lens.mean()) if lens is not None and lens.size else capacity
-    return MlaDecodeSpec(batch=b, seq_len=mean_len, q_len=s_q, q_heads=h, qk_dim=d, v_dim=v_dim, page_size=page,
-                         q_dtype=qd, kv_dtype=kvd, causal=causal)
+    return MlaProblem(batch=b, q_len=s_q, q_heads=h, qk_dim=d, v_dim=v_dim, page_size=page, q_dtype=qd,
+                      kv_dtype=kvd, causal=causal, mean_len=mean_len)
 
 
 @jax.tree_util.register_dataclass
@@ -182,14 +205,15 @@ def mla_decode(q: jax.Array, kv_cache: jax.Array, block_table: jax.Array, seq_le
     block_table: [B, max_pages] int32; seq_lens: [B] int32 -> out [B, q_len, H, v_dim] (q.dtype),
     lse [B, H, q_len] float32. Causal for q_len > 1: query i sees keys < seq_len - q_len + i + 1.
     A query with no visible key returns out = 0, lse = -inf. The "xla" backend also accepts other head
-    dims (small demo models); the kernel requires 576/512 and 64-token pages.
+    dims and float32 (small demo models, exact tests); the kernel requires bf16/f16, 576/512, 64-token pages.
     """
+    strict = backend in ("mosaic", "interpret")  # asked for the kernel by name: its contract is an error
     backend = resolve_backend(backend)
-    strict = backend in ("mosaic", "interpret")
     spec = validate_mla_decode(q, kv_cache, block_table, seq_lens, v_dim=v_dim, softmax_scale=softmax_scale,
                                causal=causal, kernel=strict)
-    if backend == "mosaic" and (spec.qk_dim, spec.v_dim, spec.page_size) != (KERNEL_QK_DIM, KERNEL_V_DIM, 64):
-        backend = "xla"  # auto on Hopper with a small demo model: only the reference handles it
+    if backend == "mosaic" and ((spec.qk_dim, spec.v_dim, spec.page_size) != (KERNEL_QK_DIM, KERNEL_V_DIM, 64)
+                                or spec.q_dtype == "float32"):
+        backend = "xla"  # "auto" on Hopper with a small or float32 model: only the reference handles it
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(spec.qk_dim)
     if backend == "xla":
         from seekax.lowering.reference import mla_decode as ref
