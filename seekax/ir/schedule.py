@@ -350,99 +350,95 @@ def _simulate(s: Schedule, costs: dict[str, float]) -> SimResult:
     for k in COMPUTE_KINDS:
         if k not in costs:
             raise fail("costs", costs, f"a cost for every compute kind {COMPUTE_KINDS}")
-    n, S = s.num_ranks, s.num_stages
+    n, S, nc = s.num_ranks, s.num_stages, s.num_chunks
     has_comm = any(not op.is_compute for ops in s.ranks for op in ops)
-    stage = s.chunk_stages
-    stream = s.chunk_streams
-    # Event keys: (tag, stream, mb, stage). F/B = compute done, SF/SB = sent, RF/RB = received.
+    # Per (rank, chunk): stream, stage, and whether the neighbouring stages live on another rank.
+    where = [[(s.chunk_streams[r][c], s.chunk_stages[r][c]) for c in range(nc)] for r in range(n)]
+    remote_prev = [[st > 0 and s.location(d, st - 1)[0] != r for d, st in where[r]] for r in range(n)]
+    remote_next = [[st < S - 1 and s.location(d, st + 1)[0] != r for d, st in where[r]] for r in range(n)]
+    comm_tag = {"SEND_F": "SF", "SEND_B": "SB", "RECV_F": "RF", "RECV_B": "RB"}
+
+    # Event keys: (tag, stream, mb, stage). F/B = compute done, Bi = input-grad-only B done,
+    # SF/SB = sent, RF/RB = received. Each op becomes (cost, deps, produced, activation delta, pending-W delta).
+    def compile_op(r: int, op: Op):
+        if not op.is_compute:
+            d, st = where[r][op.chunk]
+            dep = {"SEND_F": ("F", d, op.mb, st), "SEND_B": ("B", d, op.mb, st),
+                   "RECV_F": ("SF", d, op.mb, st - 1), "RECV_B": ("SB", d, op.mb, st + 1)}[op.kind]
+            return 0.0, (dep,), ((comm_tag[op.kind], d, op.mb, st),), True, 0, 0, 0
+        deps, prods, peak_after = [], [], 0
+        da = dw = 0
+        for kind, c, m in op.parts():
+            d, st = where[r][c]
+            if kind == "F":
+                if st > 0:
+                    deps.append(("RF", d, m, st) if has_comm and remote_prev[r][c] else ("F", d, m, st - 1))
+                prods.append(("F", d, m, st))
+                da += 1
+                peak_after = max(peak_after, da)
+            elif kind in ("B", "BW"):
+                deps.append(("F", d, m, st))
+                if st < S - 1:
+                    deps.append(("RB", d, m, st) if has_comm and remote_next[r][c] else ("B", d, m, st + 1))
+                prods.append(("B", d, m, st))
+                da -= 1
+                if kind == "B":
+                    prods.append(("Bi", d, m, st))
+                    dw += 1
+            else:
+                deps.append(("Bi", d, m, st))
+                dw -= 1
+        return costs[op.kind], tuple(deps), tuple(prods), False, da, dw, peak_after
+
+    compiled = [[compile_op(r, op) for op in ops] for r, ops in enumerate(s.ranks)]
     events: dict[tuple, float] = {}
     waiters: dict[tuple, list[int]] = {}
     idx = [0] * n
     clock = [0.0] * n
     start = [[0.0] * len(ops) for ops in s.ranks]
     finish = [[0.0] * len(ops) for ops in s.ranks]
-    acts, peak_a = [0] * n, [0] * n
-    pend, peak_w = [0] * n, [0] * n
-
-    def deps_of(r: int, op: Op) -> list[tuple]:
-        out = []
-        if not op.is_compute:
-            d, st = stream[r][op.chunk], stage[r][op.chunk]
-            if op.kind == "SEND_F":
-                out.append(("F", d, op.mb, st))
-            elif op.kind == "SEND_B":
-                out.append(("B", d, op.mb, st))
-            elif op.kind == "RECV_F":
-                out.append(("SF", d, op.mb, st - 1))
-            else:
-                out.append(("SB", d, op.mb, st + 1))
-            return out
-        for kind, c, m in op.parts():
-            d, st = stream[r][c], stage[r][c]
-            if kind == "F" and st > 0:
-                prev_r = s.location(d, st - 1)[0]
-                out.append(("RF", d, m, st) if has_comm and prev_r != r else ("F", d, m, st - 1))
-            elif kind in ("B", "BW"):
-                out.append(("F", d, m, st))
-                if st < S - 1:
-                    next_r = s.location(d, st + 1)[0]
-                    out.append(("RB", d, m, st) if has_comm and next_r != r else ("B", d, m, st + 1))
-            elif kind == "W":
-                out.append(("Bi", d, m, st))
-        return out
-
-    def produced(r: int, op: Op) -> list[tuple]:
-        if not op.is_compute:
-            tag = {"SEND_F": "SF", "SEND_B": "SB", "RECV_F": "RF", "RECV_B": "RB"}[op.kind]
-            return [(tag, stream[r][op.chunk], op.mb, stage[r][op.chunk])]
-        out = []
-        for kind, c, m in op.parts():
-            key = (stream[r][c], m, stage[r][c])
-            out.append(("F",) + key if kind == "F" else ("B",) + key if kind in ("B", "BW") else ("W",) + key)
-            if kind == "B":
-                out.append(("Bi",) + key)
-        return out
-
+    peak_a, peak_w = [0] * n, [0] * n
+    live_a, live_w = [0] * n, [0] * n
     todo = list(range(n))
     while todo:
         r = todo.pop()
-        ops = s.ranks[r]
-        while idx[r] < len(ops):
-            op = ops[idx[r]]
-            ready = clock[r]
+        ops = compiled[r]
+        i, t_now, acts, pend = idx[r], clock[r], live_a[r], live_w[r]
+        while i < len(ops):
+            cost, deps, prods, instant, da, dw, peak_after = ops[i]
+            ready = t_now
             blocked = None
-            for key in deps_of(r, op):
+            for key in deps:
                 t = events.get(key)
                 if t is None:
                     blocked = key
                     break
-                ready = max(ready, t)
+                if t > ready:
+                    ready = t
             if blocked is not None:
                 waiters.setdefault(blocked, []).append(r)
                 break
-            cost = costs[op.kind] if op.is_compute else 0.0
-            i = idx[r]
-            start[r][i], finish[r][i] = ready, ready + cost
-            clock[r] = ready + cost
-            for kind, _, _ in op.parts() if op.is_compute else ():
-                if kind == "F":
-                    acts[r] += 1
-                    peak_a[r] = max(peak_a[r], acts[r])
-                elif kind in ("B", "BW"):
-                    acts[r] -= 1
-                if kind == "B":
-                    pend[r] += 1
-                    peak_w[r] = max(peak_w[r], pend[r])
-                elif kind == "W":
-                    pend[r] -= 1
-            for key in produced(r, op):
-                events[key] = ready if key[0] in ("SF", "SB", "RF", "RB") else ready + cost
-                todo.extend(waiters.pop(key, ()))
-            idx[r] += 1
+            end = ready + cost
+            start[r][i], finish[r][i] = ready, end
+            t_now = end
+            if acts + peak_after > peak_a[r]:
+                peak_a[r] = acts + peak_after
+            acts += da
+            pend += dw
+            if pend > peak_w[r]:
+                peak_w[r] = pend
+            done_at = ready if instant else end
+            for key in prods:
+                events[key] = done_at
+                w = waiters.pop(key, None)
+                if w:
+                    todo.extend(w)
+            i += 1
+        idx[r], clock[r], live_a[r], live_w[r] = i, t_now, acts, pend
     stuck = [r for r in range(n) if idx[r] < len(s.ranks[r])]
     if stuck:
-        where = ", ".join(f"rank {r} at step {idx[r]} ({s.ranks[r][idx[r]]})" for r in stuck[:4])
-        raise fail("schedule", s.name, f"a deadlock-free order; blocked: {where}")
+        where_s = ", ".join(f"rank {r} at step {idx[r]} ({s.ranks[r][idx[r]]})" for r in stuck[:4])
+        raise fail("schedule", s.name, f"a deadlock-free order; blocked: {where_s}")
     makespan = max((f[-1] for f in finish if f), default=0.0)
     busy = tuple(sum(costs[o.kind] for o in ops if o.is_compute) for ops in s.ranks)
     return SimResult(makespan=makespan, busy=busy, bubble=tuple(makespan - b for b in busy),
