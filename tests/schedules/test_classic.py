@@ -75,3 +75,14 @@ def test_errors(gen):
         gen(4, 0)
     with pytest.raises(ValueError, match="kind"):
         make_schedule("pipedream", 4, 4)
+
+
+GOLDEN = __import__("pathlib").Path(__file__).parent / "golden"
+
+
+@pytest.mark.parametrize("path", sorted(GOLDEN.glob("*.txt")), ids=lambda p: p.stem)
+def test_golden(path):
+    """Generated schedules are pinned: a change in op order must be deliberate (regenerate the file)."""
+    kind, pp, mb = path.stem.rsplit("_", 2)
+    s = make_schedule(kind, int(pp[2:]), int(mb[2:]))
+    assert str(s) + "\n" == path.read_text()
