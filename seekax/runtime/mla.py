@@ -52,7 +52,7 @@ class MlaProblem(NamedTuple):
 
 
 def validate_mla_decode(q, kv_cache, block_table, seq_lens, *, v_dim, softmax_scale, causal,
-                        kernel: bool = False, kv_dtypes=("bfloat16", "float16")) -> MlaProblem:
+                        kernel: bool = False, kv_dtypes=("bfloat16", "float16"), same_dtype: bool = True) -> MlaProblem:
     """The one validation point for every backend. `kernel`: the Mosaic kernel's stricter contract
     (qk_dim 576, v_dim 512). Length values are checked when concrete (eager calls); under jit they are
     trusted (the kernel clamps to the block table, the reference masks)."""
@@ -84,7 +84,7 @@ def validate_mla_decode(q, kv_cache, block_table, seq_lens, *, v_dim, softmax_sc
     kv_dtypes = tuple(kv_dtypes) + (() if kernel else ("float32",))
     if kvd not in kv_dtypes:
         raise fail("kv_cache.dtype", kvd, f"one of {kv_dtypes}")
-    if kvd in ("bfloat16", "float16", "float32") and kvd != qd:
+    if same_dtype and kvd != qd:
         raise fail("kv_cache.dtype", kvd, f"q.dtype={qd}")
     if getattr(block_table, "ndim", None) != 2 or block_table.shape[0] != b:
         raise fail("block_table.shape", getattr(block_table, "shape", None), f"[batch={b}, max_pages]")
@@ -243,3 +243,51 @@ def mla_decode_split_xla(q, kv_cache, block_table, seq_lens, metadata: MlaMetada
     out_p, lse_p = ref.mla_decode_partial(q[bc], kv_cache, block_table[bc], seq_lens[bc], lo, hi,
                                           v_dim=v_dim, softmax_scale=scale, causal=causal)
     return ref.combine_splits(out_p, lse_p, metadata.split_offsets, out_dtype=q.dtype)
+
+
+def mla_decode_fp8(q: jax.Array, latent_fp8: jax.Array, scales: jax.Array, rope: jax.Array, block_table: jax.Array,
+                   seq_lens: jax.Array, *, softmax_scale: float | None = None, causal: bool = True,
+                   backend: str = "auto") -> tuple[jax.Array, jax.Array]:
+    """MLA decode over DeepSeek-V3.2's FP8 cache (`reference.mla_decode.quantize_fp8_latent`): latent_fp8
+    [P, page, 1, 512] e4m3, scales [P, page, 1, 4] float32 (one per token and 128 channels), rope
+    [P, page, 1, 64] bf16. Same outputs as `mla_decode`. XLA path only (dequantise, then the reference);
+    backend "mosaic"/"interpret" raise NotImplementedError, "auto" uses XLA."""
+    from seekax.lowering.reference import mla_decode as ref
+
+    if getattr(latent_fp8, "ndim", None) != 4 or np.dtype(latent_fp8.dtype).name != "float8_e4m3fn":
+        raise fail("latent_fp8", (getattr(latent_fp8, "shape", None), str(getattr(latent_fp8, "dtype", None))),
+                   "a float8_e4m3fn array [num_pages, page_size, 1, v_dim]")
+    p, page, h, v = latent_fp8.shape
+    if getattr(scales, "shape", None) is None or scales.shape[:3] != (p, page, h) or scales.ndim != 4 \
+            or v % scales.shape[-1] or np.dtype(scales.dtype).name != "float32":
+        raise fail("scales", getattr(scales, "shape", None), f"float32 [{p}, {page}, {h}, tiles] with tiles dividing {v}")
+    if getattr(rope, "ndim", None) != 4 or rope.shape[:3] != (p, page, h) or np.dtype(rope.dtype).name != "bfloat16":
+        raise fail("rope", getattr(rope, "shape", None), f"bfloat16 [{p}, {page}, {h}, rope_dim]")
+    requested = backend
+    if resolve_backend(backend) != "xla" and requested != "auto":
+        raise NotImplementedError("mla_decode_fp8: only the XLA path exists (no FP8 Mosaic kernel yet)")
+    kv = ref.dequantize_fp8_latent(latent_fp8, scales, rope)                       # [P, page, 1, v + rope] f32
+    validate_mla_decode(q, kv, block_table, seq_lens, v_dim=v, softmax_scale=softmax_scale, causal=causal,
+                        kv_dtypes=("float32",), same_dtype=False)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return ref.mla_decode(q, kv, block_table, seq_lens, v_dim=v, softmax_scale=scale, causal=causal)
+
+
+def mla_decode_sparse(q: jax.Array, kv_cache: jax.Array, indices: jax.Array, *, v_dim: int = 512,
+                      softmax_scale: float | None = None, backend: str = "auto") -> tuple[jax.Array, jax.Array]:
+    """Sparse MLA decode (DeepSeek-V3.2 DSA, FlashMLA's sparse decode): q [B, s_q, H, 576] attends only to
+    its top-k cache tokens, indices [B, s_q, topk] int32 flat token ids (page * page_size + slot); -1 or
+    out of range entries are skipped. No causal mask (the indexer chose the tokens). XLA path only."""
+    from seekax.lowering.reference import mla_decode as ref
+
+    if getattr(indices, "ndim", None) != 3 or indices.shape[:2] != tuple(getattr(q, "shape", (None, None))[:2]):
+        raise fail("indices.shape", getattr(indices, "shape", None), "[batch, q_len, topk] matching q")
+    if np.dtype(indices.dtype).name != "int32":
+        raise fail("indices.dtype", np.dtype(indices.dtype).name, "int32")
+    b = q.shape[0]
+    validate_mla_decode(q, kv_cache, jnp.zeros((b, 1), jnp.int32), jnp.zeros((b,), jnp.int32), v_dim=v_dim,
+                        softmax_scale=softmax_scale, causal=False)
+    if resolve_backend(backend) != "xla" and backend != "auto":
+        raise NotImplementedError("mla_decode_sparse: only the XLA path exists (no sparse Mosaic kernel yet)")
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return ref.mla_decode_sparse(q, kv_cache, indices, v_dim=v_dim, softmax_scale=scale)

@@ -87,3 +87,42 @@ def combine_splits(out_parts, lse_parts, split_offsets, *, out_dtype):
     out = jax.ops.segment_sum(contrib, seg, num_segments=num_batches)           # [B, s_q, H, v]
     norm = jnp.transpose(jnp.where(total > 0, total, 1.0), (0, 2, 1))[..., None]  # [B, s_q, H, 1]
     return (out / norm).astype(out_dtype), lse
+
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def quantize_fp8_latent(kv_cache, *, v_dim: int = 512, tile: int = 128):
+    """DeepSeek-V3.2's FP8 cache layout: kv_cache [P, page, 1, D] -> latent e4m3 [P, page, 1, v_dim], one
+    float32 scale per token and `tile` channels [P, page, 1, v_dim/tile], rope kept as bf16 [P, page, 1, D-v_dim]."""
+    p, page, h, d = kv_cache.shape
+    lat = kv_cache[..., :v_dim].astype(jnp.float32).reshape(p, page, h, v_dim // tile, tile)  # [P, pg, 1, nt, tile]
+    amax = jnp.max(jnp.abs(lat), axis=-1, keepdims=True)                                       # [P, pg, 1, nt, 1]
+    scale = jnp.where(amax > 0, amax / FP8_MAX, 1.0)
+    q = (lat / scale).astype(jnp.float8_e4m3fn).reshape(p, page, h, v_dim)                     # [P, pg, 1, v_dim]
+    return q, scale[..., 0], kv_cache[..., v_dim:].astype(jnp.bfloat16)
+
+
+def dequantize_fp8_latent(latent_fp8, scales, rope):
+    """Inverse of quantize_fp8_latent: -> [P, page, 1, v_dim + rope] float32."""
+    p, page, h, v = latent_fp8.shape
+    nt = scales.shape[-1]
+    lat = latent_fp8.astype(jnp.float32).reshape(p, page, h, nt, v // nt) * scales[..., None]  # [P, pg, 1, nt, t]
+    return jnp.concatenate([lat.reshape(p, page, h, v), rope.astype(jnp.float32)], axis=-1)
+
+
+def mla_decode_sparse(q, kv_cache, indices, *, v_dim: int, softmax_scale: float):
+    """FlashMLA's sparse decode: each query attends only to its top-k cache tokens. q [B, s_q, H, D];
+    kv_cache [P, page, 1, D]; indices [B, s_q, topk] int32 flat token ids (page * page_size + slot),
+    -1 or out of range = skip. -> out [B, s_q, H, v] q.dtype, lse [B, H, s_q] f32 (-inf: nothing valid)."""
+    flat = kv_cache.reshape(-1, kv_cache.shape[-1])                                   # [P*page, D]
+    valid = (indices >= 0) & (indices < flat.shape[0])                                # [B, s_q, k]
+    kv = jnp.take(flat, jnp.where(valid, indices, 0), axis=0).astype(jnp.float32)     # [B, s_q, k, D]
+    kv = jnp.where(valid[..., None], kv, 0.0)
+    s = jnp.einsum("bqhd,bqkd->bhqk", q.astype(jnp.float32), kv,
+                   precision=jax.lax.Precision.HIGHEST) * softmax_scale               # [B, H, s_q, k]
+    s = jnp.where(valid[:, None], s, -jnp.inf)
+    lse = jax.nn.logsumexp(s, axis=-1)                                                # [B, H, s_q]
+    p = jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None])              # [B, H, s_q, k]
+    out = jnp.einsum("bhqk,bqkv->bqhv", p, kv[..., :v_dim], precision=jax.lax.Precision.HIGHEST)
+    return out.astype(q.dtype), lse

@@ -1,0 +1,81 @@
+"""MLA decode variants on the XLA path: the FP8 latent cache (DeepSeek-V3.2 layout) and sparse top-k decode."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from seekax.lowering.reference.mla_decode import dequantize_fp8_latent, quantize_fp8_latent
+from seekax.runtime.mla import mla_decode, mla_decode_fp8, mla_decode_sparse
+from seekax.testing import assert_close, calc_diff, rel_err
+
+from test_mla_cases import make_case, numpy_mla
+
+
+def test_fp8_quantisation_layout_and_error(rng):
+    kv = jnp.asarray(rng.standard_normal((3, 64, 1, 576)) * rng.uniform(0.01, 10, (3, 64, 1, 1)), jnp.bfloat16)
+    lat, scales, rope = quantize_fp8_latent(kv)
+    assert lat.dtype == jnp.float8_e4m3fn and lat.shape == (3, 64, 1, 512)
+    assert scales.dtype == jnp.float32 and scales.shape == (3, 64, 1, 4)
+    assert rope.dtype == jnp.bfloat16 and rope.shape == (3, 64, 1, 64)
+    deq = np.asarray(dequantize_fp8_latent(lat, scales, rope))
+    ref = np.asarray(kv, np.float64)
+    np.testing.assert_array_equal(deq[..., 512:], ref[..., 512:])                  # rope stays exact
+    tile_amax = np.abs(ref[..., :512]).reshape(3, 64, 1, 4, 128).max(-1, keepdims=True)
+    err = np.abs(deq[..., :512] - ref[..., :512]).reshape(3, 64, 1, 4, 128)
+    assert np.all(err <= tile_amax * 2 ** -4 + 1e-30)                                 # e4m3: half an ulp of 3 bits
+
+
+@pytest.mark.parametrize("s_q", [1, 2])
+def test_fp8_decode_matches_float64_on_the_dequantised_cache(rng, s_q):
+    q, kv, table, seq = make_case(rng, lens=[1, 64, 100], s_q=s_q, heads=16, nan_unused=False)
+    lat, scales, rope = quantize_fp8_latent(kv)
+    out, lse = mla_decode_fp8(q, lat, scales, rope, table, seq)
+    ref_out, ref_lse = numpy_mla(q, dequantize_fp8_latent(lat, scales, rope), table, seq)
+    assert_close(out, ref_out, name="out")
+    assert_close(lse, ref_lse, rtol=1e-4, atol=1e-4, name="lse")
+    bf16_out, _ = mla_decode(q, kv, table, seq, backend="xla")
+    assert calc_diff(out, bf16_out) < 1e-3                                           # FP8 vs bf16 cache: close
+
+
+def test_sparse_decode_matches_float64(rng):
+    b, s_q, h, topk, pages = 2, 2, 8, 24, 5
+    _, kv, _, _ = make_case(rng, lens=[1], heads=h, spare_pages=pages - 1, nan_unused=False)
+    q = jnp.asarray(rng.standard_normal((b, s_q, h, 576)), jnp.bfloat16)
+    idx = rng.integers(0, pages * 64, size=(b, s_q, topk)).astype(np.int32)
+    idx[0, 0, :5] = -1                        # skipped
+    idx[0, 1, 3] = pages * 64 + 7             # out of range: skipped
+    idx[1, 1, :] = -1                         # nothing to attend: out 0, lse -inf
+    out, lse = mla_decode_sparse(q, kv, jnp.asarray(idx))
+    qf, kvf = np.asarray(q, np.float64), np.asarray(kv, np.float64).reshape(-1, 576)
+    ref_out, ref_lse = np.zeros((b, s_q, h, 512)), np.full((b, h, s_q), -np.inf)
+    for i in range(b):
+        for t in range(s_q):
+            keys = kvf[[j for j in idx[i, t] if 0 <= j < len(kvf)]]
+            if not len(keys):
+                continue
+            s = qf[i, t] @ keys.T / np.sqrt(576)
+            m = s.max(-1, keepdims=True)
+            e = np.exp(s - m)
+            ref_lse[i, :, t] = m[:, 0] + np.log(e.sum(-1))
+            ref_out[i, t] = e / e.sum(-1, keepdims=True) @ keys[:, :512]
+    assert_close(out, ref_out, name="out")
+    assert_close(lse, ref_lse, rtol=1e-4, atol=1e-4, name="lse")
+
+
+def test_variants_say_the_kernel_is_missing_and_check_inputs(rng):
+    q, kv, table, seq = make_case(rng, lens=[3], heads=4, nan_unused=False)
+    lat, scales, rope = quantize_fp8_latent(kv)
+    with pytest.raises(NotImplementedError):
+        mla_decode_fp8(q, lat, scales, rope, table, seq, backend="interpret")
+    with pytest.raises(NotImplementedError):
+        mla_decode_sparse(q, kv, jnp.zeros((1, 1, 4), jnp.int32), backend="mosaic")
+    with pytest.raises(ValueError, match="latent_fp8"):
+        mla_decode_fp8(q, kv[..., :512], scales, rope, table, seq)
+    with pytest.raises(ValueError, match="scales"):
+        mla_decode_fp8(q, lat, scales[..., :3], rope, table, seq)
+    with pytest.raises(ValueError, match="indices.shape"):
+        mla_decode_sparse(q, kv, jnp.zeros((1, 2, 4), jnp.int32))
+    with pytest.raises(ValueError, match="indices.dtype"):
+        mla_decode_sparse(q, kv, jnp.zeros((1, 1, 4), jnp.float32))
+    assert rel_err(mla_decode_sparse(q, kv, jnp.asarray([[[0, 1, 2]]], jnp.int32))[0],
+                   numpy_mla(q, kv, jnp.asarray([[0]], jnp.int32), jnp.asarray([3], jnp.int32), causal=False)[0]) < 1e-2
