@@ -300,43 +300,49 @@ class SampleStore:
             raise fail("indices", bad, f"record indices in [0, {self.num_records})")
         return idx
 
-    def _runs(self, idx: np.ndarray):
-        """Sorted record indices grouped into coalesced runs: yields (shard, local indices, batch positions).
-
-        A run stays in one shard and only skips gaps of at most `max_gap_bytes` (read and thrown away)."""
-        if not len(idx):
-            return
+    def _plan(self, idx: np.ndarray) -> tuple[list[int], list[int], list[int], list[int]]:
+        """Sorted reads grouped into coalesced runs: (shard, local index, batch position) per sorted record, as
+        lists, and run boundaries. A run stays in one shard, skips gaps of at most `max_gap_bytes` (read and
+        thrown away) and holds at most IOV_MAX / 2 records (one preadv call each)."""
         order = np.argsort(idx, kind="stable")
         s = idx[order]
-        shard = np.searchsorted(self._starts, s, side="right") - 1
-        local = s - self._starts[shard]
-        begin = np.empty_like(local)
-        end = np.empty_like(local)
-        for sh in np.unique(shard):
-            m = shard == sh
-            begin[m] = self._offsets[sh][local[m]]
-            end[m] = self._offsets[sh][local[m] + 1]
+        if len(self.shards) == 1:
+            shard, local = np.zeros_like(s), s
+        else:
+            shard = np.searchsorted(self._starts, s, side="right") - 1
+            local = s - self._starts[shard]
+        if self.record_bytes is not None:
+            begin = local * self.record_bytes
+            end = begin + self.record_bytes
+        else:
+            begin, end = np.empty_like(local), np.empty_like(local)
+            for sh in np.unique(shard):
+                m = shard == sh
+                begin[m] = self._offsets[sh][local[m]]
+                end[m] = self._offsets[sh][local[m] + 1]
         cut = (shard[1:] != shard[:-1]) | (begin[1:] - end[:-1] > self.max_gap_bytes)
-        bounds = np.concatenate([[0], np.flatnonzero(cut) + 1, [len(s)]])
+        bounds = np.concatenate([[0], np.flatnonzero(cut) + 1, [len(s)]]).tolist()
         step = IOV_MAX // 2
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            for c in range(a, b, step):
-                d = min(b, c + step)
-                yield int(shard[c]), local[c:d], order[c:d]
+        if len(bounds) > 1 and max(b - a for a, b in zip(bounds, bounds[1:])) > step:
+            bounds = sorted({x for a, b in zip(bounds, bounds[1:]) for x in range(a, b, step)} | {len(s)})
+        return shard.tolist(), local.tolist(), order.tolist(), bounds
 
     def read(self, indices) -> np.ndarray | list[bytes]:
         """Records at `indices` (any order, repeats allowed). tokens: [n, seq_len] array; bytes: list of bytes."""
         idx = self._check_indices(indices)
         if self.kind == "tokens":
             out = np.empty((len(idx), self.seq_len), dtype=self.dtype)
-            self.read_into(idx, out)
+            self._read_fixed(idx, out)
             return out
         out: list = [None] * len(idx)
-        for shard, local, pos in self._runs(idx):
-            offs = self._offsets[shard]
-            base = int(offs[local[0]])
-            buf = os.pread(self._fds[shard], int(offs[local[-1] + 1]) - base, base)
-            for li, p in zip(local, pos):
+        if not len(idx):
+            return out
+        sh, lo, po, bounds = self._plan(idx)
+        for a, b in zip(bounds, bounds[1:]):
+            offs = self._offsets[sh[a]]
+            base = int(offs[lo[a]])
+            buf = os.pread(self._fds[sh[a]], int(offs[lo[b - 1] + 1]) - base, base)
+            for li, p in zip(lo[a:b], po[a:b]):
                 out[p] = buf[int(offs[li]) - base:int(offs[li + 1]) - base]
         return out
 
@@ -347,30 +353,40 @@ class SampleStore:
         idx = self._check_indices(indices)
         if out.shape != (len(idx), self.seq_len) or out.dtype != self.dtype or not out.flags.c_contiguous:
             raise fail("out", f"{out.dtype}{out.shape}", f"a C-contiguous {self.dtype}({len(idx)}, {self.seq_len})")
+        self._read_fixed(idx, out)
+
+    def _read_fixed(self, idx: np.ndarray, out: np.ndarray) -> None:
+        if not len(idx):
+            return
         rb = self.record_bytes
-        for shard, local, pos in self._runs(idx):
-            bufs, expect, prev = [], 0, None
-            flat = out.reshape(-1).view(np.uint8)
-            for li, p in zip(local.tolist(), pos.tolist()):
-                if prev is not None and li == prev:  # repeated index: copy after the read
-                    continue
-                if prev is not None and li > prev + 1:
-                    bufs.append(bytearray((li - prev - 1) * rb))
-                    expect += len(bufs[-1])
-                bufs.append(flat[p * rb:(p + 1) * rb])
-                expect += rb
-                prev = li
-            got = os.preadv(self._fds[shard], bufs, int(local[0]) * rb)
+        mv = memoryview(out.reshape(-1).view(np.uint8))
+        sh, lo, po, bounds = self._plan(idx)
+        for a, b in zip(bounds, bounds[1:]):
+            fd = self._fds[sh[a]]
+            if b - a == 1:  # the common case for random access: one record, one buffer
+                p = po[a]
+                got, expect = os.preadv(fd, [mv[p * rb:(p + 1) * rb]], lo[a] * rb), rb
+            else:
+                bufs, prev, repeats = [], None, False
+                for li, p in zip(lo[a:b], po[a:b]):
+                    if li == prev:  # repeated index: copied below
+                        repeats = True
+                        continue
+                    if prev is not None and li > prev + 1:
+                        bufs.append(bytearray((li - prev - 1) * rb))
+                    bufs.append(mv[p * rb:(p + 1) * rb])
+                    prev = li
+                expect = (lo[b - 1] - lo[a] + 1) * rb
+                got = os.preadv(fd, bufs, lo[a] * rb)
+                if repeats:
+                    first: dict[int, int] = {}
+                    for li, p in zip(lo[a:b], po[a:b]):
+                        if li in first:
+                            out[p] = out[first[li]]
+                        else:
+                            first[li] = p
             if got != expect:
-                raise CorruptStoreError(f"shard {self.shards[shard].name}: short read ({got} of {expect} bytes)")
-            if not np.any(local[1:] == local[:-1]):
-                continue
-            first = {}  # repeated indices: copy from the row read first
-            for li, p in zip(local.tolist(), pos.tolist()):
-                if li in first:
-                    out[p] = out[first[li]]
-                else:
-                    first[li] = p
+                raise CorruptStoreError(f"shard {self.shards[sh[a]].name}: short read ({got} of {expect} bytes)")
 
     def close(self) -> None:
         for fd in self._fds:
