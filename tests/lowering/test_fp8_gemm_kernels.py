@@ -43,7 +43,8 @@ def quant(rng, shape, block, spread=True):
 
 # ----------------------------------------------------------------------------------------------- dense
 DENSE_CASES = [
-    ((64, 256, 256), None),                                                               # small M: wgs split N
+    ((64, 256, 256), None),                                                               # small M: narrow N tiles
+    ((1, 128, 256), None),                                                                # M below one tile: padded
     ((200, 256, 384), None),                                                              # M tail, 3 K blocks
     ((200, 192, 256), None),                                                              # N = 1.5 x 128: block_n 64
     ((130, 256, 512), Fp8TileConfig(block_m=64, block_n=128, stages=2)),                 # 4 K steps > 2 stages
@@ -84,14 +85,14 @@ def test_kernel_declines_unsupported_n(rng):
 
 # ----------------------------------------------------------------------------------------------- grouped
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("sizes", [
-    [50, 0, 100, 6],      # a zero-size group, boundaries inside row blocks, 100 rows owned by no group
-    [0, 0, 256, 0],       # all tokens in one group
-    [128, 128],           # block-aligned groups
-    [1, 200, 55],         # a one-row group; sum == M
+@pytest.mark.parametrize("m,sizes", [
+    (256, [50, 0, 100, 6]),   # a zero-size group, boundaries inside row blocks, 100 rows owned by no group
+    (256, [0, 0, 256, 0]),    # all tokens in one group
+    (256, [128, 128]),        # block-aligned groups
+    (200, [1, 144, 55]),      # a one-row group; sum == M; the last row tile reaches past M (TMA tail)
 ])
-def test_m_grouped_contiguous(rng, backend, sizes):
-    m, n, k, g = 256, 256, 256, len(sizes)
+def test_m_grouped_contiguous(rng, backend, m, sizes):
+    n, k, g = 256, 256, len(sizes)
     a, sa = quant(rng, (m, k), (1, 128))
     b, sb = quant(rng, (g, n, k), (128, 128))
     out = run(backend, fp8.m_grouped_fp8_gemm_nt_contiguous, a, sa, b, sb, jnp.asarray(sizes, jnp.int32))
@@ -100,11 +101,12 @@ def test_m_grouped_contiguous(rng, backend, sizes):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_m_grouped_masked(rng, backend):
-    g, m_max, n, k = 4, 128, 256, 256
+@pytest.mark.parametrize("m_max", [128, 100])
+def test_m_grouped_masked(rng, backend, m_max):
+    g, n, k = 4, 256, 256
     a, sa = quant(rng, (g, m_max, k), (1, 128))
     b, sb = quant(rng, (g, n, k), (128, 128))
-    masked = np.asarray([0, 128, 17, 65], np.int32)
+    masked = np.asarray([0, m_max, 17, 65], np.int32)
     out = run(backend, fp8.m_grouped_fp8_gemm_nt_masked, a, sa, b, sb, jnp.asarray(masked))
     ref = np_gemm_nt(a, sa, b, sb)
     ref[np.arange(m_max)[None, :] >= masked[:, None]] = 0

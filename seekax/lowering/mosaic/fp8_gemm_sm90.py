@@ -10,7 +10,8 @@ Structure (the lead's `matmul_sm90.py` template plus scale promotion):
   K block, then promotes: main += block_acc * (a_scale[row] * b_scale) in registers (DeepGEMM's fix for
   the tensor cores' limited FP8 accumulation precision);
 - epilogue through shared memory, stored with TMA.
-M tails: the wrapper pads M up to the CTA tile and slices the result (TMA zero-fill is a follow-up).
+M tails: the last row tile reaches past M; TMA zero-fills those rows on load and drops them on store
+(only an M smaller than one CTA tile is padded, since a TMA box may not be larger than its array).
 """
 
 from __future__ import annotations
@@ -70,12 +71,12 @@ def store_tile(acc, out_smem, out_gmem_tile, *, wg, epi_n: int):
 
 
 def _kernel(a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem, *, config: Fp8TileConfig):
-    """a_gmem [Mp, K] e4m3; sa_gmem [Kb, Mp] f32 (M-major); b_gmem [N, K] e4m3; sb_gmem [Nb, Kb] f32."""
-    mp, k = a_gmem.shape
+    """a_gmem [M, K] e4m3; sa_gmem [Kb, M] f32 (M-major); b_gmem [N, K] e4m3; sb_gmem [Nb, Kb] f32."""
+    m, k = a_gmem.shape
     n = b_gmem.shape[0]
     bm, bn = config.block_m, config.block_n
     cta_m, cta_n = config.cta_block_m, config.cta_block_n
-    m_iters, n_iters, k_iters = mp // cta_m, n // cta_n, k // FP8_BLOCK_K
+    m_iters, n_iters, k_iters = -(-m // cta_m), n // cta_n, k // FP8_BLOCK_K
     tf = operand_transforms()
 
     def pipeline(body, compute_context):
@@ -144,7 +145,8 @@ def check_problem(m: int, n: int, k: int, config: Fp8TileConfig) -> None:
 
 
 def padded_m(m: int, config: Fp8TileConfig) -> int:
-    return -(-m // config.cta_block_m) * config.cta_block_m
+    """Rows the kernel sees: M itself, or one CTA tile when M is smaller (TMA boxes must fit the array)."""
+    return max(m, config.cta_block_m)
 
 
 def build(spec, config: Fp8TileConfig, num_sms: int):
@@ -157,7 +159,7 @@ def build(spec, config: Fp8TileConfig, num_sms: int):
     out_dtype = jnp.dtype(spec.out_dtype)
     config.check_smem(out_dtype.itemsize)
     mp = padded_m(m, config)
-    tiles = (mp // config.cta_block_m) * (n // config.cta_block_n)
+    tiles = -(-mp // config.cta_block_m) * (n // config.cta_block_n)
     kernel = plgpu.kernel(
         functools.partial(_kernel, config=config),
         out_type=jax.ShapeDtypeStruct((mp, n), out_dtype),

@@ -7,6 +7,7 @@ blocks, e4m3 wgmma, per-block scale promotion) and differ in how output tiles ma
   stores only its own rows, with a ladder of power-of-two TMA stores (rows 64, 32, ..., 1) out of an
   unswizzled SMEM tile. Group metadata (sizes) is read from GMEM scalars, as ragged_dot_mgpu does.
 - masked: a [G, M_max, K] fixed buffers; tiles whose first row is >= masked_m[g] are skipped.
+M tails need no padding: TMA zero-fills rows past the array on load and drops them on store.
 Rows no group owns (past sum(group_sizes), or >= masked_m[g]) are not written by the kernel; the wrapper
 zeroes them with one fused select so the public contract (zeros) holds.
 """
@@ -99,7 +100,7 @@ def _ladder_store(smem, gmem_rows, s, length, max_rows: int):
 
 def _contiguous_kernel(sizes_gmem, a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem, *, config: Fp8TileConfig,
                        num_groups: int, row_blocks: int):
-    """a_gmem [Mp, K]; sa_gmem [Kb, Mp]; b_gmem [G, N, K]; sb_gmem [G, Nb, Kb]; out_gmem [Mp, N]."""
+    """a_gmem [M, K]; sa_gmem [Kb, M]; b_gmem [G, N, K]; sb_gmem [G, Nb, Kb]; out_gmem [M, N] (M >= cta_m)."""
     k = a_gmem.shape[1]
     n = b_gmem.shape[1]
     bm, bn, cta_m, cta_n = config.block_m, config.block_n, config.cta_block_m, config.cta_block_n
@@ -152,17 +153,18 @@ def _contiguous_kernel(sizes_gmem, a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem, *
 
 def _masked_kernel(masked_gmem, a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem, *, config: Fp8TileConfig,
                    num_groups: int, m_pad: int):
-    """a_gmem [G*Mp, K]; sa_gmem [Kb, G*Mp]; b_gmem [G, N, K]; sb_gmem [G, Nb, Kb]; out_gmem [G*Mp, N]."""
-    k = a_gmem.shape[1]
+    """a_gmem [G, Mp, K]; sa_gmem [G, Kb, Mp]; b_gmem [G, N, K]; sb_gmem [G, Nb, Kb]; out_gmem [G, Mp, N].
+    Each group is its own TMA box range, so a row tile reaching past Mp is clipped within its group."""
+    k = a_gmem.shape[2]
     n = b_gmem.shape[1]
     bm, bn, cta_m, cta_n = config.block_m, config.block_n, config.cta_block_m, config.cta_block_n
-    m_iters, n_iters, k_iters = m_pad // cta_m, n // cta_n, k // FP8_BLOCK_K
+    m_iters, n_iters, k_iters = -(-m_pad // cta_m), n // cta_n, k // FP8_BLOCK_K
     pipeline = _pipeline(config, k_iters)
     ignore = lambda *_, **__: None  # noqa: E731
 
     @functools.partial(
         pl.run_scoped,
-        pipeline_allocs=pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem.at[0], sa_gmem),
+        pipeline_allocs=pipeline(ignore, ignore).get_allocations(a_gmem.at[0], b_gmem.at[0], sa_gmem.at[0]),
         out_smem=plgpu.SMEM((config.num_compute_wgs, 2, 64, config.epi_block_n), out_gmem.dtype,
                             transforms=out_transforms(config.epi_block_n, out_gmem.dtype)),
         collective_axes="wg",
@@ -177,12 +179,13 @@ def _masked_kernel(masked_gmem, a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem, *, c
             group, mi = lax.div(gm, jnp.int32(m_iters)), lax.rem(gm, jnp.int32(m_iters))
             wg_m, wg_n, n0 = _wg_slices(config, wg, ni)
             n_block = n0 // SCALE_BLOCK
-            rows = pl.ds(group * m_pad + mi * cta_m, cta_m)
+            rows = pl.ds(mi * cta_m, cta_m)
             cols = pl.ds(ni * cta_n, cta_n)
 
             def compute_context(run_pipeline):
                 acc = run_pipeline(jnp.zeros((bm, bn), jnp.float32))
-                store_tile(acc, out_smem, out_gmem.at[rows, cols].at[wg_m, wg_n], wg=wg, epi_n=config.epi_block_n)
+                store_tile(acc, out_smem, out_gmem.at[group].at[rows, cols].at[wg_m, wg_n], wg=wg,
+                           epi_n=config.epi_block_n)
 
             def body(idx, a_smem, b_smem, sa_smem, carry):
                 (ki,) = idx
@@ -191,8 +194,8 @@ def _masked_kernel(masked_gmem, a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem, *, c
 
             @pl.when(mi * cta_m < masked_gmem[group])
             def _run():
-                pipeline(body, compute_context)(a_gmem.at[rows, :], b_gmem.at[group, cols, :], sa_gmem.at[:, rows],
-                                                allocations=pipeline_allocs)
+                pipeline(body, compute_context)(a_gmem.at[group].at[rows, :], b_gmem.at[group, cols, :],
+                                                sa_gmem.at[group].at[:, rows], allocations=pipeline_allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -223,8 +226,8 @@ def build_contiguous(spec, config: Fp8TileConfig, num_sms: int):
 
         raise SharedMemoryBudgetExceeded(need, what=repr(config))
     cta_m = config.cta_block_m
-    mp = -(-m // cta_m) * cta_m
-    row_blocks = mp // cta_m + g - 1          # a bound on the virtual row blocks over all groups
+    mp = max(m, cta_m)                         # TMA zero-fills / drops the rows of the last tile past M
+    row_blocks = -(-mp // cta_m) + g - 1          # a bound on the virtual row blocks over all groups
     tiles = row_blocks * (n // config.cta_block_n)
     kernel = plgpu.kernel(
         functools.partial(_contiguous_kernel, config=config, num_groups=g, row_blocks=row_blocks),
@@ -254,23 +257,21 @@ def build_masked(spec, config: Fp8TileConfig, num_sms: int):
     out_dtype = jnp.dtype(spec.out_dtype)
     config.check_smem(out_dtype.itemsize)
     cta_m = config.cta_block_m
-    mp = -(-m_max // cta_m) * cta_m
-    tiles = g * (mp // cta_m) * (n // config.cta_block_n)
+    mp = max(m_max, cta_m)
+    tiles = g * -(-mp // cta_m) * (n // config.cta_block_n)
     kernel = plgpu.kernel(
         functools.partial(_masked_kernel, config=config, num_groups=g, m_pad=mp),
-        out_type=jax.ShapeDtypeStruct((g * mp, n), out_dtype),
+        out_type=jax.ShapeDtypeStruct((g, mp, n), out_dtype),
         grid=(min(num_sms, tiles),), grid_names=("sm",),
         num_threads=config.num_compute_wgs + 1, thread_name="wg", compiler_params=_PARAMS,
     )
 
     def run(a, a_scale, b, b_scale, masked_m):
-        kb = a.shape[-1] // FP8_BLOCK_K
         if mp != m_max:
             a = jnp.pad(a, ((0, 0), (0, mp - m_max), (0, 0)))
             a_scale = jnp.pad(a_scale, ((0, 0), (0, mp - m_max), (0, 0)))
         masked = masked_m.astype(jnp.int32)
-        out = kernel(masked, a.reshape(g * mp, k), a_scale.reshape(g * mp, kb).T, b, b_scale)
-        out = out.reshape(g, mp, n)[:, :m_max]                                  # [G, M_max, N]
+        out = kernel(masked, a, jnp.swapaxes(a_scale, 1, 2), b, b_scale)[:, :m_max]   # [G, M_max, N]
         keep = jnp.arange(m_max, dtype=jnp.int32)[None, :] < masked[:, None]    # [G, M_max]
         return jnp.where(keep[..., None], out, jnp.zeros((), out.dtype))
 
