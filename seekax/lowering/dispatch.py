@@ -6,15 +6,17 @@ High-throughput transports ("ragged", "padded", "ragged_emulated") return one co
 compact and grouped by source rank ascending in a [ep_size * capacity, H] buffer (rows past num_recv are
 zero); "low_latency" returns one copy per selected expert in [E/ep_size, ep_size * capacity, H] buffers.
 
-Data-dependent errors (expert ids out of range, capacity overflow) cannot raise while tracing: they are
-checked on the host by a `jax.debug.callback` that raises inside the running program (surfacing as a
-JaxRuntimeError that carries the message). With `drop=True` overflowing rows are dropped instead and
-counted in `num_dropped`. Static cases (capacity >= tokens) skip the check entirely.
+Data-dependent errors (expert ids out of range, capacity overflow) cannot raise while tracing: their
+counts are summed over the EP axis and one `jax.debug.callback` raises on every rank at once inside the
+running program (surfacing as a JaxRuntimeError that carries the message). With `drop=True` overflowing
+rows are dropped instead and counted in `num_dropped`. Static cases (capacity >= tokens, concrete ids)
+skip the callback; `check_ids=False` skips the id check (ids then outside [-1, E) are ignored).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -123,21 +125,32 @@ def quantize_per_token(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return q, scale
 
 
-def _raise_if(name: str, expected: str):
-    def check(bad_count, first_value):
-        if int(bad_count) > 0:
-            raise ValueError(f"{name}={int(first_value)}: expected {expected} ({int(bad_count)} on this rank)")
-    return check
+def _raise_on_host(bad_ids, first_id, dropped, *, num_experts, capacity):
+    if int(bad_ids) > 0:
+        raise ValueError(f"topk_idx={int(first_id)}: expected expert ids in [-1, {num_experts}) "
+                         f"({int(bad_ids)} bad entries over the EP group)")
+    if int(dropped) > 0:
+        raise ValueError(f"num_dropped={int(dropped)}: expected 0, capacity={capacity} overflowed (pass a "
+                         "larger capacity, or drop=True to drop rows and get their count)")
 
 
-def _runtime_checks(topk_idx, num_experts, dropped, *, check_ids: bool, check_capacity: bool, capacity) -> None:
-    if check_ids and _is_tracer(topk_idx):
-        bad = (topk_idx < -1) | (topk_idx >= num_experts)
-        first = jnp.where(bad, topk_idx, 0).reshape(-1)[jnp.argmax(bad.reshape(-1))]
-        jax.debug.callback(_raise_if("topk_idx", f"expert ids in [-1, {num_experts})"), bad.sum(), first)
-    if check_capacity:
-        jax.debug.callback(_raise_if("num_dropped", f"0: capacity={capacity} overflowed (pass a larger capacity, "
-                                     "or drop=True to drop and count)"), dropped, dropped)
+def _runtime_checks(topk_idx, num_experts, dropped, axis_name, *, check_ids: bool, check_capacity: bool,
+                    capacity) -> None:
+    """One host callback that raises on every rank at once: the error counts are psum'ed over the EP axis
+    first, so no rank stops while its peers wait in a collective (a lone failing rank deadlocks the
+    group: XLA:CPU aborts the process after its 40 s rendezvous timeout)."""
+    check_ids = check_ids and _is_tracer(topk_idx)
+    if not (check_ids or check_capacity):
+        return
+    bad = (topk_idx < -1) | (topk_idx >= num_experts)
+    first = jnp.where(bad, topk_idx, 0).reshape(-1)[jnp.argmax(bad.reshape(-1))]
+    counts = jnp.stack([bad.sum(dtype=jnp.int32) if check_ids else jnp.int32(0),
+                        dropped.astype(jnp.int32) if check_capacity else jnp.int32(0)])
+    if axis_name is not None:
+        counts = jax.lax.psum(counts, axis_name)
+        first = jax.lax.pmax(jnp.where(bad.any(), first, jnp.iinfo(jnp.int32).min), axis_name)
+    jax.debug.callback(functools.partial(_raise_on_host, num_experts=num_experts, capacity=capacity),
+                       counts[0], first, counts[1])
 
 
 def ep_dispatch(x, topk_idx: jax.Array, topk_weights: jax.Array | None = None, *, num_experts: int,
@@ -168,7 +181,7 @@ def ep_dispatch(x, topk_idx: jax.Array, topk_weights: jax.Array | None = None, *
                                                          capacity=cap, transport=transport)
     # A token sends at most one copy per rank (normal) or per expert (low latency; top-k ids are distinct),
     # so capacity >= T can never overflow and needs no runtime check.
-    _runtime_checks(topk_idx, num_experts, dropped, check_ids=check_ids,
+    _runtime_checks(topk_idx, num_experts, dropped, axis_name, check_ids=check_ids,
                     check_capacity=(not drop and cap < t), capacity=cap)
 
     if isinstance(x, tuple) or fp8:

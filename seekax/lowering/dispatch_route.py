@@ -61,7 +61,7 @@ def dispatch_layout(topk_idx: jax.Array, num_experts: int, ep_size: int):
 
 @dataclasses.dataclass(frozen=True)
 class Route:
-    """Index plan of one rank (a pytree: arrays are data, the rest static). Unused arrays are empty."""
+    """Index plan of one rank (a pytree: arrays are data, the rest static). Unused arrays are None."""
 
     buf_slot: jax.Array      # [B] source slot (t * S + s) of each send-buffer row; T * S = empty row
     slot_buf: jax.Array      # [T * S] send-buffer row of each slot; B = not sent
@@ -95,7 +95,7 @@ jax.tree_util.register_dataclass(
     meta_fields=["transport", "axis_name", "num_tokens", "slots", "buf_rows", "recv_shape"],
 )
 
-_EMPTY = jnp.zeros((0,), jnp.int32)
+_EMPTY = None  # unused fields: an empty pytree (zero-size arrays in residuals crashed XLA:CPU)
 
 
 def _dense_compaction(recv_counts: jax.Array, chunk: int):

@@ -7,8 +7,7 @@ adjoint (received rows back to the send-buffer positions they came from). Transp
 - "ragged_emulated": the ragged offsets with ragged_all_to_all emulated by dense collectives, so the
   ragged index arithmetic is tested on CPU.
 Primitives (custom VJPs, each the adjoint of another): dispatch_rows^T = combine_rows, distribute^T = collect.
-The backward rules call the raw (non-custom) movers: a custom_vjp function called from another's backward
-rule crashed XLA:CPU compilation (segfault, JAX 0.11.2); higher-order derivatives still follow by autodiff.
+Each backward rule calls its adjoint primitive, so higher-order derivatives keep these rules.
 """
 
 from __future__ import annotations
@@ -96,7 +95,7 @@ def _dispatch_fwd(x, route):
 
 
 def _dispatch_bwd(route, g):
-    return _sum_slots(collect_raw(g, route)), None
+    return combine_rows(g, route), None
 
 
 dispatch_rows.defvjp(_dispatch_fwd, _dispatch_bwd)
@@ -113,7 +112,7 @@ def _combine_fwd(y, route):
 
 
 def _combine_bwd(route, g):
-    return send_tokens(g, route), None
+    return dispatch_rows(g, route), None
 
 
 combine_rows.defvjp(_combine_fwd, _combine_bwd)
@@ -130,7 +129,7 @@ def _distribute_fwd(v, route):
 
 
 def _distribute_bwd(route, g):
-    return collect_raw(g, route), None
+    return collect(g, route), None
 
 
 distribute.defvjp(_distribute_fwd, _distribute_bwd)
@@ -147,7 +146,7 @@ def _collect_fwd(y, route):
 
 
 def _collect_bwd(route, g):
-    return send_slots(g, route), None
+    return distribute(g, route), None
 
 
 collect.defvjp(_collect_fwd, _collect_bwd)
