@@ -9,7 +9,8 @@ import numpy as np
 def make_case(rng, *, lens, s_q=1, heads=16, d=576, page=64, spare_pages=3, dtype=jnp.bfloat16,
               nan_unused=True, max_pages=None):
     """Random q and a shuffled paged cache. Block-table entries past each length point anywhere (random
-    page ids, negative, out of range); pages no sequence uses are NaN when nan_unused."""
+    page ids, negative, out of range); with nan_unused, pages no sequence uses and the slots past each
+    length in a sequence's last page are NaN (as FlashMLA's test does)."""
     lens = np.asarray(lens, np.int32)
     b = len(lens)
     need = [-(-int(n) // page) for n in lens]
@@ -26,6 +27,9 @@ def make_case(rng, *, lens, s_q=1, heads=16, d=576, page=64, spare_pages=3, dtyp
     if nan_unused:
         for p in set(range(num_pages)) - used:
             kv[p] = np.nan
+        for i, n in enumerate(lens):
+            if n % page:
+                kv[table[i, n // page], n % page:] = np.nan
     q = rng.standard_normal((b, s_q, heads, d)).astype(np.float32)
     return (jnp.asarray(q, dtype), jnp.asarray(kv, dtype), jnp.asarray(table), jnp.asarray(lens))
 

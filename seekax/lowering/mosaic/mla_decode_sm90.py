@@ -10,7 +10,8 @@ writes one fp32 partial (out, lse) that the combine merges. Three warpgroups:
   wg 2: reads block-table entries in the kernel and TMA-copies `kv_cache.at[page]` into `stages` slots.
 Handshakes: kv_ready/kv_consumed per slot (TMA <-> both compute wgs), p_ready/p_free (wg 0 <-> wg 1;
 the last message of a split carries 1/l instead of a rescale). Outputs are stored from registers.
-Keys in the last page at or past seq_len must be finite (masked to P = 0; 0 x NaN would still be NaN).
+Keys in the last page at or past seq_len may hold anything, NaN included (as FlashMLA's tests check):
+S masks them, and wg 0 zeroes their value rows in shared memory before P V.
 """
 
 from __future__ import annotations
@@ -76,6 +77,17 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
         def split_row(b):
             return split_offsets_ref[b] + part - first_part_ref[b]
 
+        def scrub_tail(slot, valid):
+            """Zero the value rows at or past seq_len in a partial last page (garbage or NaN there would
+            survive P = 0 as 0 x NaN in the P V wgmma). Runs before P is published to wg 1."""
+            @pl.when(valid < bn)
+            def _():
+                key = plgpu.broadcasted_iota(jnp.int32, (bn, 64), 0, layout=plgpu.Layout.WGMMA)
+                for c in range(config.v_dim // 64):
+                    chunk = kv_smem.at[slot, :, pl.ds(c * 64, 64)]
+                    vals = plgpu.load(chunk, layout=plgpu.Layout.WGMMA)
+                    chunk[...] = jnp.where(key < valid, vals, jnp.zeros_like(vals))
+
         @pl.when(wg == 0)
         def _softmax_wg():
             plgpu.set_max_registers(232, action="increase")
@@ -114,6 +126,7 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
                         alpha = jnp.exp2(m_i - m_safe)
                         p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
                         l_i = l_i * alpha + p.sum(axis=1)
+                        scrub_tail(slot, seq_len - j * bn)
 
                         @pl.when(msgs > 0)
                         def _():
