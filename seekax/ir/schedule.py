@@ -365,7 +365,7 @@ def _simulate(s: Schedule, costs: dict[str, float]) -> SimResult:
             d, st = where[r][op.chunk]
             dep = {"SEND_F": ("F", d, op.mb, st), "SEND_B": ("B", d, op.mb, st),
                    "RECV_F": ("SF", d, op.mb, st - 1), "RECV_B": ("SB", d, op.mb, st + 1)}[op.kind]
-            return 0.0, (dep,), ((comm_tag[op.kind], d, op.mb, st),), True, 0, 0, 0
+            return op.kind, (dep,), ((comm_tag[op.kind], d, op.mb, st),), True, 0, 0, 0
         deps, prods, peak_after = [], [], 0
         da = dw = 0
         for kind, c, m in op.parts():
@@ -388,9 +388,16 @@ def _simulate(s: Schedule, costs: dict[str, float]) -> SimResult:
             else:
                 deps.append(("Bi", d, m, st))
                 dw -= 1
-        return costs[op.kind], tuple(deps), tuple(prods), False, da, dw, peak_after
+        return op.kind, tuple(deps), tuple(prods), False, da, dw, peak_after
 
-    compiled = [[compile_op(r, op) for op in ops] for r, ops in enumerate(s.ranks)]
+    # The dependency structure does not depend on costs: build it once per schedule (validate + simulate
+    # share it), then bind this call's costs.
+    structure = s.__dict__.get("_deps_cache")
+    if structure is None:
+        structure = [[compile_op(r, op) for op in ops] for r, ops in enumerate(s.ranks)]
+        object.__setattr__(s, "_deps_cache", structure)
+    cost_of = {k: float(costs[k]) for k in COMPUTE_KINDS} | {k: 0.0 for k in COMM_KINDS}
+    compiled = [[(cost_of[x[0]],) + x[1:] for x in ops] for ops in structure]
     events: dict[tuple, float] = {}
     waiters: dict[tuple, list[int]] = {}
     idx = [0] * n

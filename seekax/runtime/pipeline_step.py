@@ -99,10 +99,25 @@ def pipeline_train_step(schedule: Schedule, stage_fn: Callable, params: Any, mic
     num_ranks (other axes: see the module docstring). grads: same tree and shapes as params.
     DualPipe: micro-batches [0, M/2) enter at rank 0, [M/2, M) at rank N-1; both run the same stages.
     """
-    step = make_pipeline_train_step(schedule, stage_fn, loss_fn, mesh=mesh, pp_axis=pp_axis,
-                                    param_specs=param_specs, batch_spec=batch_spec,
-                                    with_targets=targets is not None)
+    key = (schedule, stage_fn, loss_fn, mesh, pp_axis, _freeze(param_specs), batch_spec, targets is not None)
+    step = _STEPS.get(key)
+    if step is None:
+        step = make_pipeline_train_step(schedule, stage_fn, loss_fn, mesh=mesh, pp_axis=pp_axis,
+                                        param_specs=param_specs, batch_spec=batch_spec,
+                                        with_targets=targets is not None)
+        if len(_STEPS) >= 32:
+            _STEPS.pop(next(iter(_STEPS)))
+        _STEPS[key] = step
     return step(params, microbatches, targets)
+
+
+# Built steps by (schedule, functions, mesh, specs): repeated calls reuse the plan and the jit cache.
+_STEPS: dict[Any, Callable] = {}
+
+
+def _freeze(tree: Any) -> Any:
+    leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda x: isinstance(x, P))
+    return treedef, tuple(leaves)
 
 
 def reference_train_step(stage_fn: Callable, params: Any, microbatches: jax.Array, loss_fn: Callable,
