@@ -50,11 +50,16 @@ def _check_tree(name: str, tree: Any) -> None:
             raise fail(f"{name} leaf", type(leaf).__name__, "a jax.Array, numpy array or scalar")
 
 
+def _restore_args(abstract: Any) -> Any:
+    return jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
+                        abstract)
+
+
 class TrainCheckpointer:
-    """`TrainCheckpointer(directory, max_to_keep=3, save_interval_steps=1, async_save=True)`."""
+    """`TrainCheckpointer(directory, max_to_keep=3, save_interval_steps=1, async_save=True, compression=False)`."""
 
     def __init__(self, directory: str | Path, *, max_to_keep: int | None = 3, save_interval_steps: int = 1,
-                 async_save: bool = True):
+                 async_save: bool = True, compression: bool = False):
         directory = Path(directory).absolute()
         if directory.exists() and not directory.is_dir():
             raise fail("directory", str(directory), "a checkpoint directory (it is an existing file)")
@@ -65,7 +70,11 @@ class TrainCheckpointer:
                                                                    min_value=1),
             enable_async_checkpointing=async_save, create=True)
         self.directory = directory
-        self._manager = ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
+        # zstd (orbax's default) costs more CPU than it saves bytes on float weights; off unless asked for.
+        arrays = lambda: ocp.PyTreeCheckpointHandler(use_compression=bool(compression))  # noqa: E731
+        self._manager = ocp.CheckpointManager(
+            directory, options=options,
+            item_handlers={"model": arrays(), "opt": arrays(), "loader": ocp.JsonCheckpointHandler()})
 
     def save(self, step: int, *, model: Any, opt_state: Any, loader_state: dict | None = None,
              force: bool = False) -> SaveResult:
@@ -75,7 +84,7 @@ class TrainCheckpointer:
         _check_tree("opt_state", opt_state)
         if loader_state is not None and not isinstance(loader_state, dict):
             raise fail("loader_state", type(loader_state).__name__, "a dict (Loader.get_state()) or None")
-        args = ocp.args.Composite(model=ocp.args.StandardSave(model), opt=ocp.args.StandardSave(opt_state),
+        args = ocp.args.Composite(model=ocp.args.PyTreeSave(model), opt=ocp.args.PyTreeSave(opt_state),
                                   loader=ocp.args.JsonSave(loader_state or {}))
         t0 = time.perf_counter()
         saved = self._manager.save(step, args=args, force=force)
@@ -104,8 +113,9 @@ class TrainCheckpointer:
                 raise fail("directory", str(self.directory), "a directory holding at least one checkpoint")
         elif step not in self.all_steps():
             raise fail("step", step, f"one of the saved steps {self.all_steps()}")
-        args = ocp.args.Composite(model=ocp.args.StandardRestore(_abstract(model_target)),
-                                  opt=ocp.args.StandardRestore(_abstract(opt_target)),
+        model_t, opt_t = _abstract(model_target), _abstract(opt_target)
+        args = ocp.args.Composite(model=ocp.args.PyTreeRestore(model_t, restore_args=_restore_args(model_t)),
+                                  opt=ocp.args.PyTreeRestore(opt_t, restore_args=_restore_args(opt_t)),
                                   loader=ocp.args.JsonRestore())
         out = self._manager.restore(step, args=args)
         return out["model"], out["opt"], dict(out["loader"] or {})

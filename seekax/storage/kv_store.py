@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -26,6 +27,7 @@ from seekax.storage.atomic import crc32
 
 DTYPES = ("bfloat16", "float16", "float32", "float8_e4m3fn", "uint8", "int8")
 HASH_BYTES = 16
+VERIFY_CHUNK = 8  # pages per read in match_prefix; checksums of one chunk overlap the read of the next
 
 
 def chain_hashes(token_ids, page_tokens: int, *, root: bytes) -> list[bytes]:
@@ -90,6 +92,7 @@ class KVPageStore:
         entries, recovered = self._backend.load()  # [(key, crc)] oldest first
         self._stats.recovered = recovered
         self._lru: OrderedDict[bytes, int] = OrderedDict(entries)  # key -> crc32 of the page
+        self._pool: ThreadPoolExecutor | None = None
 
     # -- API -------------------------------------------------------------------------------------------------
     def put_pages(self, token_ids, pages: np.ndarray) -> int:
@@ -130,20 +133,37 @@ class KVPageStore:
             m += 1
         out = np.empty((m, *self.page_shape), dtype=self.dtype)
         if m:
-            self._backend.get(keys[:m], out.reshape(m, -1).view(np.uint8))
-            flat = out.reshape(m, -1).view(np.uint8)
-            for i in range(m):
-                if crc32(flat[i]) != self._lru[keys[i]]:
-                    self._stats.corrupt_pages += 1
-                    self._drop(keys[i:m])
-                    m = i
-                    out = out[:m]
-                    break
+            bad = self._read_verified(keys[:m], out.reshape(m, -1).view(np.uint8))
+            if bad < m:
+                self._stats.corrupt_pages += 1
+                self._drop(keys[bad:m])
+                m, out = bad, out[:bad]
             for k in keys[:m]:
                 self._lru.move_to_end(k)
         self._stats.hits += m
         self._stats.misses += len(keys) - m
         return m * self.page_tokens, out
+
+    def _read_verified(self, keys: list[bytes], flat: np.ndarray) -> int:
+        """Read pages into `flat` [m, page_bytes] in chunks, checksumming chunk i on a worker thread while chunk
+        i+1 is read (zlib.crc32 and preadv both release the GIL). Returns the first bad page (m if none)."""
+        crcs = [self._lru[k] for k in keys]
+
+        def first_bad(lo: int, hi: int) -> int:
+            for i in range(lo, hi):
+                if crc32(flat[i]) != crcs[i]:
+                    return i
+            return len(keys)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="kv-verify")
+        futures = []
+        if len(keys) > VERIFY_CHUNK:
+            self._backend.advise(keys)
+        for lo in range(0, len(keys), VERIFY_CHUNK):
+            hi = min(len(keys), lo + VERIFY_CHUNK)
+            self._backend.get(keys[lo:hi], flat[lo:hi])
+            futures.append(self._pool.submit(first_bad, lo, hi))
+        return min(f.result() for f in futures)
 
     def _drop(self, keys: list[bytes]) -> None:
         present = [k for k in keys if k in self._lru]
@@ -164,6 +184,9 @@ class KVPageStore:
                 "backend": self.backend, "recovered": dict(s.recovered)}
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         self._backend.close()
 
     def __enter__(self) -> "KVPageStore":

@@ -34,12 +34,14 @@ class LoaderConfig:
     num_epochs: int | None = None
     num_threads: int = 2
     prefetch: int = 4
+    readahead: int = 4  # batches ahead whose byte ranges are hinted to the kernel (posix_fadvise WILLNEED)
     process_index: int | None = None
     process_count: int | None = None
 
     def __post_init__(self):
         check_int("num_threads", self.num_threads, min_value=1)
         check_int("prefetch", self.prefetch, min_value=0)
+        check_int("readahead", self.readahead, min_value=0)
         if (self.process_index is None) != (self.process_count is None):
             raise fail("process_index", self.process_index, "set together with process_count (or neither)")
         if self.process_count is not None:
@@ -55,14 +57,20 @@ class LoaderConfig:
 class _BatchSource:
     """grain random-access source: item i = this process's rows of global batch i, [local_batch, seq_len]."""
 
-    def __init__(self, store: SampleStore, plan: BatchPlan, process_index: int, process_count: int):
-        self.store, self.plan, self.pi, self.pc = store, plan, process_index, process_count
+    def __init__(self, store: SampleStore, plan: BatchPlan, process_index: int, process_count: int, readahead: int):
+        self.store, self.plan, self.pi, self.pc, self.readahead = store, plan, process_index, process_count, readahead
 
     def __len__(self) -> int:
         return self.plan.num_batches
 
+    def _rows(self, step: int) -> np.ndarray:
+        return self.plan.batch_indices(step, process_index=self.pi, process_count=self.pc)
+
     def __getitem__(self, step: int) -> np.ndarray:
-        return self.store.read(self.plan.batch_indices(step, process_index=self.pi, process_count=self.pc))
+        ahead = step + self.readahead
+        if self.readahead and ahead < self.plan.num_batches:
+            self.store.advise(self._rows(ahead))  # the batches in between were hinted by earlier calls
+        return self.store.read(self._rows(step))
 
 
 class Loader:
@@ -89,7 +97,7 @@ class Loader:
                               seed=config.seed, mode=config.shuffle, block_records=config.block_records,
                               num_epochs=config.num_epochs)
         self.local_batch = config.global_batch_size // self.process_count
-        source = _BatchSource(self.store, self.plan, self.process_index, self.process_count)
+        source = _BatchSource(self.store, self.plan, self.process_index, self.process_count, config.readahead)
         self._dataset = grain.MapDataset.source(source).to_iter_dataset(
             grain.ReadOptions(num_threads=config.num_threads, prefetch_buffer_size=config.prefetch))
         self._it = iter(self._dataset)
