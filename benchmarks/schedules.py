@@ -30,7 +30,7 @@ from common import emit, parser, time_fn  # noqa: E402
 
 from seekax.lowering.pipeline import plan_pipeline  # noqa: E402
 from seekax.runtime.pipeline_step import make_pipeline_train_step  # noqa: E402
-from seekax.schedules.registry import GENERATORS, make_schedule  # noqa: E402
+from seekax.schedules.registry import make_schedule  # noqa: E402
 
 
 def generator_rows(ranks: int, microbatches: int, repeats: int) -> list[dict]:

@@ -1,7 +1,8 @@
-"""`seekax schedule show|simulate KIND --ranks N --microbatches M [--costs F,B,W[,FB]]`.
+"""`seekax schedule show|simulate|plan KIND --ranks N --microbatches M [--costs F,B,W[,FB]]`.
 
 show: draw the per-rank timeline (--out FILE.svg|.png|.html, or a terminal view without --out).
 simulate: makespan, bubble and peak activations per rank, next to the DualPipe README formula table.
+plan: the lowering's tick table (which op every rank runs in every tick of the shard_map program).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ def register(sub) -> None:
     p = sub.add_parser("schedule", help="draw or simulate a pipeline schedule (DualPipe, 1F1B, ZB1P, ...)",
                        description=__doc__)
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    for name, helptext in (("show", "draw the per-rank timeline"), ("simulate", "print makespan, bubbles, memory")):
+    for name, helptext in (("show", "draw the per-rank timeline"), ("simulate", "print makespan, bubbles, memory"),
+                           ("plan", "print the lowering's per-tick op table")):
         a = actions.add_parser(name, help=helptext)
         a.add_argument("kind", choices=sorted(GENERATORS))
         a.add_argument("--ranks", type=int, required=True, help="pipeline ranks (PP)")
@@ -81,6 +83,11 @@ def run(args) -> int:
             print(f"seekax schedule: --out={args.out!r}: expected a .svg, .png or .html file", file=sys.stderr)
             return 2
         print(f"wrote {path}")
+        return 0
+    if args.action == "plan":
+        from seekax.lowering.pipeline import plan_pipeline
+
+        print(plan_pipeline(schedule).describe())
         return 0
     sim = schedule.simulate(costs)
     print(f"{schedule.name}: {schedule.num_ranks} ranks, {schedule.num_microbatches} micro-batches, "

@@ -1,6 +1,5 @@
 """The lowering's static plan: ticks, slots and transfer tables, checked by replaying the tables in numpy."""
 
-import numpy as np
 import pytest
 
 from seekax.ir.schedule import parse_ranks

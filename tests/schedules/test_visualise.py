@@ -89,3 +89,9 @@ def test_cli_show(tmp_path, capsys):
 def test_cli_errors(argv, capsys):
     assert main(argv) == 2
     assert "seekax schedule:" in capsys.readouterr().err
+
+
+def test_cli_plan(capsys):
+    assert main(["schedule", "plan", "dualpipe", "--ranks", "4", "--microbatches", "8"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("dualpipe: 16 ticks") and out.count("rank ") == 4
