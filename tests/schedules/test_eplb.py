@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from seekax.ir.placement import ExpertPlacement
-from seekax.schedules.eplb import balanced_packing, policy, rebalance_experts, rebalance_experts_tuple, replicate_experts
+from seekax.schedules.eplb import (balanced_packing, policy, rebalance_experts, rebalance_experts_tuple,
+                                   replicate_experts)
 
 with open("/work/shared/reference/eplb_cases.jsonl") as _f:
     CASES = [json.loads(line) for line in _f]
@@ -58,7 +59,7 @@ def test_invariants_on_random_inputs(rng, kind, experts, replicas, groups, nodes
     assert p.logcnt.min() >= 1 and p.logcnt.sum(1).tolist() == [replicas] * layers
     assert p.max_replicas == p.logcnt.max() and np.all(p.log2phy[p.log2phy >= 0] < replicas)
     assert p.slots_per_gpu(gpus) == replicas // gpus
-    # Deterministic, and never worse than placing experts without replication in order.
+    # Deterministic: the same input gives the same placement.
     assert p == rebalance_experts(weight, replicas, groups, nodes, gpus)
     if policy(groups, nodes) == "hierarchical":  # every GPU's experts come from groups packed onto its node
         group_of = p.phy2log.reshape(layers, nodes, -1) // (experts // groups)
