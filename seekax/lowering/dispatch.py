@@ -201,10 +201,14 @@ def ep_dispatch(x, topk_idx: jax.Array, topk_weights: jax.Array | None = None, *
     lo = jnp.arange(p, dtype=jnp.int32)[None, :, None] * per_rank               # [1, P, 1] first expert of d
     local = topk_idx[:, None, :] - lo                                            # [T, P, K]
     is_local = (topk_idx[:, None, :] >= 0) & (local >= 0) & (local < per_rank)
-    recv_idx = tr.send_slots(jnp.where(is_local, local, -1), route)              # [R, K]
-    sent = tr.send_slots(jnp.ones((t, p, 1), jnp.int32), route)[:, 0] > 0        # [R] row holds a token
-    recv_idx = jnp.where(sent[:, None], recv_idx, -1)
-    recv_w = tr.distribute(jnp.where(is_local, topk_weights[:, None, :], 0).astype(topk_weights.dtype), route)
+    # Local ids and weights travel together in one float32 payload [R, 2K] (ids bitcast), differentiable in
+    # the weights; received rows past num_recv are padding.
+    ids_bits = jax.lax.bitcast_convert_type(jnp.where(is_local, local, -1).astype(jnp.int32), jnp.float32)
+    w_slots = jnp.where(is_local, topk_weights.astype(jnp.float32)[:, None, :], 0.0)        # [T, P, K]
+    meta = tr.distribute(jnp.concatenate([ids_bits, w_slots], -1), route)                    # [R, 2K]
+    valid = jnp.arange(meta.shape[0]) < num_recv                                             # [R]
+    recv_idx = jnp.where(valid[:, None], jax.lax.bitcast_convert_type(meta[:, :k], jnp.int32), -1)
+    recv_w = meta[:, k:].astype(topk_weights.dtype)
     counts = (recv_idx[:, :, None] == jnp.arange(per_rank)).sum((0, 1), dtype=jnp.int32)   # [E_local]
     counts = -(-counts // expert_alignment) * expert_alignment
     handle = DispatchHandle(route=route, recv_topk_weights=recv_w, topk_weights=None)
