@@ -46,7 +46,7 @@ DENSE_CASES = [
     ((64, 256, 256), None),                                                               # small M: narrow N tiles
     ((1, 128, 256), None),                                                                # M below one tile: padded
     ((200, 256, 384), None),                                                              # M tail, 3 K blocks
-    ((200, 192, 256), None),                                                              # N = 1.5 x 128: block_n 64
+    ((201, 192, 256), None),                                                              # N = 1.5 x 128, odd M
     ((130, 256, 512), Fp8TileConfig(block_m=64, block_n=128, stages=2)),                 # 4 K steps > 2 stages
     ((64, 256, 256), Fp8TileConfig(block_m=64, block_n=64, num_compute_wgs=1, stages=2)),
     ((128, 256, 256), Fp8TileConfig(block_m=128, block_n=64, wg_split=WgSplit.N, stages=2)),
@@ -154,3 +154,14 @@ def test_config_rejects_bad_fields(kwargs, name):
 def test_config_roundtrips_json():
     cfg = Fp8TileConfig(block_n=64, wg_split=WgSplit.N, stages=3, grid_tile_width=4)
     assert Fp8TileConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_scales_are_tma_aligned():
+    """TMA needs 16-byte global strides: the M-major a_scale rows are padded to a multiple of 4 floats."""
+    from seekax.lowering.mosaic.fp8_gemm_sm90 import tma_aligned_scales
+
+    s = jnp.arange(201 * 3, dtype=jnp.float32).reshape(201, 3)
+    t = tma_aligned_scales(s)
+    assert t.shape == (3, 204)
+    np.testing.assert_array_equal(np.asarray(t[:, :201]), np.asarray(s).T)
+    assert tma_aligned_scales(jnp.ones((2, 100, 5))).shape == (2, 5, 100)

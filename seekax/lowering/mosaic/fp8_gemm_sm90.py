@@ -41,6 +41,14 @@ def out_transforms(epi_n: int, out_dtype):
     return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
+def tma_aligned_scales(a_scale):
+    """a_scale [..., M, Kb] -> [..., Kb, round_up(M, 4)]: M-major, so one K block's row scales are one TMA
+    row, with rows padded to 16 bytes (TMA needs 16-byte global strides; DeepGEMM does the same)."""
+    m = a_scale.shape[-2]
+    pad = [(0, 0)] * (a_scale.ndim - 2) + [(0, -m % 4), (0, 0)]
+    return jnp.swapaxes(jnp.pad(a_scale, pad), -1, -2)
+
+
 def promote_step(a_smem, b_smem, sa_smem, b_scale, carry, *, wg_m, wg_n, block_m, block_n):
     """One 128-wide K block: fp32 wgmma of the e4m3 tiles, then carry + acc * (a_scale[row] * b_scale)."""
 
@@ -71,7 +79,7 @@ def store_tile(acc, out_smem, out_gmem_tile, *, wg, epi_n: int):
 
 
 def _kernel(a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem, *, config: Fp8TileConfig):
-    """a_gmem [M, K] e4m3; sa_gmem [Kb, M] f32 (M-major); b_gmem [N, K] e4m3; sb_gmem [Nb, Kb] f32."""
+    """a_gmem [M, K] e4m3; sa_gmem [Kb, M4] f32 (M-major, M4 = M rounded up to 4); b_gmem [N, K] e4m3; sb_gmem [Nb, Kb] f32."""
     m, k = a_gmem.shape
     n = b_gmem.shape[0]
     bm, bn = config.block_m, config.block_n
@@ -174,7 +182,7 @@ def build(spec, config: Fp8TileConfig, num_sms: int):
         if mp != m:
             a = jnp.pad(a, ((0, mp - m), (0, 0)))
             a_scale = jnp.pad(a_scale, ((0, mp - m), (0, 0)))
-        out = kernel(a, a_scale.T, b, b_scale)    # a_scale M-major so each K block's rows are one TMA row
+        out = kernel(a, tma_aligned_scales(a_scale), b, b_scale)
         return out[:m] if mp != m else out
 
     return run

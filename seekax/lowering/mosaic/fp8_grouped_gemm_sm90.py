@@ -24,7 +24,8 @@ from jax import lax
 
 from seekax.ir.fp8_tiling import FP8_BLOCK_K, SCALE_BLOCK, Fp8TileConfig
 from seekax.ir.tiling import WgSplit
-from seekax.lowering.mosaic.fp8_gemm_sm90 import operand_transforms, out_transforms, promote_step, store_tile
+from seekax.lowering.mosaic.fp8_gemm_sm90 import (operand_transforms, out_transforms, promote_step, store_tile,
+                                                   tma_aligned_scales)
 
 _PARAMS = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
 
@@ -100,7 +101,7 @@ def _ladder_store(smem, gmem_rows, s, length, max_rows: int):
 
 def _contiguous_kernel(sizes_gmem, a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem, *, config: Fp8TileConfig,
                        num_groups: int, row_blocks: int):
-    """a_gmem [M, K]; sa_gmem [Kb, M]; b_gmem [G, N, K]; sb_gmem [G, Nb, Kb]; out_gmem [M, N] (M >= cta_m)."""
+    """a_gmem [M, K]; sa_gmem [Kb, M4]; b_gmem [G, N, K]; sb_gmem [G, Nb, Kb]; out_gmem [M, N] (M >= cta_m)."""
     k = a_gmem.shape[1]
     n = b_gmem.shape[1]
     bm, bn, cta_m, cta_n = config.block_m, config.block_n, config.cta_block_m, config.cta_block_n
@@ -153,7 +154,7 @@ def _contiguous_kernel(sizes_gmem, a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem, *
 
 def _masked_kernel(masked_gmem, a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem, *, config: Fp8TileConfig,
                    num_groups: int, m_pad: int):
-    """a_gmem [G, Mp, K]; sa_gmem [G, Kb, Mp]; b_gmem [G, N, K]; sb_gmem [G, Nb, Kb]; out_gmem [G, Mp, N].
+    """a_gmem [G, Mp, K]; sa_gmem [G, Kb, Mp4]; b_gmem [G, N, K]; sb_gmem [G, Nb, Kb]; out_gmem [G, Mp, N].
     Each group is its own TMA box range, so a row tile reaching past Mp is clipped within its group."""
     k = a_gmem.shape[2]
     n = b_gmem.shape[1]
@@ -241,7 +242,7 @@ def build_contiguous(spec, config: Fp8TileConfig, num_sms: int):
             a = jnp.pad(a, ((0, mp - m), (0, 0)))
             a_scale = jnp.pad(a_scale, ((0, mp - m), (0, 0)))
         sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
-        out = kernel(sizes, a, a_scale.T, b, b_scale)[:m]                       # [M, N]
+        out = kernel(sizes, a, tma_aligned_scales(a_scale), b, b_scale)[:m]    # [M, N]
         owned = jnp.arange(m, dtype=jnp.int32) < jnp.sum(sizes)                 # [M] rows some group owns
         return jnp.where(owned[:, None], out, jnp.zeros((), out.dtype))
 
@@ -271,7 +272,7 @@ def build_masked(spec, config: Fp8TileConfig, num_sms: int):
             a = jnp.pad(a, ((0, 0), (0, mp - m_max), (0, 0)))
             a_scale = jnp.pad(a_scale, ((0, 0), (0, mp - m_max), (0, 0)))
         masked = masked_m.astype(jnp.int32)
-        out = kernel(masked, a, jnp.swapaxes(a_scale, 1, 2), b, b_scale)[:, :m_max]   # [G, M_max, N]
+        out = kernel(masked, a, tma_aligned_scales(a_scale), b, b_scale)[:, :m_max]  # [G, M_max, N]
         keep = jnp.arange(m_max, dtype=jnp.int32)[None, :] < masked[:, None]    # [G, M_max]
         return jnp.where(keep[..., None], out, jnp.zeros((), out.dtype))
 
