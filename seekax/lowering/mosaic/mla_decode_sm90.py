@@ -101,14 +101,13 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
                     plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(rt * bm, bm)], q_smem, q_bar.at[0])
                     plgpu.barrier_wait(q_bar.at[0])
                     seq_len = lens_ref[b]
-                    rows = rt * bm + plgpu.broadcasted_iota(jnp.int32, (bm, bn), 0, layout=plgpu.Layout.WGMMA)
-                    cols = plgpu.broadcasted_iota(jnp.int32, (bm, bn), 1, layout=plgpu.Layout.WGMMA)
-                    limit = jnp.full((bm, bn), seq_len, jnp.int32)
+                    # Per-row key limit as a row vector (a [64, 64] tensor would hold 32 more registers).
+                    rows = rt * bm + plgpu.broadcasted_iota(jnp.int32, (bm,), 0, layout=plgpu.Layout.WGMMA.reduce(1))
+                    limit = jnp.full((bm,), seq_len, jnp.int32)
                     if causal:  # query i = row // heads sees keys < seq_len - q_len + i + 1
-                        qi = jnp.zeros((bm, bn), jnp.int32)
+                        limit = limit - (q_len - 1)
                         for i in range(1, q_len):
-                            qi = qi + (rows >= i * heads).astype(jnp.int32)
-                        limit = limit - (q_len - 1) + qi
+                            limit = limit + (rows >= i * heads).astype(jnp.int32)
 
                     def kv_step(j, c):
                         acc, m_i, l_i, step, msgs = c
@@ -120,7 +119,8 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
                             plgpu.wgmma_wait(0)
                             return r[...]
                         s = pl.run_scoped(qk, plgpu.ACC((bm, bn), jnp.float32)) * scale_log2   # [64, 64]
-                        s = jnp.where(cols + j * bn < limit, s, -jnp.inf)
+                        cols = plgpu.broadcasted_iota(jnp.int32, (bm, bn), 1, layout=plgpu.Layout.WGMMA)
+                        s = jnp.where(cols < lax.broadcast_in_dim(limit - j * bn, s.shape, [0]), s, -jnp.inf)
                         m_new = jnp.maximum(m_i, s.max(axis=1))
                         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)     # a row with nothing seen yet
                         alpha = jnp.exp2(m_i - m_safe)
