@@ -104,17 +104,18 @@ _LAYOUTS = ((128, 2, WgSplit.M), (128, 2, WgSplit.N), (64, 2, WgSplit.M), (64, 2
             (32, 1, WgSplit.M), (16, 1, WgSplit.M))
 
 
-def choose_fp8_config(spec, limit: int = SMEM_LIMIT_BYTES, sm_count: int = 132) -> Fp8TileConfig:
+def choose_fp8_config(spec, limit: int = SMEM_LIMIT_BYTES, sm_count: int = 132, min_block_n: int = 16) -> Fp8TileConfig:
     """Heuristic from a GemmSpec/GroupedGemmSpec: the first CTA layout (largest first) that divides N,
     does not pad M past one 64-row block more than needed, and gives every one of `sm_count` SMs an output
     tile (else the layout with the most tiles: small M is memory-bound on B, and more CTAs stream B in
-    parallel); then the deepest pipeline that fits 227 KiB."""
+    parallel); then the deepest pipeline that fits 227 KiB. `min_block_n`: the grouped contiguous kernel
+    stores rows at arbitrary offsets from an unswizzled tile and wants rows of >= 128 bytes."""
     m, n, k = spec.m, spec.n, spec.k
     options = []
     for bn, wgs, split in _LAYOUTS:
         cfg = Fp8TileConfig(block_m=64, block_n=bn, num_compute_wgs=wgs, wg_split=split,
                             epi_block_n=min(64, bn), stages=2)
-        if n % cfg.cta_block_n or (m <= 64 and cfg.cta_block_m > 64):
+        if n % cfg.cta_block_n or (m <= 64 and cfg.cta_block_m > 64) or bn < min_block_n:
             continue
         options.append(cfg)
     if not options:

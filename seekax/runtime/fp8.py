@@ -194,14 +194,15 @@ def _run(requested: str, mosaic: Callable[[str], Any], xla: Callable[[], Any]) -
         return xla()
 
 
-def _config(spec, config: Fp8TileConfig | None, backend: str) -> Fp8TileConfig:
+def _config(spec, config: Fp8TileConfig | None, backend: str, **heuristic) -> Fp8TileConfig:
+    """Explicit config > autotuned winner cached for this spec/device/jax > heuristic."""
     if config is not None:
         return config
     if backend == "mosaic":
         cached = _cached_config(spec)
         if cached is not None:
             return cached
-    return choose_fp8_config(spec)
+    return choose_fp8_config(spec, **heuristic)
 
 
 def _cached_config(spec) -> Fp8TileConfig | None:
@@ -247,7 +248,7 @@ def m_grouped_fp8_gemm_nt_contiguous(a, a_scale, b, b_scale, group_sizes, *, out
     def mosaic(backend):
         from seekax.lowering.mosaic import fp8_grouped_gemm_sm90
 
-        cfg = _config(spec, config, backend)
+        cfg = _config(spec, config, backend, min_block_n=128 // np.dtype(spec.out_dtype).itemsize)
         kernel = fp8_grouped_gemm_sm90.build_contiguous(spec, cfg, num_sms or num_sms_for(backend))
         return run_kernel(kernel, a, a_scale, b, b_scale, group_sizes, backend=backend)
 

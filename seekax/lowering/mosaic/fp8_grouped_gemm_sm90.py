@@ -221,6 +221,9 @@ def build_contiguous(spec, config: Fp8TileConfig, num_sms: int):
     if m == 0:
         raise NotImplementedError("m=0: nothing to launch")
     out_dtype = jnp.dtype(spec.out_dtype)
+    if config.block_n * out_dtype.itemsize < 128:
+        raise NotImplementedError(f"block_n={config.block_n}: the contiguous kernel's row-wise TMA stores need "
+                                  f"output rows of >= 128 bytes ({config})")
     need = contiguous_smem_bytes(config, out_dtype.itemsize)
     if need > 227 * 1024:
         from seekax.ir.tiling import SharedMemoryBudgetExceeded
