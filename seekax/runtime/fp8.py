@@ -10,6 +10,7 @@ Tile configs: explicit `config=` > the autotuner's cache (`ir/config_cache.py`) 
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any, Callable
 
 import jax
@@ -378,8 +379,6 @@ def autotune_fp8_gemm_nt(m: int, n: int, k: int, *, candidates=None, out_dtype=j
             f(a, sa, b, sb).block_until_ready()
         except (ValueError, NotImplementedError):
             continue
-        import time
-
         t0 = time.perf_counter()
         for _ in range(iters):
             out = f(a, sa, b, sb)

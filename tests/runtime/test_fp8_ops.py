@@ -233,3 +233,41 @@ def test_quantize_and_linear_bad_inputs(rng):
         fp8.fp8_linear(jnp.ones((4, 64)), jnp.ones((32, 128)))
     with pytest.raises(ValueError, match="w.shape"):
         fp8.fp8_linear(jnp.ones((4, 64)), jnp.ones((64,)))
+
+
+# ----------------------------------------------------------------------------------------------- configs
+def _dense_spec():
+    s = jax.ShapeDtypeStruct
+    return fp8.validate_fp8_gemm_nt(s((4096, 2048), E4M3), s((4096, 16), jnp.float32), s((7168, 2048), E4M3),
+                                    s((56, 16), jnp.float32), jnp.bfloat16)
+
+
+def test_config_priority_explicit_cache_heuristic(tmp_path, monkeypatch):
+    from seekax.ir import device
+    from seekax.ir.config_cache import ConfigCache
+    from seekax.ir.fp8_tiling import Fp8TileConfig, choose_fp8_config
+
+    monkeypatch.setenv("SEEKAX_CONFIG_CACHE", str(tmp_path / "tiles.json"))
+    monkeypatch.setattr(device, "detect_device", lambda: device.H200)
+    spec = _dense_spec()
+    assert fp8._config(spec, None, "mosaic") == choose_fp8_config(spec)        # empty cache: heuristic
+    tuned = Fp8TileConfig(block_n=64, stages=3, grid_tile_width=8)
+    ConfigCache().put(spec.key(), device.H200.name, jax.__version__, tuned.to_dict(), 1e-4)
+    assert fp8._config(spec, None, "mosaic") == tuned                          # autotuned winner
+    assert fp8._config(spec, None, "interpret") == choose_fp8_config(spec)     # the cache is per real device
+    explicit = Fp8TileConfig(stages=2)
+    assert fp8._config(spec, explicit, "mosaic") is explicit                   # explicit beats everything
+
+
+@pytest.mark.gpu
+def test_autotune_caches_a_winner(tmp_path):
+    from seekax.ir.config_cache import ConfigCache
+    from seekax.ir.device import detect_device
+    from seekax.ir.fp8_tiling import Fp8TileConfig
+
+    cache = ConfigCache(tmp_path / "tiles.json")
+    cands = [Fp8TileConfig(stages=2), Fp8TileConfig(block_n=64, stages=4)]
+    best = fp8.autotune_fp8_gemm_nt(512, 512, 512, candidates=cands, cache=cache, iters=3)
+    assert best in cands
+    spec = fp8.validate_fp8_gemm_nt(*fp8.lowering_example(512, 512, 512)[1], jnp.bfloat16)
+    assert cache.get(spec.key(), detect_device().name, jax.__version__) == best.to_dict()
