@@ -1,13 +1,15 @@
 """Storage runtime throughput, every figure a ratio to a raw-I/O baseline measured in the same run on the same disk.
 
-Baselines (plain os.pread/os.write on one file): sequential read with the page cache dropped
-(posix_fadvise DONTNEED after fsync), random 4 KiB and 64 KiB reads (cache dropped), write + fsync.
-Figures and targets (issue 8):
-  block-shuffle loading (Loader, 8 KiB token rows, cold)   >= 0.8 x sequential read
-  random 64 KiB records (SampleStore.read, cold)           >= 0.7 x raw random 64 KiB reads
-  4 KiB records, batched reader vs grain per-record map    >= 5 x (both warm: this measures per-record overhead)
-  checkpoint blocking time (TrainCheckpointer.save)        <= 50 ms;  save throughput >= 0.8 x write + fsync
-  KV store, 32-page prefix (72 KiB pages, cold)            >= 0.8 x sequential read
+Baselines are plain os calls on the same files: sequential read in 8 MiB preadv calls, random preads of the
+record size, write + fsync. "Cold" runs drop the files from the page cache first (fsync, then posix_fadvise
+DONTNEED). Figure and baseline runs alternate three times; the ratio reported is the median of the per-pair
+ratios, which keeps a shared machine's load drifts out of it. Figures and targets (issue 8):
+  block-shuffle loading (Loader, 8 KiB token rows, cold)     >= 0.8 x sequential read of the same shards
+  random 64 KiB records (SampleStore.read, batches of 16)     >= 0.7 x raw random 64 KiB preads
+  4 KiB records, batched reader vs grain per-record map       >= 5 x (both warm: measures per-record overhead)
+  checkpoint save (TrainCheckpointer, 8 float32 arrays)       >= 0.8 x write + fsync; blocking time <= 50 ms
+  KV store, 32-page prefixes (72 KiB MLA pages, cold)         >= 0.8 x sequential read of the slot file
+plus context rows: raw random 2.25 MiB reads at 1 and 4 threads (what the disk gives a single prefix read).
 
   .venv/bin/python benchmarks/storage.py [--quick] [--json OUT.json] [--dir DIR]
 """
@@ -16,9 +18,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -54,90 +58,125 @@ def timed(fn, repeat: int = 3, before=None) -> float:
     return best
 
 
-# -- baselines ----------------------------------------------------------------------------------------------------
-def raw_write_fsync(path: str, nbytes: int) -> float:
-    buf = np.random.default_rng(0).integers(0, 256, size=8 * MiB, dtype=np.uint8).tobytes()
+def paired(figure, baseline, files, repeats: int = 3) -> tuple[float, float, float]:
+    """Alternate cold runs of figure() and baseline() (the page cache dropped before each); each returns bytes
+    (or items) done. Returns (median figure rate, median baseline rate, median of the per-pair ratios): pairing
+    keeps a shared machine's load drifts out of the ratio."""
+    figs, bases = [], []
+    for _ in range(repeats):
+        for fn, acc in ((figure, figs), (baseline, bases)):
+            drop_cache(files)
+            t0 = time.perf_counter()
+            amount = fn()
+            acc.append(amount / (time.perf_counter() - t0))
+    ratios = [f / b for f, b in zip(figs, bases)]
+    return statistics.median(figs), statistics.median(bases), statistics.median(ratios)
 
-    def run():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        for _ in range(nbytes // len(buf)):
-            os.write(fd, buf)
-        os.fsync(fd)
-        os.close(fd)
-    return nbytes / timed(run, repeat=2)
 
-
-def raw_seq_read(path: str) -> float:
-    size = os.path.getsize(path)
-
-    def run():
-        fd = os.open(path, os.O_RDONLY)
-        buf = bytearray(8 * MiB)
-        off = 0
+# -- raw I/O baselines (plain os calls on the same files) -----------------------------------------------------------
+def seq_read(paths) -> int:
+    """Read files front to back in 8 MiB preadv calls; returns bytes read."""
+    buf = bytearray(8 * MiB)
+    total = 0
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        size, off = os.fstat(fd).st_size, 0
         while off < size:
             off += os.preadv(fd, [buf], off)
         os.close(fd)
-    return size / timed(run, before=lambda: drop_cache([path]))
+        total += size
+    return total
 
 
-def raw_random_read(path: str, block: int, count: int, seed: int = 0) -> float:
-    size = os.path.getsize(path)
-    offs = np.random.default_rng(seed).integers(0, size // block, size=count) * block
+def random_reads(path: str, block: int, offsets, threads: int = 1) -> int:
+    """pread `block` bytes at each offset (in `threads` threads, split evenly); returns bytes read."""
+    fd = os.open(path, os.O_RDONLY)
 
-    def run():
-        fd = os.open(path, os.O_RDONLY)
+    def part(offs):
         buf = bytearray(block)
-        for o in offs.tolist():
-            os.preadv(fd, [buf], o)
-        os.close(fd)
-    return count * block / timed(run, before=lambda: drop_cache([path]))
+        for o in offs:
+            os.preadv(fd, [buf], int(o))
+    if threads == 1:
+        part(offsets)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(part, np.array_split(np.asarray(offsets), threads)))
+    os.close(fd)
+    return len(offsets) * block
+
+
+def write_fsync(path: str, nbytes: int) -> int:
+    buf = np.random.default_rng(0).integers(0, 256, size=8 * MiB, dtype=np.uint8).tobytes()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    for _ in range(max(1, nbytes // len(buf))):
+        os.write(fd, buf)
+    os.fsync(fd)
+    os.close(fd)
+    return max(1, nbytes // len(buf)) * len(buf)
 
 
 # -- figures ------------------------------------------------------------------------------------------------------
-def store_figures(root: Path, total: int, quick: bool) -> dict:
-    from seekax.storage.loader import Loader, LoaderConfig
-    from seekax.storage.sample_store import SampleStore, write_token_store
+def shard_files(d) -> list[str]:
+    return sorted(str(p) for p in Path(d).glob("shard-*.data"))
 
-    out = {}
-    rng = np.random.default_rng(1)
-    # block-shuffle loading of packed int32 token rows (seq_len 2048 = 8 KiB)
-    seqs = rng.integers(0, 129280, size=(total // 8192, 2048), dtype=np.int32)
+
+def loader_rows(root: Path, total: int, rows: list) -> None:
+    from seekax.storage.loader import Loader, LoaderConfig
+    from seekax.storage.sample_store import write_token_store
+
+    seqs = np.random.default_rng(1).integers(0, 129280, size=(total // 8192, 2048), dtype=np.int32)
     write_token_store(root / "tok", seqs, shard_bytes=64 * MiB)
     del seqs
-    cfg = LoaderConfig(global_batch_size=64, shuffle="block", block_records=64, num_epochs=1, prefetch=4)
+    for block in (64, 256):
+        cfg = LoaderConfig(global_batch_size=64, shuffle="block", block_records=block, num_epochs=1,
+                           num_threads=4, prefetch=8, readahead=8)
 
-    def load_all():
-        for _ in Loader(root / "tok", cfg):
-            pass
-    t = timed(load_all, repeat=2, before=lambda: drop_cache(files_under(root / "tok")))
-    bpe = (total // 8192) // 64
-    out["block_shuffle"] = bpe * 64 * 8192 / t
+        def load():
+            n = 0
+            for b in Loader(root / "tok", cfg):
+                n += b.nbytes
+            return n
+        f, b, r = paired(load, lambda: seq_read(shard_files(root / "tok")), files_under(root / "tok"))
+        rows.append(row(f"block-shuffle loading, {block * 8} KiB blocks", f / MiB, "MiB/s", "seq read of the shards",
+                        b / MiB, r, ">= 0.8", r >= 0.8))
 
-    # random 64 KiB records (uint8 rows of 65536), batches of 16 in a random permutation
+
+def random64_rows(root: Path, total: int, quick: bool, rows: list) -> None:
+    from seekax.storage.sample_store import SampleStore, write_token_store
+
+    rng = np.random.default_rng(2)
     n64 = total // 65536
-    write_token_store(root / "r64", rng.integers(0, 256, size=(n64, 65536), dtype=np.uint8), shard_bytes=64 * MiB)
+    write_token_store(root / "r64", rng.integers(0, 256, size=(n64, 65536), dtype=np.uint8), shard_bytes=total)
     count = min(n64, 512 if quick else 2048)
     order = rng.permutation(n64)[:count]
     with SampleStore(root / "r64") as store:
         def read64():
             for i in range(0, count, 16):
                 store.read(order[i:i + 16])
-        out["random_64k"] = count * 65536 / timed(read64, before=lambda: drop_cache(files_under(root / "r64")))
-    out["random_64k_count"] = count
+            return count * 65536
+        raw = lambda: random_reads(shard_files(root / "r64")[0], 65536, order * 65536)  # noqa: E731
+        f, b, r = paired(read64, raw, files_under(root / "r64"))
+    rows.append(row("random 64 KiB records (batches of 16)", f / MiB, "MiB/s", "raw random 64 KiB preads", b / MiB,
+                    r, ">= 0.7", r >= 0.7))
 
-    # 4 KiB records: batched sorted reads vs grain's per-record MapDataset pipeline (both warm cache)
+
+def records4k_rows(root: Path, total: int, rows: list) -> None:
+    """Batched sorted reads vs grain's per-record MapDataset pipeline, both on a warm cache: per-record cost."""
     import grain
 
+    from seekax.storage.sample_store import SampleStore, write_token_store
+
+    rng = np.random.default_rng(3)
     n4 = min(total // 4096, 16384)
     write_token_store(root / "r4", rng.integers(0, 256, size=(n4, 4096), dtype=np.uint8))
+    batch = 256
     with SampleStore(root / "r4") as store:
         perm = rng.permutation(n4)
-        batch = 256
+        fd = store._fds[0]
 
         def batched():
             for i in range(0, n4 - batch + 1, batch):
                 store.read(perm[i:i + batch])
-        fd = store._fds[0]
 
         class PerRecord:
             def __len__(self):
@@ -150,46 +189,52 @@ def store_figures(root: Path, total: int, quick: bool) -> dict:
             ds = grain.MapDataset.source(PerRecord()).shuffle(seed=0).batch(batch, drop_remainder=True)
             for _ in ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)):
                 pass
-        batched()  # warm the cache
+        batched()  # warm the page cache
         nb = (n4 // batch) * batch
-        out["records4k_batched"] = nb / timed(batched)
-        out["records4k_grain"] = nb / timed(per_record, repeat=2)
-    return out
+        f, b = nb / timed(batched), nb / timed(per_record, repeat=2)
+    rows.append(row("4 KiB records, batched reader (warm)", f, "rec/s", "grain per-record map (warm)", b, f / b,
+                    ">= 5", f / b >= 5))
 
 
-def checkpoint_figures(root: Path, total: int) -> dict:
+def checkpoint_rows(root: Path, total: int, rows: list) -> None:
     import jax
     import jax.numpy as jnp
 
     from seekax.storage.checkpoint import TrainCheckpointer
 
-    n = total // 4 // 8  # 8 float32 arrays, `total` bytes in all (model 4 + optimizer 4)
-    side = int(np.sqrt(n))
-    model = {f"w{i}": jnp.asarray(np.random.default_rng(i).standard_normal((side, side), np.float32)) for i in range(4)}
+    side = int(np.sqrt(total // 4 // 8))  # 8 float32 arrays: model 4 + optimizer 4, `total` bytes in all
+    model = {f"w{i}": jnp.asarray(np.random.default_rng(i).standard_normal((side, side), np.float32))
+             for i in range(4)}
     opt = {f"m{i}": model[f"w{i}"] * 0.5 for i in range(4)}
     jax.block_until_ready((model, opt))
     nbytes = sum(x.nbytes for x in jax.tree.leaves((model, opt)))
-    blocking, totals = [], []
-    with TrainCheckpointer(root / "ckpt", max_to_keep=2) as ckpt:
+    blocking = []
+    with TrainCheckpointer(root / "ckpt", max_to_keep=None) as ckpt:
         ckpt.save(0, model=model, opt_state=opt, loader_state={"step": 0})  # warm-up (orbax set-up)
         ckpt.wait()
-        for step in (1, 2, 3):
-            t0 = time.perf_counter()
-            r = ckpt.save(step, model=model, opt_state=opt, loader_state={"step": step})
+        step = [0]
+
+        def save():
+            step[0] += 1
+            r = ckpt.save(step[0], model=model, opt_state=opt, loader_state={"step": step[0]})
             ckpt.wait()
-            totals.append(time.perf_counter() - t0)
             blocking.append(r.blocking_seconds)
-    return {"ckpt_blocking_s": min(blocking), "ckpt_save": nbytes / min(totals), "ckpt_bytes": nbytes}
+            return nbytes
+        f, b, r = paired(save, lambda: write_fsync(str(root / "raw-ckpt.bin"), nbytes), [])
+    rows.append(row("checkpoint save (async, then wait)", f / MiB, "MiB/s", "write + fsync", b / MiB, r, ">= 0.8",
+                    r >= 0.8))
+    ms = statistics.median(blocking) * 1e3
+    rows.append(row("checkpoint blocking time", ms, "ms", "-", float("nan"), float("nan"), "<= 50 ms", ms <= 50))
 
 
-def kv_figures(root: Path, total: int) -> dict:
+def kv_rows(root: Path, total: int, rows: list) -> None:
     import ml_dtypes
 
     from seekax.storage.kv_store import KVPageStore
 
     page_bytes = 64 * 576 * 2
-    seqs = max(4, total // (32 * page_bytes))
-    rng = np.random.default_rng(2)
+    seqs = max(8, total // (32 * page_bytes))
+    rng = np.random.default_rng(4)
     kv = KVPageStore(root / "kv", capacity_pages=seqs * 32)
     prompts = [rng.integers(0, 129280, size=32 * 64) for _ in range(seqs)]
     for p in prompts:
@@ -200,9 +245,22 @@ def kv_figures(root: Path, total: int) -> dict:
         for i in order:
             n, _ = kv.match_prefix(prompts[i])
             assert n == 32 * 64
-    t = timed(match_all, before=lambda: drop_cache(files_under(root / "kv")))
+        return seqs * 32 * page_bytes
+    slots = str(root / "kv" / "kv.slots")
+    f, b, r = paired(match_all, lambda: seq_read([slots]), files_under(root / "kv"))
+    rows.append(row("KV store, 32-page prefixes (2.25 MiB)", f / MiB, "MiB/s", "seq read of the slot file", b / MiB,
+                    r, ">= 0.8", r >= 0.8))
+    for threads in (1, 4):
+        raw = lambda: random_reads(slots, 32 * page_bytes, order * 32 * page_bytes, threads)  # noqa: E731
+        f2, b2, r2 = paired(raw, lambda: seq_read([slots]), files_under(root / "kv"))
+        rows.append(row(f"  (context) raw random 2.25 MiB reads, {threads} thread(s)", f2 / MiB, "MiB/s",
+                        "seq read of the slot file", b2 / MiB, r2, "-", "-"))
     kv.close()
-    return {"kv_32_pages": seqs * 32 * page_bytes / t, "kv_seqs": seqs}
+
+
+def row(name, value, unit, baseline, base_value, ratio, target, ok) -> dict:
+    return {"figure": name, "value": value, "unit": unit, "baseline": baseline, "baseline_value": base_value,
+            "ratio": ratio, "target": target, "ok": ok}
 
 
 def main() -> int:
@@ -211,40 +269,17 @@ def main() -> int:
     args = p.parse_args()
     total = (32 if args.quick else 256) * MiB
     root = Path(tempfile.mkdtemp(prefix="seekax-bench-", dir=args.dir))
+    rows: list[dict] = []
     try:
-        raw = str(root / "raw.bin")
-        base = {"write_fsync": raw_write_fsync(raw, total)}
-        base["seq_read"] = raw_seq_read(raw)
-        base["rand_4k"] = raw_random_read(raw, 4096, 2048 if args.quick else 8192)
-        base["rand_64k"] = raw_random_read(raw, 65536, 512 if args.quick else 2048)
-        os.unlink(raw)
-        fig = store_figures(root, total, args.quick)
-        fig.update(checkpoint_figures(root, total))
-        fig.update(kv_figures(root, total))
+        loader_rows(root, total, rows)
+        random64_rows(root, total, args.quick, rows)
+        records4k_rows(root, total, rows)
+        checkpoint_rows(root, total, rows)
+        kv_rows(root, total, rows)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-
-    def row(name, value, unit, baseline, base_value, target, higher=True):
-        ratio = value / base_value if base_value else float("nan")
-        ok = ratio >= target if higher else value <= target
-        return {"figure": name, "value": value, "unit": unit, "baseline": baseline, "baseline_value": base_value,
-                "ratio": ratio, "target": f"{'>=' if higher else '<='} {target}", "ok": ok}
-
-    mbs = lambda x: x / MiB  # noqa: E731
-    rows = [
-        row("block-shuffle loading", mbs(fig["block_shuffle"]), "MiB/s", "seq read (cold)", mbs(base["seq_read"]), 0.8),
-        row("random 64 KiB records", mbs(fig["random_64k"]), "MiB/s", "raw random 64 KiB (cold)",
-            mbs(base["rand_64k"]), 0.7),
-        row("4 KiB records batched", fig["records4k_batched"], "rec/s", "grain per-record (warm)",
-            fig["records4k_grain"], 5.0),
-        row("checkpoint save", mbs(fig["ckpt_save"]), "MiB/s", "write+fsync", mbs(base["write_fsync"]), 0.8),
-        {**row("checkpoint blocking", fig["ckpt_blocking_s"] * 1e3, "ms", "-", 0, 50.0, higher=False),
-         "ratio": float("nan")},
-        row("KV 32-page prefix", mbs(fig["kv_32_pages"]), "MiB/s", "seq read (cold)", mbs(base["seq_read"]), 0.8),
-    ]
-    print(f"disk baselines ({total // MiB} MiB in {root.parent}): seq read {mbs(base['seq_read']):.0f} MiB/s, "
-          f"random 4 KiB {mbs(base['rand_4k']):.1f} MiB/s, random 64 KiB {mbs(base['rand_64k']):.0f} MiB/s, "
-          f"write+fsync {mbs(base['write_fsync']):.0f} MiB/s")
+    print(f"{total // MiB} MiB per data set in {root.parent}; cold = page cache dropped (posix_fadvise DONTNEED) "
+          "before every run; ratios are medians of 3 alternating figure/baseline pairs")
     emit("storage", rows, args.json)
     return 0
 
