@@ -4,16 +4,18 @@ After a normal-mode dispatch each received row carries up to K local expert ids.
 (row, k) pair with a local expert into its own row, grouped by expert ascending (stable: received order,
 then k), each group padded up to `alignment` rows (DeepGEMM's contiguous layout wants M-aligned groups);
 `unpermute` gathers the expert outputs back and sums them per received row, weighted by the top-k weights.
-Both are plain gathers, so autodiff gives their transposes (scatter-adds over unique rows).
+Both are gathers; `permute` also runs as a Mosaic GPU row-gather kernel (`mosaic/permute_sm90.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 
+from seekax.lowering.backend import resolve_backend, run_kernel
 from seekax.lowering.dispatch_route import exclusive_cumsum, take0
 
 
@@ -52,9 +54,41 @@ def make_permutation(local_idx: jax.Array, num_local_experts: int, alignment: in
     return Permutation(src_row=src, pair_row=pair_row.reshape(r, k).astype(jnp.int32), group_sizes=sizes)
 
 
-def permute(x: jax.Array, perm: Permutation) -> jax.Array:
-    """x: [R, ...] received rows -> [M, ...] rows grouped by local expert (padding rows are zero)."""
-    return take0(x, perm.src_row)
+def permute(x: jax.Array, perm: Permutation, *, backend: str = "xla") -> jax.Array:
+    """x: [R, ...] received rows -> [M, ...] rows grouped by local expert (padding rows are zero).
+
+    backend: "xla" (a gather), "mosaic" / "interpret" (the Hopper row-gather kernel, `permute_sm90`), "auto"
+    (mosaic on Hopper, falling back to xla for shapes the kernel does not take). Differentiable: the VJP is
+    the unweighted unpermute (a gather too, no scatter)."""
+    requested = backend
+    backend = resolve_backend(backend)
+    if backend == "xla" or x.ndim != 2:
+        return take0(x, perm.src_row)
+    try:
+        return _permute_kernel(x, perm, backend)
+    except NotImplementedError:
+        if requested != "auto":
+            raise
+        return take0(x, perm.src_row)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _permute_kernel(x, perm, backend):
+    from seekax.lowering.mosaic import permute_sm90
+
+    kernel = permute_sm90.build(perm.src_row.shape[0], x.shape[0], x.shape[1], x.dtype, permute_sm90.PermuteConfig())
+    return run_kernel(kernel, perm.src_row, x, backend=backend)
+
+
+def _permute_kernel_fwd(x, perm, backend):
+    return _permute_kernel(x, perm, backend), perm
+
+
+def _permute_kernel_bwd(backend, perm, g):
+    return unpermute(g, perm), None
+
+
+_permute_kernel.defvjp(_permute_kernel_fwd, _permute_kernel_bwd)
 
 
 def unpermute(y: jax.Array, perm: Permutation, weights: jax.Array | None = None) -> jax.Array:

@@ -184,7 +184,7 @@ def moe_layer(x: jax.Array, params: dict, *, cfg: MoeConfig, axis_name=None, pla
     placement: optional (log2phy [E, maxcnt], logcnt [E]) of this layer: routed experts become physical
     replicas (token t of rank r goes to replica (r*T + t) % logcnt[e]) and params' routed weights are
     indexed by physical slot. transport: "auto" | "ragged" | "padded" (grouped contiguous GEMM) |
-    "low_latency" (fixed buffers, masked GEMM, weighted combine). backend: the FP8 GEMMs' backend.
+    "low_latency" (fixed buffers, masked GEMM, weighted combine). backend: the FP8 GEMMs' and the permute's.
     aux: tokens_per_expert [E] int32 (logical, summed over the EP axis: EPLB's load), num_dropped [] (summed),
     topk_idx [T, K], topk_weights [T, K]. Differentiable on the bf16/f32 path (fp8=False).
     """
@@ -208,8 +208,8 @@ def moe_layer(x: jax.Array, params: dict, *, cfg: MoeConfig, axis_name=None, pla
     else:
         d = ep.ep_dispatch(x, phys, topk_w, transport=transport, **kw)
         pm = perm.make_permutation(d.topk_idx, local)
-        rows = perm.permute(d.x, pm)                                                          # [M, H]
-        scale = None if d.x_scale is None else perm.permute(d.x_scale, pm)
+        rows = perm.permute(d.x, pm, backend=backend)                                         # [M, H]
+        scale = None if d.x_scale is None else perm.permute(d.x_scale, pm, backend=backend)
         out = _experts_contiguous(rows, scale, pm.group_sizes, params, cfg, x.dtype, backend)  # [M, H]
         routed = ep.ep_combine(perm.unpermute(out, pm, d.topk_weights), d.handle)            # [T, H]
     y = routed
