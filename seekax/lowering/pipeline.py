@@ -194,25 +194,30 @@ def lower_pipeline(plan: PipelinePlan, stage_fn: Callable, loss_fn: Callable, *,
         x0 = microbatches[0]
         check_stage_fn(stage_fn, jax.tree.map(lambda p: p[0], params), x0)  # inside: extra axes are bound
 
+        def varying(x):
+            missing = tuple(a for a in vary_axes if a not in jax.typeof(x).manual_axis_type.varying)
+            return lax.pcast(x, missing, to="varying") if missing else x
+
         def chunk_params(c):
             return jax.tree.map(lambda p: p[c], params)
 
-        def forward(state, row, last):
-            act, grad, gacc, loss = state
-            c, slot = row["f_chunk"], row["f_slot"]
-            x = jnp.where(row["f_first"] == 1, microbatches[row["f_gmb"]], act[slot])
-            act = act.at[slot].set(x)
-            y = stage_fn(chunk_params(c), x)
+        # Branches read the buffers but return only small values (the stage input to stash, the messages,
+        # the loss gradient, the loss): writing the slot buffers outside the switch keeps XLA from copying
+        # whole buffers through the conditional every tick. The weight-grad accumulator passes through.
+        def forward(bufs, row, last):
+            act, grad, gacc = bufs
+            x = jnp.where(row["f_first"] == 1, microbatches[row["f_gmb"]], act[row["f_slot"]])
+            y = stage_fn(chunk_params(row["f_chunk"]), x)
+            gy, l = jnp.zeros_like(y), zero_loss()
             if last:
                 t = targets[row["f_gmb"]] if has_targets else None
                 l, gy = jax.value_and_grad(lambda yy: loss_fn(yy, t) if has_targets else loss_fn(yy))(y)
-                grad = grad.at[row["f_gslot"]].set((gy * scale).astype(grad.dtype))
-                loss = loss + l.astype(jnp.float32) * scale
+                gy, l = (gy * scale).astype(y.dtype), l.astype(jnp.float32) * scale
                 y = jnp.zeros_like(y)
-            return (act, grad, gacc, loss), y
+            return x, y, gy, l
 
-        def backward(state, row, need_x: bool, need_p: bool):
-            act, grad, gacc, loss = state
+        def backward(bufs, row, need_x: bool, need_p: bool):
+            act, grad, gacc = bufs
             c = row["b_chunk"]
             x, g, p = act[row["b_slot"]], grad[row["b_gslot"]], chunk_params(c)
             if need_x and need_p:
@@ -228,39 +233,50 @@ def lower_pipeline(plan: PipelinePlan, stage_fn: Callable, loss_fn: Callable, *,
                 gx = jnp.zeros_like(x)
             if gp is not None:
                 gacc = jax.tree.map(lambda a, d: a.at[c].add(d.astype(a.dtype)), gacc, gp)
-            return (act, grad, gacc, loss), gx
+            return gacc, gx
 
-        def zeros_msg(act):
-            return jnp.zeros_like(act[0])
+        def zero_loss():
+            return varying(jnp.zeros((), jnp.float32))
 
-        def br_noop(state, row):
-            return state, zeros_msg(state[0]), zeros_msg(state[0])
+        def zero(bufs):
+            return jnp.zeros_like(bufs[0][0])
+
+        def nothing(bufs):  # (stash, act message, grad message, loss grad, loss, gacc)
+            z = zero(bufs)
+            return z, z, z, z, zero_loss(), bufs[2]
+
+        def br_noop(bufs, row):
+            return nothing(bufs)
 
         def br_f(last):
-            def f(state, row):
-                state, y = forward(state, row, last)
-                return state, y, zeros_msg(state[0])
+            def f(bufs, row):
+                x, y, gy, l = forward(bufs, row, last)
+                return x, y, zero(bufs), gy, l, bufs[2]
             return f
 
         def br_b(need_x, need_p):
-            def f(state, row):
-                state, gx = backward(state, row, need_x, need_p)
-                return state, zeros_msg(state[0]), gx
+            def f(bufs, row):
+                gacc, gx = backward(bufs, row, need_x, need_p)
+                z = zero(bufs)
+                return z, z, gx, z, zero_loss(), gacc
             return f
 
         def br_fbw(last):
-            def f(state, row):
-                state, y = forward(state, row, last)
-                state, gx = backward(state, row, True, True)
-                return state, y, gx
+            def f(bufs, row):
+                x, y, gy, l = forward(bufs, row, last)
+                gacc, gx = backward(bufs, row, True, True)
+                return x, y, gx, gy, l, gacc
             return f
 
         branches = [br_noop, br_f(False), br_f(True), br_b(True, False), br_b(False, True), br_b(True, True),
                     br_fbw(False), br_fbw(True)]
 
         def tick(state, row):
-            state, act_msg, grad_msg = lax.switch(row["code"], branches, state, row)
             act, grad, gacc, loss = state
+            x, act_msg, grad_msg, gy, l, gacc = lax.switch(row["code"], branches, (act, grad, gacc), row)
+            act = act.at[row["f_slot"]].set(x)  # stash the stage input (trash slot when no forward)
+            grad = grad.at[row["f_gslot"]].set(gy)  # the loss gradient at the last stage (else trash)
+            loss = loss + l
             for d in plan.act_channels:
                 recv = act_msg if d == 0 else lax.ppermute(act_msg, pp_axis, _shift(n, d))
                 act = act.at[row[f"recv_act_{d}"]].set(recv)
@@ -269,14 +285,10 @@ def lower_pipeline(plan: PipelinePlan, stage_fn: Callable, loss_fn: Callable, *,
                 grad = grad.at[row[f"recv_grad_{d}"]].set(recv)
             return (act, grad, gacc, loss), None
 
-        def varying(x):
-            missing = tuple(a for a in vary_axes if a not in jax.typeof(x).manual_axis_type.varying)
-            return lax.pcast(x, missing, to="varying") if missing else x
-
         act0 = varying(jnp.zeros((plan.num_act_slots + 1,) + x0.shape, x0.dtype))
         grad0 = varying(jnp.zeros((plan.num_grad_slots + 1,) + x0.shape, x0.dtype))
         gacc0 = jax.tree.map(jnp.zeros_like, params)
-        loss0 = varying(jnp.zeros((), jnp.float32))
+        loss0 = zero_loss()
         (_, _, gacc, loss), _ = lax.scan(tick, (act0, grad0, gacc0, loss0), rows)
         loss = lax.psum(loss, pp_axis)
         if batch_axes:  # each shard holds its part of the mean already (scale includes 1/batch_shards)
