@@ -149,13 +149,6 @@ class SlotFileBackend:
         if os.fstat(self._log.fileno()).st_size // _REC > 4 * self.capacity + 64:
             self._compact()
 
-    def advise(self, keys: list[bytes]) -> None:
-        """Start reading these pages now (posix_fadvise WILLNEED per run of slots): the chunked reads that follow
-        then find their bytes in flight or cached, i.e. queue depth without threads."""
-        for first, pos in _runs([self._live[k][0] for k in keys]):
-            os.posix_fadvise(self._slots_fd, first * self.page_bytes, len(pos) * self.page_bytes,
-                             os.POSIX_FADV_WILLNEED)
-
     def get(self, keys: list[bytes], out) -> None:
         """Read the pages of `keys` into rows of `out` [n, page_bytes] uint8 (sorted, coalesced preadv)."""
         slots = [self._live[k][0] for k in keys]

@@ -7,7 +7,8 @@ page shape, dtype): equal keys mean equal whole prefixes, so `match_prefix` walk
 Backends (chosen by `path`): a local path -> `kv_slots.SlotFileBackend` (a preallocated slot file + append-only
 index log with checksums and generation numbers; crash-safe publish order), a URL such as "memory://" or
 "file:///dir/" -> `kv_tensorstore.TensorStoreBackend` (tensorstore kvstore drivers, object-storage-like).
-The store keeps the index and LRU order in memory and evicts least recently used pages when full.
+The store keeps the index and LRU order in memory and evicts least recently used pages when full; a prefix is
+read in concurrent chunks, each checksummed by the thread that read it (a miss, never bad data, on a mismatch).
 Arrays in, arrays out (numpy); not thread-safe (one store per serving process).
 """
 

@@ -72,9 +72,6 @@ class TensorStoreBackend:
             raise
         self._name.update(zip(keys, names))
 
-    def advise(self, keys: list[bytes]) -> None:
-        pass  # reads of a batch are issued concurrently in get()
-
     def get(self, keys: list[bytes], out) -> None:
         futures = [self.kv.read(self._name[k]) for k in keys]
         for i, f in enumerate(futures):
