@@ -62,15 +62,17 @@ class Fp8TileConfig:
     def cta_block_n(self) -> int:
         return self.block_n * (self.num_compute_wgs if self.wg_split == WgSplit.N else 1)
 
-    def smem_bytes(self, out_itemsize: int = 2) -> int:
-        """Pipelined e4m3 A/B tiles + a_scale rows per stage, the double-buffered epilogue, barriers."""
+    def smem_bytes(self, out_itemsize: int = 2, col_scales: bool = False) -> int:
+        """Pipelined e4m3 A/B tiles + a_scale rows per stage (+ per-column b scales for the k-grouped
+        kernel), the double-buffered epilogue, barriers."""
         per_stage = FP8_BLOCK_K * (self.cta_block_m + self.cta_block_n) + 4 * self.cta_block_m
+        per_stage += 4 * self.cta_block_n if col_scales else 0
         epilogue = self.num_compute_wgs * 2 * 64 * self.epi_block_n * out_itemsize
         barriers = 8 * 4 * self.stages + 64
         return self.stages * per_stage + epilogue + barriers
 
-    def check_smem(self, out_itemsize: int = 2, limit: int = SMEM_LIMIT_BYTES) -> int:
-        need = self.smem_bytes(out_itemsize)
+    def check_smem(self, out_itemsize: int = 2, limit: int = SMEM_LIMIT_BYTES, col_scales: bool = False) -> int:
+        need = self.smem_bytes(out_itemsize, col_scales)
         if need > limit:
             raise SharedMemoryBudgetExceeded(need, limit, what=repr(self))
         return need
@@ -89,13 +91,14 @@ def _out_itemsize(spec) -> int:
     return {"float32": 4}.get(spec.out_dtype, 2)
 
 
-def _deepest(cfg: Fp8TileConfig, out_itemsize: int, k_steps: int, limit: int) -> Fp8TileConfig:
+def _deepest(cfg: Fp8TileConfig, out_itemsize: int, k_steps: int, limit: int, col_scales: bool = False) -> Fp8TileConfig:
     """The deepest pipeline (<= 6 stages, <= K steps, >= 2) that fits the shared-memory budget."""
     for stages in range(6, 1, -1):
         c = dataclasses.replace(cfg, stages=stages)
-        if c.smem_bytes(out_itemsize) <= limit:
+        if c.smem_bytes(out_itemsize, col_scales) <= limit:
             return dataclasses.replace(c, stages=max(2, min(stages, k_steps)))
-    raise SharedMemoryBudgetExceeded(dataclasses.replace(cfg, stages=2).smem_bytes(out_itemsize), limit, repr(cfg))
+    raise SharedMemoryBudgetExceeded(dataclasses.replace(cfg, stages=2).smem_bytes(out_itemsize, col_scales), limit,
+                                     repr(cfg))
 
 
 # CTA layouts in order of preference (bigger tiles reuse more operand bytes per wgmma):
@@ -111,10 +114,12 @@ def choose_fp8_config(spec, limit: int = SMEM_LIMIT_BYTES, sm_count: int = 132, 
     parallel); then the deepest pipeline that fits 227 KiB. `min_block_n`: the grouped contiguous kernel
     stores rows at arbitrary offsets from an unswizzled tile and wants rows of >= 128 bytes."""
     m, n, k = spec.m, spec.n, spec.k
+    out_itemsize = _out_itemsize(spec)
+    col_scales = getattr(spec, "layout", None) == "k_grouped"   # the k-grouped kernel pipelines b scales too
     options = []
     for bn, wgs, split in _LAYOUTS:
         cfg = Fp8TileConfig(block_m=64, block_n=bn, num_compute_wgs=wgs, wg_split=split,
-                            epi_block_n=min(64, bn), stages=2)
+                            epi_block_n=min(bn, 128 // out_itemsize), stages=2)   # 128-byte epilogue rows
         if n % cfg.cta_block_n or (m <= 64 and cfg.cta_block_m > 64) or bn < min_block_n:
             continue
         options.append(cfg)
@@ -122,7 +127,7 @@ def choose_fp8_config(spec, limit: int = SMEM_LIMIT_BYTES, sm_count: int = 132, 
         raise NotImplementedError(f"n={n}: the FP8 kernels need a multiple of 16 (valid input; the xla path runs it)")
     tiles = lambda c: -(-max(m, 1) // c.cta_block_m) * (n // c.cta_block_n)  # noqa: E731
     cfg = next((c for c in options if tiles(c) >= sm_count), max(options, key=tiles))
-    return _deepest(cfg, _out_itemsize(spec), math.ceil(k / FP8_BLOCK_K), limit)
+    return _deepest(cfg, out_itemsize, math.ceil(k / FP8_BLOCK_K), limit, col_scales)
 
 
 def candidate_fp8_configs(spec, limit: int = SMEM_LIMIT_BYTES) -> list[Fp8TileConfig]:

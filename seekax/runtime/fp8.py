@@ -279,18 +279,23 @@ def m_grouped_fp8_gemm_nt_masked(a, a_scale, b, b_scale, masked_m, *, out_dtype=
 
 
 def k_grouped_fp8_gemm_tn_contiguous(a, a_scale, b, b_scale, group_sizes_k, *, out_dtype=jnp.float32,
-                                     backend: str = "auto"):
+                                     backend: str = "auto", config: Fp8TileConfig | None = None,
+                                     num_sms: int | None = None):
     """Expert weight gradients (DeepGEMM's k-grouped wgrad): out[g] = a[tokens of g]^T @ b[tokens of g].
 
     a: [sum_K, M] e4m3 and b: [sum_K, N] e4m3, token-major as the forward produced them (dY and X of each
     expert, rows sorted by expert); a_scale: [sum_K/128, M], b_scale: [sum_K/128, N] f32 (one scale per 128
     tokens per column); group_sizes_k: [G] int32, multiples of 128 summing to sum_K -> [G, M, N] (f32 default).
-    Only the xla backend exists: FP8 wgmma needs K-major operands, i.e. a transpose of these token-major inputs.
+    The Mosaic kernel transposes the operands to token(K)-major, as FP8 wgmma needs.
     """
     spec = validate_k_grouped(a, a_scale, b, b_scale, group_sizes_k, out_dtype)
 
-    def mosaic(_backend):
-        raise NotImplementedError("k_grouped_fp8_gemm_tn_contiguous has no Mosaic kernel yet (xla backend only)")
+    def mosaic(backend):
+        from seekax.lowering.mosaic import fp8_k_grouped_gemm_sm90
+
+        cfg = _config(spec, config, backend)
+        kernel = fp8_k_grouped_gemm_sm90.build(spec, cfg, num_sms or num_sms_for(backend))
+        return run_kernel(kernel, a, a_scale, b, b_scale, group_sizes_k, backend=backend)
 
     return _run(backend, mosaic, lambda: ref.k_grouped_fp8_gemm_tn_contiguous(
         a, a_scale, b, b_scale, group_sizes_k, out_dtype=spec.out_dtype))

@@ -18,7 +18,7 @@ import pytest
 
 from seekax.ir.fp8_tiling import Fp8TileConfig
 from seekax.ir.tiling import SharedMemoryBudgetExceeded, WgSplit
-from seekax.lowering.reference.fp8_gemm import np_gemm_nt, np_grouped_contiguous
+from seekax.lowering.reference.fp8_gemm import np_dequantize, np_gemm_nt, np_grouped_contiguous
 from seekax.runtime import fp8
 from seekax.testing.compare import assert_close, calc_diff
 from seekax.testing.kernels import interpret_mode
@@ -111,6 +111,23 @@ def test_m_grouped_masked(rng, backend, m_max):
     ref = np_gemm_nt(a, sa, b, sb)
     ref[np.arange(m_max)[None, :] >= masked[:, None]] = 0
     assert_close(out, ref, max_rel_err=1e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("m,n,sizes", [(100, 128, [128, 0, 256, 128]),   # a zero-size group, an M tail
+                                       (64, 64, [0, 256])])              # all tokens in one group
+def test_k_grouped_wgrad(rng, backend, m, n, sizes):
+    total = sum(sizes)
+    dy = rng.standard_normal((total, m)).astype(np.float32)
+    x = rng.standard_normal((total, n)).astype(np.float32)
+    aq, sa = fp8.quantize_fp8(jnp.asarray(dy.T))          # one scale per 128 tokens per column
+    bq, sb = fp8.quantize_fp8(jnp.asarray(x.T))
+    out = run(backend, fp8.k_grouped_fp8_gemm_tn_contiguous, aq.T, sa.T, bq.T, sb.T, jnp.asarray(sizes, jnp.int32))
+    a64, b64 = np_dequantize(aq, sa, (1, 128)).T, np_dequantize(bq, sb, (1, 128)).T   # [T, M], [T, N]
+    ends = np.cumsum([0] + sizes)
+    ref = np.stack([a64[s:e].T @ b64[s:e] for s, e in zip(ends[:-1], ends[1:])])
+    assert out.shape == (len(sizes), m, n) and out.dtype == jnp.float32
+    assert_close(out, ref, rtol=1e-5, atol=1e-3)
 
 
 # ----------------------------------------------------------------------------------------------- training

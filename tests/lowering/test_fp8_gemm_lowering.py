@@ -23,6 +23,7 @@ DENSE = [(4096, 7168, 2048), (64, 2112, 7168), (128, 24576, 1536), (4096, 32768,
          (4096, 4096, 7168)]
 CONTIGUOUS = [(4, 8192 * 4, 4096, 7168), (8, 4096 * 8, 7168, 2048)]   # (groups, total M, N, K)
 MASKED = [(1, 1024, 4096, 7168), (4, 256, 7168, 2048)]                 # (groups, M_max, N, K)
+K_GROUPED = [(8, 4096, 7168, 8 * 4096), (4, 7168, 2048, 4 * 8192)]     # (groups, M, N, total tokens)
 
 
 def _grouped_args(g, m, n, k, masked):
@@ -59,6 +60,13 @@ def test_contiguous_lowers_to_fp8_wgmma(g, m, n, k):
 def test_masked_lowers_to_fp8_wgmma(g, m, n, k):
     fn = functools.partial(fp8.m_grouped_fp8_gemm_nt_masked, backend="mosaic")
     _check(lower_for_hopper(fn, *_grouped_args(g, m, n, k, masked=True)))
+
+
+@pytest.mark.parametrize("g,m,n,t", K_GROUPED)
+def test_k_grouped_lowers_to_fp8_wgmma(g, m, n, t):
+    fn = functools.partial(fp8.k_grouped_fp8_gemm_tn_contiguous, backend="mosaic")
+    args = (S((t, m), F8), S((t // 128, m), F32), S((t, n), F8), S((t // 128, n), F32), S((g,), jnp.int32))
+    _check(lower_for_hopper(fn, *args))
 
 
 def test_emit_mosaic_shows_fp8_wgmma():

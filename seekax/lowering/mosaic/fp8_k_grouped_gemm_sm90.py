@@ -1,0 +1,146 @@
+"""K-grouped FP8 GEMM for MoE weight gradients on Hopper (DeepGEMM's k-grouped wgrad), Pallas Mosaic GPU.
+
+out[g] = A_g^T @ B_g, where A = dY [T, M] and B = X [T, N] hold every expert's tokens stacked (groups of
+multiples of 128 tokens), both with one scale per 128 tokens per column.
+
+FP8 wgmma wants the contraction (tokens) K-major, so the wrapper transposes the operands to [M, T], [N, T].
+Each output tile then runs ONE static pipeline over all T/128 token blocks: a token block belongs to exactly
+one group, so the fp32 accumulator is promoted per block (acc * a_scale[m] * b_scale[n], both per-column
+vectors), stored to out[g] after a group's last block, and reset. Per-block group ids and "last block"
+flags are precomputed by XLA and read as GMEM scalars. Groups with no tokens are zeroed by the wrapper.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+from jax import lax
+
+from seekax.ir.fp8_tiling import FP8_BLOCK_K, Fp8TileConfig
+from seekax.ir.tiling import WgSplit
+from seekax.lowering.mosaic.fp8_gemm_sm90 import operand_transforms, out_transforms, store_tile
+
+_PARAMS = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+
+
+def _kernel(grp_gmem, last_gmem, a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem, *, config: Fp8TileConfig):
+    """grp/last [Tb] i32; a_gmem [M, T] e4m3; sa_gmem [Tb, M4] f32; b_gmem [N, T]; sb_gmem [Tb, N4]; out [G, M, N]."""
+    m, t = a_gmem.shape
+    n = b_gmem.shape[0]
+    bm, bn, cta_m, cta_n = config.block_m, config.block_n, config.cta_block_m, config.cta_block_n
+    m_iters, n_iters, k_iters = -(-m // cta_m), n // cta_n, t // FP8_BLOCK_K
+    tf = operand_transforms()
+
+    def pipeline(body, compute_context):
+        return plgpu.emit_pipeline_warp_specialized(
+            body,
+            grid=(k_iters,),
+            memory_registers=40,
+            in_specs=[
+                plgpu.BlockSpec((cta_m, FP8_BLOCK_K), lambda ki: (0, ki), transforms=tf, memory_space=plgpu.SMEM),
+                plgpu.BlockSpec((cta_n, FP8_BLOCK_K), lambda ki: (0, ki), transforms=tf, memory_space=plgpu.SMEM),
+                plgpu.BlockSpec((1, cta_m), lambda ki: (ki, 0), memory_space=plgpu.SMEM),
+                plgpu.BlockSpec((1, cta_n), lambda ki: (ki, 0), memory_space=plgpu.SMEM),
+            ],
+            wg_axis="wg",
+            num_compute_wgs=config.num_compute_wgs,
+            max_concurrent_steps=config.stages,
+            compute_context=compute_context,
+        )
+
+    ignore = lambda *_, **__: None  # noqa: E731
+
+    @functools.partial(
+        pl.run_scoped,
+        pipeline_allocs=pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem, sa_gmem, sb_gmem),
+        out_smem=plgpu.SMEM((config.num_compute_wgs, 2, 64, config.epi_block_n), out_gmem.dtype,
+                            transforms=out_transforms(config.epi_block_n, out_gmem.dtype)),
+        collective_axes="wg",
+    )
+    def _scope(pipeline_allocs, out_smem):
+        wg = lax.axis_index("wg")
+
+        @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+        def _tile_loop(info: plgpu.NDLoopInfo):
+            (lin,) = info.index
+            mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1, config.grid_tile_width)
+            cta_m_slice, cta_n_slice = pl.ds(mi * cta_m, cta_m), pl.ds(ni * cta_n, cta_n)
+            if config.wg_split == WgSplit.M:
+                wg_m, wg_n = pl.ds(wg * bm, bm), slice(None)
+            else:
+                wg_m, wg_n = slice(None), pl.ds(wg * bn, bn)
+
+            def compute_context(run_pipeline):
+                run_pipeline(jnp.zeros((bm, bn), jnp.float32))   # every group's tile is stored inside
+
+            def body(idx, a_smem, b_smem, sa_smem, sb_smem, carry):
+                (ki,) = idx
+                group, last = grp_gmem[ki], last_gmem[ki]
+
+                def block_mma(acc_ref):
+                    plgpu.wgmma(acc_ref, a_smem.at[wg_m], b_smem.at[wg_n].T)   # [bm, 128] x [128, bn], K-major
+                    plgpu.wgmma_wait(0)
+                    return acc_ref[...]
+
+                acc = pl.run_scoped(block_mma, plgpu.ACC((bm, bn), jnp.float32))   # [bm, bn]
+                sa = sa_smem[0, wg_m]                                                # [bm] per-row scales
+                sb = sb_smem[0, wg_n]                                                # [bn] per-column scales
+                carry = carry + acc * sa[:, None] * sb[None, :]
+
+                @pl.when(last != 0)
+                def _flush():
+                    store_tile(carry, out_smem, out_gmem.at[group].at[cta_m_slice, cta_n_slice].at[wg_m, wg_n],
+                               wg=wg, epi_n=config.epi_block_n)
+
+                flush = lax.broadcast_in_dim(last != 0, carry.shape, ())
+                return jnp.where(flush, jnp.zeros_like(carry), carry)   # the next group starts from 0
+
+            pipeline(body, compute_context)(a_gmem.at[cta_m_slice, :], b_gmem.at[cta_n_slice, :],
+                                            sa_gmem.at[:, cta_m_slice], sb_gmem.at[:, cta_n_slice],
+                                            allocations=pipeline_allocs)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _pad_cols(x, multiple: int, at_least: int = 0):
+    c = x.shape[-1]
+    target = max(-(-c // multiple) * multiple, at_least)
+    return jnp.pad(x, ((0, 0), (0, target - c))) if target != c else x
+
+
+def build(spec, config: Fp8TileConfig, num_sms: int):
+    """f(a [T, M], a_scale [T/128, M], b [T, N], b_scale [T/128, N], group_sizes_k [G]) -> [G, M, N]."""
+    g, m, n, t = spec.num_groups, spec.m, spec.n, spec.k
+    if n % config.cta_block_n:
+        raise NotImplementedError(f"n={n}: the k-grouped FP8 kernel needs a multiple of cta_block_n={config.cta_block_n}")
+    if t == 0 or m == 0:
+        raise NotImplementedError("no tokens or no rows: nothing to launch")
+    out_dtype = jnp.dtype(spec.out_dtype)
+    config.check_smem(out_dtype.itemsize, col_scales=True)
+    mp = max(m, config.cta_block_m)
+    tiles = -(-mp // config.cta_block_m) * (n // config.cta_block_n)
+    kernel = plgpu.kernel(
+        functools.partial(_kernel, config=config),
+        out_type=jax.ShapeDtypeStruct((g, mp, n), out_dtype),
+        grid=(min(num_sms, tiles),), grid_names=("sm",),
+        num_threads=config.num_compute_wgs + 1, thread_name="wg", compiler_params=_PARAMS,
+    )
+
+    def run(a, a_scale, b, b_scale, group_sizes_k):
+        tb = t // FP8_BLOCK_K
+        blocks = jnp.maximum(group_sizes_k.astype(jnp.int32), 0) // FP8_BLOCK_K     # [G]
+        ends = jnp.cumsum(blocks)                                                      # [G]
+        kb = jnp.arange(tb, dtype=jnp.int32)                                           # [Tb]
+        grp = jnp.minimum(jnp.searchsorted(ends, kb, side="right"), g - 1).astype(jnp.int32)  # [Tb]
+        last = (kb + 1 == ends[grp]).astype(jnp.int32)                                 # [Tb]
+        at = a.T                                                                       # [M, T] K-major
+        if mp != m:
+            at = jnp.pad(at, ((0, mp - m), (0, 0)))
+        out = kernel(grp, last, at, _pad_cols(a_scale, 4, mp), b.T, _pad_cols(b_scale, 4))[:, :m]   # [G, M, N]
+        return jnp.where((blocks > 0)[:, None, None], out, jnp.zeros((), out.dtype))
+
+    return run
