@@ -32,7 +32,7 @@ class LoaderConfig:
     shuffle: str = "random"  # "random" | "block" | "sequential" (see order.py)
     block_records: int = 64
     num_epochs: int | None = None
-    num_threads: int = 2
+    num_threads: int = 4  # grain threads reading whole batches concurrently (I/O queue depth)
     prefetch: int = 4
     readahead: int = 4  # batches ahead whose byte ranges are hinted to the kernel (posix_fadvise WILLNEED)
     process_index: int | None = None
