@@ -89,7 +89,10 @@ def main() -> None:
         # capacity None = T (worst case, never overflows); "tight" = the largest pair count of this routing,
         # as a serving engine would size it from a load estimate (no drops here).
         variants = [("padded", False, None), ("padded", True, None), ("padded", False, tight),
-                    ("padded", True, tight), ("low_latency", False, None)]
+                    ("padded", True, tight)]
+        ll_cap = min(t, 128)                  # DeepEP's num_max_dispatch_tokens_per_rank for decode
+        if e * ll_cap * h * 2 <= 64 << 20:    # low-latency buffers [E, cap, H] per device
+            variants.append(("low_latency", False, ll_cap))
         if jax.default_backend() in ("gpu", "tpu"):
             variants.insert(0, ("ragged", False, None))
         for transport, fp8, cap in variants:

@@ -115,3 +115,26 @@ def test_ragged_grad_lowers_for_cuda():
     lowered = cross_lower(jax.grad(loss), jax.ShapeDtypeStruct((64, 128), jnp.float32, sharding=sh),
                           jax.ShapeDtypeStruct((64, 4), jnp.int32, sharding=sh))
     assert lowered.emit("stablehlo").count("ragged_all_to_all") >= 4
+
+
+@pytest.mark.gpu
+def test_ragged_runs_on_gpu_and_equals_padded(rng):
+    """On the GPUs present (any count): the ragged transport gives the padded transport's results."""
+    p = len(jax.devices())
+    mesh = jax.make_mesh((p,), ("ep",))
+    t, h, k, e = 64, 256, 4, 8 * p
+    idx = np.where(rng.random((p * t, k)) < 0.2, -1,
+                   np.stack([rng.choice(e, k, replace=False) for _ in range(p * t)])).astype(np.int32)
+    x = rng.standard_normal((p * t, h)).astype(jnp.bfloat16)
+    w = rng.random((p * t, k)).astype(np.float32)
+
+    def fn(transport):
+        def body(x, i, w):
+            d = ep.ep_dispatch(x, i, w, num_experts=e, axis_name="ep", transport=transport)
+            return d.x, d.topk_idx, d.num_recv[None], ep.ep_combine(d.x, d.handle, weighted=True)
+        return body
+
+    got = _run(mesh, fn("ragged"), x, idx, w)
+    want = _run(mesh, fn("padded"), x, idx, w)
+    for g, wnt in zip(got, want):
+        np.testing.assert_array_equal(g, wnt)

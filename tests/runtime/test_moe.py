@@ -151,3 +151,21 @@ def test_moe_config_errors():
         moe_layer(jnp.zeros((4, 7)), params, cfg=CFG)
     with pytest.raises(ValueError, match="w1"):
         moe_layer(jnp.zeros((4, 32)), {**params, "w1": params["w1"][:3]}, cfg=CFG)
+
+
+def test_moe_layer_on_a_dp_ep_mesh(rng):
+    """moe_layer inside shard_map over a ("dp", "ep") mesh: tokens split over both axes, experts over "ep"."""
+    mesh = jax.make_mesh((2, 4), ("dp", "ep"))
+    params = init_moe_params(jax.random.key(11), CFG, dtype=jnp.float32)
+    x = jnp.asarray(rng.standard_normal((64, CFG.hidden)), jnp.float32)
+    specs = {k: (P("ep") if k in ROUTED else P()) for k in params}
+    put = lambda a, s: jax.device_put(a, NamedSharding(mesh, s))  # noqa: E731
+
+    def body(x, params):
+        y, aux = moe_layer(x, params, cfg=CFG, axis_name="ep")
+        return y, jax.lax.psum(aux["tokens_per_expert"], "dp")
+
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(("dp", "ep")), specs), out_specs=(P(("dp", "ep")), P())))
+    y, load = f(put(x, P(("dp", "ep"))), {k: put(v, specs[k]) for k, v in params.items()})
+    assert_close(np.asarray(y), moe_reference(x, params, cfg=CFG), rtol=1e-5, atol=1e-5)
+    assert int(np.asarray(load).sum()) == 64 * CFG.top_k
