@@ -115,9 +115,14 @@ class KVPageStore:
                 self._lru.move_to_end(k)
         if not new:
             return 0
-        evicted = []
-        while len(self._lru) + len(new) > self.capacity:
-            evicted.append(self._lru.popitem(last=False)[0])
+        # evict least recently used pages, never one of this prefix (that would cut the chain it is building)
+        excess = len(self._lru) + len(new) - self.capacity
+        keep = set(keys[:len(pages)])
+        evicted = [k for k in self._lru if k not in keep][:max(0, excess)]
+        if len(evicted) < excess:
+            raise fail("pages", f"{len(pages)} pages", f"a prefix that fits capacity_pages={self.capacity}")
+        for k in evicted:
+            del self._lru[k]
         data = [np.ascontiguousarray(pages[i]).reshape(-1).view(np.uint8) for i in new]
         crcs = [crc32(d) for d in data]
         self._backend.put([keys[i] for i in new], data, crcs, evicted)

@@ -68,6 +68,12 @@ def test_lru_eviction(store_path, rng):
         assert kv.stats()["evictions"] == 2
         with pytest.raises(ValueError, match="capacity_pages=4"):
             kv.put_pages(rng.integers(0, 9, size=5 * PT), _pages(rng, 5))
+        # extending a stored prefix evicts other pages, never the prefix itself
+        ext = np.concatenate([c, rng.integers(0, 1000, size=2 * PT)])
+        assert kv.put_pages(ext, _pages(rng, 4)) == 2
+        assert kv.match_prefix(ext)[0] == 4 * PT and kv.match_prefix(a)[0] == 0
+        with pytest.raises(ValueError, match="fits capacity_pages=4"):
+            kv.put_pages(np.concatenate([ext, rng.integers(0, 9, size=PT)]), _pages(rng, 5))
 
 
 @pytest.mark.parametrize("kind", ["slots", "file"])
