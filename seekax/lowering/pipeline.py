@@ -52,6 +52,18 @@ class PipelinePlan:
     tables: dict[str, np.ndarray]
     ticks: tuple[tuple[int, ...], ...]
 
+    def lockstep_makespan(self, costs: dict[str, float] | None = None) -> float:
+        """Time of the lowered program if each tick lasts as long as its longest op (the SPMD program runs
+        ticks in lock-step), to compare with `schedule.simulate(costs).makespan` (ranks run freely)."""
+        from seekax.ir.schedule import UNIT_COSTS
+
+        costs = dict(UNIT_COSTS if costs is None else costs)
+        longest = [0.0] * self.num_ticks
+        for r, ops in enumerate(self.schedule.compute_only().ranks):
+            for t, op in zip(self.ticks[r], ops):
+                longest[t] = max(longest[t], costs[op.kind])
+        return float(sum(longest))
+
     def describe(self) -> str:
         """One row per rank, one column per tick (the op each rank runs)."""
         lines = [f"{self.schedule.name}: {self.num_ticks} ticks, act slots {self.num_act_slots}, "

@@ -105,3 +105,15 @@ def test_rejects_invalid_schedule():
                    ranks=parse_ranks(["0F0", "0F0 0BW0"]))
     with pytest.raises(ValueError, match="no B or BW"):
         lp.plan_pipeline(bad)
+
+
+@pytest.mark.parametrize("kind, n, m, lockstep", [("gpipe", 8, 20, 81), ("zb1p", 8, 20, 67), ("1f1b", 8, 20, 100),
+                                                  ("dualpipe", 8, 20, 72)])
+def test_lockstep_makespan(kind, n, m, lockstep):
+    # The SPMD program runs ticks in lock-step: a tick lasts as long as its longest op. With unit-cost ops only
+    # (GPipe's F phase then BW phase, ZB1P) that equals the free-running replay; 1F1B and DualPipe pay for
+    # mixing F (1) with BW (2) or F&B (3) in one tick.
+    s = make_schedule(kind, n, m)
+    plan = lp.plan_pipeline(s)
+    assert plan.lockstep_makespan() == lockstep
+    assert plan.lockstep_makespan() >= s.simulate().makespan
