@@ -33,7 +33,7 @@ class LoaderConfig:
     block_records: int = 64
     num_epochs: int | None = None
     num_threads: int = 4  # grain threads reading whole batches concurrently (I/O queue depth)
-    prefetch: int = 4
+    prefetch: int = 8  # batches buffered by grain (futures in flight on its threads)
     readahead: int = 4  # batches ahead whose byte ranges are hinted to the kernel (posix_fadvise WILLNEED)
     process_index: int | None = None
     process_count: int | None = None
