@@ -5,6 +5,7 @@ wire per round trip (padded buffers as sent, and the useful payload `DispatchSpe
 destination rank), and the speedup over the naive baseline (all_gather every token to every rank, each rank
 masks in its experts' tokens, psum_scatter the results back). On a CPU the 8 ranks are host devices that
 share the cores: ratios show the algorithmic traffic difference, not interconnect speed.
+On a Hopper GPU it also times the local permute: the Mosaic row-gather kernel vs the XLA gather.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, parser, time_fn  # noqa: E402
 
+from seekax.ir.device import is_hopper  # noqa: E402
 from seekax.ir.dispatch import DispatchSpec  # noqa: E402
+from seekax.lowering import dispatch_permute as perm  # noqa: E402
 from seekax.runtime.ep import ep_combine, ep_dispatch  # noqa: E402
 
 
@@ -108,7 +111,26 @@ def main() -> None:
                          "ms": sec * 1e3, "Mtok_s": p * t / sec / 1e6, "cap": c,
                          "wire_MB_dev": wire_bytes(transport, fp8, p, t, h, k, e, c) / 1e6,
                          "useful_MB_dev": useful / 1e6, "speedup": t_base / sec})
+    if is_hopper():
+        rows += permute_rows(rng, quick=args.quick)
     emit("ep_dispatch", rows, args.json)
+
+
+def permute_rows(rng, *, quick: bool):
+    """GPU only: the local permute (row gather by expert) as the Mosaic kernel vs the XLA gather."""
+    out = []
+    for r, k, g, h in [(4096, 8, 32, 7168)] if not quick else [(1024, 8, 32, 2048)]:
+        idx = jnp.asarray(np.stack([rng.choice(g, k, replace=False) for _ in range(r)]).astype(np.int32))
+        pm = perm.make_permutation(idx, g)
+        x = jnp.asarray(rng.standard_normal((r, h)), jnp.bfloat16)
+        moved = 2 * pm.src_row.shape[0] * h * 2                               # read + write, bf16
+        t_xla = time_fn(jax.jit(lambda x: perm.permute(x, pm, backend="xla")), x)
+        t_mgpu = time_fn(jax.jit(lambda x: perm.permute(x, pm, backend="mosaic")), x)
+        for name, sec in (("permute_xla", t_xla), ("permute_mosaic", t_mgpu)):
+            out.append({"T": r, "H": h, "K": k, "E": g, "ep": 1, "transport": name, "fp8": False,
+                        "ms": sec * 1e3, "Mtok_s": r / sec / 1e6, "cap": 0, "wire_MB_dev": 0.0,
+                        "useful_MB_dev": moved / 1e6, "speedup": t_xla / sec})
+    return out
 
 
 if __name__ == "__main__":

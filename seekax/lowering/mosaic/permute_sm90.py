@@ -24,7 +24,7 @@ from seekax.ir.validate import check_int, fail
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PermuteConfig:
-    """block_rows output rows and block_h columns per CTA (TMA boxes: block_h * itemsize a multiple of 16 B)."""
+    """block_rows output rows and block_h columns per CTA (tile rows of block_h * itemsize, a multiple of 128 B)."""
 
     block_rows: int = 64
     block_h: int = 128
@@ -61,9 +61,10 @@ def _kernel(src_gmem, x_gmem, zero_gmem, out_gmem, tile, barrier, *, config: Per
 def build(m: int, rows: int, h: int, dtype, config: PermuteConfig):
     """A function (src [m] int32, x [rows, h]) -> [m, h]. m is padded up to block_rows internally."""
     br, bh = config.block_rows, min(config.block_h, h)
-    if h % bh or (bh * jnp.dtype(dtype).itemsize) % 16:
+    if h % bh or (bh * jnp.dtype(dtype).itemsize) % 128:
+        # Each row lands at a 128-byte aligned shared-memory address (the safe TMA destination alignment).
         raise NotImplementedError(f"hidden={h}: the Mosaic permute needs hidden a multiple of block_h={bh} "
-                                  "and 16-byte rows")
+                                  "with 128-byte tile rows")
     cfg = dataclasses.replace(config, block_h=bh)
     mp = -(-m // br) * br
     kernel = plgpu.kernel(
