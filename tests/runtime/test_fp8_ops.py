@@ -271,3 +271,13 @@ def test_autotune_caches_a_winner(tmp_path):
     assert best in cands
     spec = fp8.validate_fp8_gemm_nt(*fp8.lowering_example(512, 512, 512)[1], jnp.bfloat16)
     assert cache.get(spec.key(), detect_device().name, jax.__version__) == best.to_dict()
+
+
+def test_auto_falls_back_to_xla_when_the_kernel_declines(rng, monkeypatch):
+    """On Hopper, "auto" runs the kernel and falls back to xla on NotImplementedError; an explicit backend raises."""
+    a, sa, b, sb = _ok(rng, m=64, n=40, k=128)   # N = 40: no FP8 kernel tile divides it
+    monkeypatch.setattr(fp8, "resolve_backend", lambda backend: "mosaic")   # pretend we are on sm_90
+    out = fp8.fp8_gemm_nt(a, sa, b, sb, backend="auto")
+    assert_close(out, np_gemm_nt(a, sa, b, sb), max_rel_err=1e-2)
+    with pytest.raises(NotImplementedError, match="n=40"):
+        fp8.fp8_gemm_nt(a, sa, b, sb, backend="mosaic")
