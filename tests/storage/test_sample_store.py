@@ -141,3 +141,14 @@ def test_epoch_orders():
         BatchPlan(num_records=10, global_batch_size=11)
     with pytest.raises(ValueError, match="mode"):
         BatchPlan(num_records=10, global_batch_size=1, mode="shuffled")
+
+
+def test_advise_and_empty_records(tmp_path, rng):
+    records = [b"", rng.bytes(10), b"", rng.bytes(70000), b""]
+    with SampleStoreWriter(tmp_path / "b", kind="bytes", shard_bytes=1000) as w:
+        w.write_many(records)
+    with SampleStore(tmp_path / "b", max_gap_bytes=0) as store:
+        store.advise([4, 0, 3])  # a hint only: results unchanged
+        assert store.read([4, 3, 2, 1, 0, 0]) == [records[i] for i in (4, 3, 2, 1, 0, 0)]
+        with pytest.raises(ValueError, match="indices=5"):
+            store.advise([5])
