@@ -32,6 +32,7 @@ from common import emit, parser  # noqa: E402
 
 from seekax.lowering.pipeline import plan_pipeline  # noqa: E402
 from seekax.runtime.pipeline_step import make_pipeline_train_step  # noqa: E402
+from seekax.schedules.passes import split_all_backward  # noqa: E402
 from seekax.schedules.registry import make_schedule  # noqa: E402
 
 
@@ -76,9 +77,13 @@ def step_rows(microbatches: int, width: int, tokens: int, iters: int) -> list[di
         return jnp.mean((y - t) ** 2)
 
     rows, base = [], None
-    for kind in ("gpipe", "1f1b", "zb1p", "interleaved", "dualpipe", "dualpipev"):
+    variants = [(k, False) for k in ("gpipe", "1f1b", "zb1p", "interleaved", "dualpipe", "dualpipev")]
+    variants += [("1f1b", True), ("dualpipe", True)]
+    for kind, split in variants:
         n = 8
         s = make_schedule(kind, n, microbatches)
+        if split:  # unit ops only, so lock-step ticks never mix costs (see split_all_backward)
+            s = split_all_backward(s)
         per = layers // s.num_stages
         params = {"w": jnp.asarray(rng.normal(size=(s.num_stages, per, width, width)) / np.sqrt(width) * 0.5,
                                    jnp.float32),
@@ -100,7 +105,7 @@ def step_rows(microbatches: int, width: int, tokens: int, iters: int) -> list[di
         lockstep = plan.lockstep_makespan(costs)
         if kind == "gpipe":
             base = (best, unit, lockstep)
-        rows.append({"part": "step", "kind": kind, "stages": s.num_stages, "ticks": plan.num_ticks,
+        rows.append({"part": "step", "kind": kind + ("+split" if split else ""), "stages": s.num_stages, "ticks": plan.num_ticks,
                      "act_slots": plan.num_act_slots, "compile_s": compile_s, "step_median_s": sec,
                      "step_min_s": best, "min_vs_gpipe": best / base[0], "sim_makespan_vs_gpipe": unit / base[1],
                      "lockstep_vs_gpipe": lockstep / base[2]})

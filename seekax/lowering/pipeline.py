@@ -96,7 +96,8 @@ def _allocate(intervals: list[tuple[int, int, Any]]) -> tuple[dict[Any, int], in
 
 
 def plan_pipeline(schedule: Schedule) -> PipelinePlan:
-    """Ticks, buffer slots and per-rank op tables for `schedule` (compute ops; SEND/RECV are implied)."""
+    """Ticks, buffer slots and per-rank op tables for `schedule` (compute ops; SEND/RECV are implied).
+    To keep ticks free of mixed-cost ops, run `seekax.schedules.passes.split_all_backward` first."""
     s = schedule.compute_only().validate()
     n, S = s.num_ranks, s.num_stages
     costs = {"F": 1.0, "B": 1.0, "W": 1.0, "BW": 1.0, "F&BW": 1.0}

@@ -55,3 +55,21 @@ def split_bw(schedule: Schedule) -> Schedule:
                                                   if op.kind == "BW" else (op,)))
                   for ops in schedule.ranks)
     return dataclasses.replace(schedule, ranks=ranks)
+
+
+def split_all_backward(schedule: Schedule) -> Schedule:
+    """Every op to unit pieces: BW -> B, W and F&BW -> F, B, W (in that order). The lowering's lock-step ticks
+    then never mix a 1-cost op with a 2- or 3-cost one (see `PipelinePlan.lockstep_makespan`), at the price
+    of separate input-grad and weight-grad VJPs (one more stage recompute per backward in seekax's lowering)."""
+    ranks = []
+    for ops in schedule.ranks:
+        out: list[Op] = []
+        for op in ops:
+            if op.kind == "F&BW":
+                out += [Op("F", op.chunk, op.mb), Op("B", op.b_chunk, op.b_mb), Op("W", op.b_chunk, op.b_mb)]
+            elif op.kind == "BW":
+                out += [Op("B", op.chunk, op.mb), Op("W", op.chunk, op.mb)]
+            else:
+                out.append(op)
+        ranks.append(tuple(out))
+    return dataclasses.replace(schedule, ranks=tuple(ranks))

@@ -117,3 +117,14 @@ def test_lockstep_makespan(kind, n, m, lockstep):
     plan = lp.plan_pipeline(s)
     assert plan.lockstep_makespan() == lockstep
     assert plan.lockstep_makespan() >= s.simulate().makespan
+
+
+@pytest.mark.parametrize("kind, n, m, lockstep", [("1f1b", 8, 20, 74), ("dualpipe", 8, 20, 63), ("zb1p", 8, 20, 67)])
+def test_split_backward_keeps_ticks_unit(kind, n, m, lockstep):
+    from seekax.schedules.passes import split_all_backward
+
+    s = split_all_backward(make_schedule(kind, n, m)).validate()
+    assert {op.kind for ops in s.ranks for op in ops} <= {"F", "B", "W"}
+    plan = lp.plan_pipeline(s)
+    assert plan.lockstep_makespan() == plan.num_ticks == lockstep == s.simulate().makespan
+    replay(plan)

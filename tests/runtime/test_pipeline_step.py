@@ -47,6 +47,15 @@ def test_matches_unpipelined_grad(kind, n, m, rng):
     _check(got, reference_train_step(stage_fn, params, xs, loss_fn, ts))
 
 
+@pytest.mark.parametrize("kind", ["1f1b", "dualpipe", "dualpipev"])
+def test_split_backward(kind, rng):
+    s = make_schedule(kind, 4, 8)
+    params, xs, ts = _problem(rng, s.num_stages, 8)
+    mesh = jax.make_mesh((4,), ("pp",), devices=jax.devices()[:4])
+    got = pipeline_train_step(s, stage_fn, params, xs, loss_fn, mesh=mesh, targets=ts, split_backward=True)
+    _check(got, reference_train_step(stage_fn, params, xs, loss_fn, ts))
+
+
 def test_dualpipe_combines_both_copies(rng):
     # Stage r lives on rank r (stream A) and rank N-1-r (stream B): zeroing one stream's inputs must leave
     # only that stream's share, and the full gradient is the sum over both copies.
