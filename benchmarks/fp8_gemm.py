@@ -45,8 +45,17 @@ def _quant(key, shape, block, scale=1.0):
     return fp8.quantize_fp8(x, block)
 
 
-def _row(kind, shape, spec, t, t_base, base_name, backend):
-    return {"kind": kind, "shape": "x".join(map(str, shape)), "backend": backend, "us": t * 1e6,
+def _tile(spec, backend, **heuristic) -> str:
+    """The config the op will use, e.g. "128x128/2wg/5st" (cache or heuristic), for reading GPU results."""
+    if backend == "xla":
+        return "-"
+    c = fp8._config(spec, None, backend, **heuristic)
+    return f"{c.cta_block_m}x{c.cta_block_n}/{c.num_compute_wgs}wg/{c.stages}st"
+
+
+def _row(kind, shape, spec, t, t_base, base_name, backend, **heuristic):
+    return {"kind": kind, "shape": "x".join(map(str, shape)), "backend": backend, "tile": _tile(spec, backend, **heuristic),
+            "us": t * 1e6,
             "tflops": spec.flops() / t / 1e12, "frac_of_floor": spec.floor_seconds(H200) / t,
             "baseline": base_name, "baseline_us": t_base * 1e6, "speedup": t_base / t}
 
@@ -83,7 +92,7 @@ def bench_contiguous(shapes, backend):
         b16 = jnp.swapaxes(fp8.dequantize_fp8(b, sb, (128, 128), dtype=jnp.bfloat16), 1, 2)   # [G, K, N]
         base = jax.jit(lambda x, w, s: jax.lax.ragged_dot(x, w, s, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
         rows.append(_row("contiguous", (g, m_per, n, k), spec, device_time(f, a, sa, b, sb, sizes),
-                         device_time(base, a16, b16, sizes), "ragged_dot_bf16", backend))
+                         device_time(base, a16, b16, sizes), "ragged_dot_bf16", backend, min_block_n=64))
     return rows
 
 
@@ -107,10 +116,14 @@ def bench_masked(shapes, backend):
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--only", choices=("dense", "contiguous", "masked"), default=None)
+    p.add_argument("--autotune", action="store_true", help="GPU: autotune each dense shape first (cached winners)")
     args = p.parse_args()
     gpu = is_hopper()
     quick = args.quick or not gpu
     backend = "mosaic" if gpu else "xla"
+    if args.autotune and gpu:
+        for m, n, k in (QUICK_DENSE if quick else DENSE):
+            print("autotuned", (m, n, k), fp8.autotune_fp8_gemm_nt(m, n, k), flush=True)
     rows = []
     if args.only in (None, "dense"):
         rows += bench_dense(QUICK_DENSE if quick else DENSE, backend)
