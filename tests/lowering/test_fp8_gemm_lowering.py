@@ -87,3 +87,16 @@ def test_gpu_dense_real_shape(m, n, k):
     ref = fp8.fp8_gemm_nt(a, sa, b, sb, backend="xla", out_dtype=jnp.float32)
     assert calc_diff(out, ref) < 1e-5
     assert calc_diff(out, x.astype(jnp.float32) @ w.astype(jnp.float32).T) < 1e-3
+
+
+GOLDEN_REPORTS = {  # (m, n, k) -> the lowered kernel's report; a change to the generated kernel shows up here
+    (4096, 7168, 2048): "smem 199760 B (195.1 KiB of 227 KiB, fits), threads (384, 1, 1), grid (132, 1, 1), "
+                        "wgmma m64n128k32.f32.e4m3.e4m3, TMA yes",
+}
+
+
+@pytest.mark.parametrize("shape", sorted(GOLDEN_REPORTS))
+def test_golden_report(shape):
+    fn, args = fp8.lowering_example(*shape)
+    (report,) = lower_for_hopper(fn, *args).reports
+    assert report.summary() == GOLDEN_REPORTS[shape]
