@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import struct
-from pathlib import Path
 
 from seekax.ir.validate import fail
 from seekax.storage.atomic import (atomic_open, atomic_write_json, crc32, ensure_dir, full_error, is_full_error,

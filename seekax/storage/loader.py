@@ -92,7 +92,8 @@ class Loader:
         else:
             self.process_index, self.process_count = config.process_index, config.process_count
         if config.global_batch_size % self.process_count:
-            raise fail("global_batch_size", config.global_batch_size, f"a multiple of process_count ({self.process_count})")
+            raise fail("global_batch_size", config.global_batch_size,
+                       f"a multiple of process_count ({self.process_count})")
         self.plan = BatchPlan(num_records=self.store.num_records, global_batch_size=config.global_batch_size,
                               seed=config.seed, mode=config.shuffle, block_records=config.block_records,
                               num_epochs=config.num_epochs)

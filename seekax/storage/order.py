@@ -18,7 +18,8 @@ from seekax.ir.validate import check_choice, check_int, fail
 MODES = ("random", "block", "sequential")
 
 
-def epoch_order(num_records: int, *, seed: int, epoch: int, mode: str = "random", block_records: int = 64) -> np.ndarray:
+def epoch_order(num_records: int, *, seed: int, epoch: int, mode: str = "random",
+                block_records: int = 64) -> np.ndarray:
     """Record indices [num_records] int64 in the order epoch `epoch` visits them."""
     check_choice("mode", mode, MODES)
     if mode == "sequential":

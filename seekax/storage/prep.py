@@ -249,7 +249,8 @@ class DataFrame:
         try:
             rows = con.execute(f"DESCRIBE SELECT * FROM {self.session._relation(self.node)} LIMIT 0").fetchall()
         except Exception as e:  # noqa: BLE001 - duckdb.Error subclasses: bad SQL, unknown column, ...
-            raise fail("query", self.node.params[0] if self.node.op == "sql" else self.node.op, f"valid SQL ({e})") from None
+            what = self.node.params[0] if self.node.op == "sql" else self.node.op
+            raise fail("query", what, f"valid SQL ({e})") from None
         return [(r[0], r[1]) for r in rows]
 
     @property

@@ -22,8 +22,9 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from seekax.ir.validate import canonical_dtype, check_choice, check_int, fail
-from seekax.storage.atomic import (TMP_MARK, StorageFullError, atomic_write_json, close_quietly, crc32, ensure_dir, file_crc32,
-                                   fsync_dir, full_error, is_full_error, read_json, remove_tmp_files, tmp_name)
+from seekax.storage.atomic import (TMP_MARK, StorageFullError, atomic_write_json, close_quietly, crc32, ensure_dir,
+                                   file_crc32, fsync_dir, full_error, is_full_error, read_json, remove_tmp_files,
+                                   tmp_name)
 
 FORMAT = "seekax.sample_store"
 VERSION = 1

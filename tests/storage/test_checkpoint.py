@@ -16,7 +16,8 @@ def _state(rng, mesh, spec_w, spec_b):
     w = jax.device_put(jnp.asarray(rng.standard_normal((64, 32)), jnp.bfloat16), NamedSharding(mesh, spec_w))
     b = jax.device_put(jnp.asarray(rng.standard_normal((32,)), jnp.float32), NamedSharding(mesh, spec_b))
     model = {"w": w, "b": b}
-    opt = {"mu": jax.tree.map(lambda x: x * 0.5, model), "count": jax.device_put(jnp.int32(7), NamedSharding(mesh, P()))}
+    count = jax.device_put(jnp.int32(7), NamedSharding(mesh, P()))
+    opt = {"mu": jax.tree.map(lambda x: x * 0.5, model), "count": count}
     return model, opt
 
 
@@ -46,7 +47,8 @@ def test_save_restore_other_sharding_bit_exact(tmp_path, rng):
     opt_t = target(opt, {"mu": {"w": P(None, "y"), "b": P("x")}, "count": P()})
     with TrainCheckpointer(tmp_path / "ckpt") as ckpt:
         m2, o2, loader_state = ckpt.restore(model_target=model_t, opt_target=opt_t)
-    for got, want, tgt in zip(jax.tree.leaves((m2, o2)), jax.tree.leaves((model, opt)), jax.tree.leaves((model_t, opt_t))):
+    leaves = zip(jax.tree.leaves((m2, o2)), jax.tree.leaves((model, opt)), jax.tree.leaves((model_t, opt_t)))
+    for got, want, tgt in leaves:
         assert got.sharding == tgt.sharding and got.dtype == want.dtype
         np.testing.assert_array_equal(_bits(got), _bits(want))
     resumed = Loader(tmp_path / "data", LoaderConfig(global_batch_size=16, seed=4))

@@ -1,6 +1,5 @@
 """Sample store: round trips, coalesced batch reads, checksums, torn/incomplete stores, bad input."""
 
-import os
 
 import numpy as np
 import pytest

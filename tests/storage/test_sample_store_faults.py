@@ -1,6 +1,5 @@
 """Fault injection: a writer SIGKILLed at random points, a full disk (RLIMIT_FSIZE). Each case: seconds."""
 
-import os
 import signal
 import subprocess
 import sys
