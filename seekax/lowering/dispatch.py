@@ -198,13 +198,13 @@ def ep_dispatch(x, topk_idx: jax.Array, topk_weights: jax.Array | None = None, *
                           dropped, handle)
 
     per_rank = num_experts // p
-    lo = jnp.arange(p, dtype=jnp.int32)[None, :, None] * per_rank               # [1, P, 1] first expert of d
-    local = topk_idx[:, None, :] - lo                                            # [T, P, K]
-    is_local = (topk_idx[:, None, :] >= 0) & (local >= 0) & (local < per_rank)
+    sd = route.slot_dest[:, :, None]                                             # [T, S, 1] slot's rank
+    local = topk_idx[:, None, :] - sd * per_rank                                 # [T, S, K]
+    is_local = (topk_idx[:, None, :] >= 0) & (topk_idx[:, None, :] // per_rank == sd)
     # Local ids and weights travel together in one float32 payload [R, 2K] (ids bitcast), differentiable in
     # the weights; received rows past num_recv are padding.
     ids_bits = jax.lax.bitcast_convert_type(jnp.where(is_local, local, -1).astype(jnp.int32), jnp.float32)
-    w_slots = jnp.where(is_local, topk_weights.astype(jnp.float32)[:, None, :], 0.0)        # [T, P, K]
+    w_slots = jnp.where(is_local, topk_weights.astype(jnp.float32)[:, None, :], 0.0)        # [T, S, K]
     meta = tr.distribute(jnp.concatenate([ids_bits, w_slots], -1), route)                    # [R, 2K]
     valid = jnp.arange(meta.shape[0]) < num_recv                                             # [R]
     recv_idx = jnp.where(valid[:, None], jax.lax.bitcast_convert_type(meta[:, :k], jnp.int32), -1)

@@ -1,8 +1,9 @@
 """Where every token copy goes: DeepEP's dispatch layout and the index plan ("route") of one EP rank.
 
 A route maps source *slots* to rows of a send buffer and received rows back, for one transport:
-- high-throughput (normal) mode: slot (t, d) = "token t is needed on rank d", S = ep_size slots a token,
-  one copy per destination rank (DeepEP's dedup), received grouped by source rank, source order kept;
+- high-throughput (normal) mode: slot (t, j) = "token t's j-th destination rank", S = min(top_k, ep_size)
+  slots a token, one copy per destination rank (DeepEP's dedup), received grouped by source rank, source
+  order kept;
 - low-latency mode: slot (t, k) = "token t's k-th selected expert", S = top_k, one copy per expert,
   received into fixed per-expert buffers [local_experts, ep_size * max_tokens_per_rank].
 All shapes are static (worst case or the caller's capacity); data-dependent sizes travel as counts.
@@ -65,6 +66,7 @@ class Route:
 
     buf_slot: jax.Array      # [B] source slot (t * S + s) of each send-buffer row; T * S = empty row
     slot_buf: jax.Array      # [T * S] send-buffer row of each slot; B = not sent
+    slot_dest: jax.Array     # normal mode: [T, S] destination rank of each slot (P = none); low latency: None
     recv_index: jax.Array    # dense: [R] compact received row -> padded received row (B = none)
     unc_index: jax.Array     # dense: [B] padded received row -> compact row (R = none)
     send_counts: jax.Array   # ragged: [P] rows sent to each rank
@@ -90,7 +92,7 @@ class Route:
 
 jax.tree_util.register_dataclass(
     Route,
-    data_fields=["buf_slot", "slot_buf", "recv_index", "unc_index", "send_counts", "send_offsets",
+    data_fields=["buf_slot", "slot_buf", "slot_dest", "recv_index", "unc_index", "send_counts", "send_offsets",
                  "recv_counts", "recv_offsets", "out_offsets", "back_offsets"],
     meta_fields=["transport", "axis_name", "num_tokens", "slots", "buf_rows", "recv_shape"],
 )
@@ -131,18 +133,24 @@ def high_throughput_route(topk_idx: jax.Array, *, num_experts: int, axis_name, c
     kept = in_rank & (pos < c)
     send_counts = jnp.minimum(raw, c)                                            # [P]
     dropped = (raw - send_counts).sum()
-    slot_ids = jnp.arange(t * p, dtype=jnp.int32)
     if transport in DENSE_TRANSPORTS:
         b = p * c
-        row = jnp.arange(p, dtype=jnp.int32)[None] * c + pos
+        row = jnp.arange(p, dtype=jnp.int32)[None] * c + pos                    # [T, P]
     else:
         b = max(min(t * min(k, p), p * c), 1)
         send_offsets = exclusive_cumsum(send_counts)
         row = send_offsets[None] + pos
-    slot_buf = jnp.where(kept, row, b).reshape(-1).astype(jnp.int32)             # [T*P]
-    buf_slot = jnp.full((b,), t * p, jnp.int32).at[slot_buf].set(slot_ids, mode="drop")
-    common = dict(buf_slot=buf_slot, slot_buf=slot_buf, transport=transport, axis_name=axis_name,
-                  num_tokens=t, slots=p, buf_rows=b, recv_shape=(p * c,))
+    # Slot j of token t = its j-th destination rank (ascending): S = min(K, P) slots, not P, so combine
+    # gathers [T, min(K, P), H] rather than [T, P, H] (EP 64: 8x less).
+    s_n = min(k, p)
+    slot_of = jnp.cumsum(in_rank, 1, dtype=jnp.int32) - 1 + jnp.arange(t, dtype=jnp.int32)[:, None] * s_n
+    slot_of = jnp.where(in_rank, slot_of, t * s_n)                              # [T, P], T*S = none
+    slot_buf = jnp.full((t * s_n,), b, jnp.int32).at[jnp.where(kept, slot_of, t * s_n)].set(row, mode="drop")
+    buf_slot = jnp.full((b,), t * s_n, jnp.int32).at[jnp.where(kept, row, b)].set(slot_of, mode="drop")
+    slot_dest = jnp.full((t * s_n,), p, jnp.int32).at[slot_of].set(
+        jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (t, p)), mode="drop").reshape(t, s_n)
+    common = dict(buf_slot=buf_slot, slot_buf=slot_buf, slot_dest=slot_dest, transport=transport,
+                  axis_name=axis_name, num_tokens=t, slots=s_n, buf_rows=b, recv_shape=(p * c,))
     if transport in DENSE_TRANSPORTS:
         recv_counts = all_to_all(send_counts.reshape(p, 1), axis_name)           # [P, 1] from each source
         recv_index, unc_index = _dense_compaction(recv_counts, c)
@@ -178,7 +186,7 @@ def low_latency_route(topk_idx: jax.Array, *, num_experts: int, axis_name, max_t
     buf_slot = jnp.full((b,), t * k, jnp.int32).at[slot_buf].set(jnp.arange(t * k, dtype=jnp.int32), mode="drop")
     recv_counts = all_to_all(send_counts.reshape(p, per_rank), axis_name)        # [P(src), E_local]
     recv_index, unc_index = _dense_compaction(recv_counts, m)
-    route = Route(buf_slot=buf_slot, slot_buf=slot_buf, recv_index=recv_index, unc_index=unc_index,
+    route = Route(buf_slot=buf_slot, slot_buf=slot_buf, slot_dest=_EMPTY, recv_index=recv_index, unc_index=unc_index,
                   send_counts=_EMPTY, send_offsets=_EMPTY, recv_counts=_EMPTY, recv_offsets=_EMPTY,
                   out_offsets=_EMPTY, back_offsets=_EMPTY, transport="low_latency", axis_name=axis_name,
                   num_tokens=t, slots=k, buf_rows=b, recv_shape=(per_rank, p * m))

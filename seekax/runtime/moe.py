@@ -58,7 +58,10 @@ def init_moe_params(key: jax.Array, cfg: MoeConfig, *, dtype=jnp.bfloat16, num_s
     e, h, i = cfg.num_experts, cfg.hidden, cfg.moe_inter
     s = e if num_slots is None else num_slots
     ks = jax.random.split(key, 7)
-    nrm = lambda k, shape, fan_in: (jax.random.normal(k, shape, jnp.float32) / jnp.sqrt(fan_in)).astype(dtype)  # noqa: E731
+
+    def nrm(k, shape, fan_in):
+        return (jax.random.normal(k, shape, jnp.float32) / jnp.sqrt(fan_in)).astype(dtype)
+
     params = {
         "gate": jax.random.normal(ks[0], (e, h), jnp.float32) / jnp.sqrt(h),
         "gate_bias": jnp.zeros((e,), jnp.float32),
