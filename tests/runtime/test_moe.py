@@ -35,16 +35,23 @@ def gate_numpy(x, gate, bias, cfg):
     return np.array(idx), np.array(ws)
 
 
-def test_route_matches_deepseek_gate(rng):
-    x = rng.standard_normal((24, CFG.hidden)).astype(np.float32)
-    params = init_moe_params(jax.random.key(1), CFG)
-    bias = rng.standard_normal(CFG.num_experts).astype(np.float32) * 0.3   # bias steers selection only
-    idx, w = route(jnp.asarray(x), params["gate"], jnp.asarray(bias), CFG)
-    want_idx, want_w = gate_numpy(x, params["gate"], bias, CFG)
+V3 = MoeConfig(hidden=64, moe_inter=16, num_experts=256, top_k=8, n_groups=8, topk_group=4, shared=1,
+               routed_scaling_factor=2.5)   # DeepSeek-V3's routing shape (small hidden)
+
+
+@pytest.mark.parametrize("cfg", [CFG, V3], ids=["small", "v3_routing"])
+def test_route_matches_deepseek_gate(rng, cfg):
+    x = rng.standard_normal((24, cfg.hidden)).astype(np.float32)
+    params = init_moe_params(jax.random.key(1), cfg)
+    bias = rng.standard_normal(cfg.num_experts).astype(np.float32) * 0.3   # bias steers selection only
+    idx, w = route(jnp.asarray(x), params["gate"], jnp.asarray(bias), cfg)
+    want_idx, want_w = gate_numpy(x, params["gate"], bias, cfg)
     np.testing.assert_array_equal(np.sort(idx, 1), np.sort(want_idx, 1))
     order = lambda i, v: np.take_along_axis(np.asarray(v), np.argsort(np.asarray(i), 1), 1)  # noqa: E731
     np.testing.assert_allclose(order(idx, w), order(want_idx, want_w), rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(w).sum(1), CFG.routed_scaling_factor, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(w).sum(1), cfg.routed_scaling_factor, rtol=1e-5)
+    groups = np.asarray(idx) // (cfg.num_experts // cfg.n_groups)
+    assert max(len(set(row)) for row in groups.tolist()) <= cfg.topk_group
 
 
 def ep_moe(mesh, cfg, params, x, *, placement=None, transport="padded", with_grad=False):
