@@ -7,6 +7,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from seekax.runtime.pipeline_step import make_pipeline_train_step, pipeline_train_step, reference_train_step
+from seekax.schedules.interleaved import interleaved_1f1b
 from seekax.schedules.registry import GENERATORS, make_schedule
 from seekax.testing.compare import assert_close
 
@@ -53,6 +54,17 @@ def test_split_backward(kind, rng):
     params, xs, ts = _problem(rng, s.num_stages, 8)
     mesh = jax.make_mesh((4,), ("pp",), devices=jax.devices()[:4])
     got = pipeline_train_step(s, stage_fn, params, xs, loss_fn, mesh=mesh, targets=ts, split_backward=True)
+    _check(got, reference_train_step(stage_fn, params, xs, loss_fn, ts))
+
+
+@pytest.mark.parametrize("make, n", [(lambda: make_schedule("1f1b", 1, 3), 1),
+                                     (lambda: interleaved_1f1b(2, 4, 3), 2),
+                                     (lambda: make_schedule("dualpipe", 2, 4), 2)], ids=["1rank", "v3", "dp2"])
+def test_edge_sizes(make, n, rng):
+    s = make()
+    params, xs, ts = _problem(rng, s.num_stages, s.num_microbatches)
+    mesh = jax.make_mesh((n,), ("pp",), devices=jax.devices()[:n])
+    got = pipeline_train_step(s, stage_fn, params, xs, loss_fn, mesh=mesh, targets=ts)
     _check(got, reference_train_step(stage_fn, params, xs, loss_fn, ts))
 
 
