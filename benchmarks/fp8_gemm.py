@@ -113,9 +113,24 @@ def bench_masked(shapes, backend):
     return rows
 
 
+def bench_quantize(shapes, backend):
+    """Per-token (1, 128) quantisation: the kernel vs XLA's fused version; floor = bytes / HBM bandwidth."""
+    rows = []
+    for m, k in shapes:
+        x = jax.random.normal(jax.random.key(m + k), (m, k), jnp.bfloat16)
+        f = jax.jit(functools.partial(fp8.quantize_fp8, backend=backend))
+        base = jax.jit(functools.partial(fp8.quantize_fp8, backend="xla"))
+        t, t_base = device_time(f, x), device_time(base, x)
+        floor = (m * k * 2 + m * k + 4 * m * k // 128) / H200.hbm_bandwidth
+        rows.append({"kind": "quantize", "shape": f"{m}x{k}", "backend": backend, "tile": "-" if backend == "xla" else "64x128", "us": t * 1e6,
+                     "tflops": 0.0, "frac_of_floor": floor / t, "baseline": "xla_quantize",
+                     "baseline_us": t_base * 1e6, "speedup": t_base / t})
+    return rows
+
+
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--only", choices=("dense", "contiguous", "masked"), default=None)
+    p.add_argument("--only", choices=("dense", "contiguous", "masked", "quantize"), default=None)
     p.add_argument("--autotune", action="store_true", help="GPU: autotune each dense shape first (cached winners)")
     args = p.parse_args()
     gpu = is_hopper()
@@ -131,6 +146,8 @@ def main() -> None:
         rows += bench_contiguous(QUICK_CONTIGUOUS if quick else CONTIGUOUS, backend)
     if args.only in (None, "masked"):
         rows += bench_masked(QUICK_MASKED if quick else MASKED, backend)
+    if args.only in (None, "quantize"):
+        rows += bench_quantize([(256, 512)] if quick else [(4096, 7168), (32768, 7168), (4096, 2048)], backend)
     emit("fp8_gemm", rows, args.json)
     if not gpu:
         print("(CPU dry run: xla backend only; ratios compare XLA paths, not the Mosaic kernels)")

@@ -157,15 +157,27 @@ def _validate_quantize(x, block) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------------- quantisation
-def quantize_fp8(x, block=ACT_BLOCK, *, pow2_scale: bool = False):
+def quantize_fp8(x, block=ACT_BLOCK, *, pow2_scale: bool = False, backend: str = "auto"):
     """x: [..., M, K] f32/bf16/f16 -> (x_fp8 [..., M, K_pad] e4m3, scale [..., ceil(M/b0), ceil(K/128)] f32).
 
     scale = max(amax, 1e-4) / 448 per block (block = (1, 128) activations, (128, 128) weights), K
     zero-padded to a multiple of 128; pow2_scale rounds scales up to powers of two (UE8M0-style).
-    XLA fuses this memory-bound elementwise work well, so it has one backend.
+    The Mosaic kernel covers per-token (1, 128) groups with K a multiple of 128 and plain scales (bit-equal
+    to the xla path); anything else runs on XLA, which fuses this memory-bound work.
     """
     block = _validate_quantize(x, block)
-    return ref.quantize_fp8(x, block, pow2_scale=pow2_scale)
+
+    def mosaic(backend):
+        if block != ACT_BLOCK or pow2_scale:
+            raise NotImplementedError("the quantisation kernel covers block=(1, 128) without pow2_scale")
+        from seekax.lowering.mosaic import fp8_quant_sm90
+
+        *lead, m, k = x.shape
+        x2 = x.reshape(-1, k)                                                       # [T, K]
+        q, s = run_kernel(fp8_quant_sm90.build(x2.shape[0], k, x.dtype), x2, backend=backend)
+        return q.reshape(*lead, m, k), s.reshape(*lead, m, k // BLOCK)
+
+    return _run(backend, mosaic, lambda: ref.quantize_fp8(x, block, pow2_scale=pow2_scale))
 
 
 def dequantize_fp8(x_fp8, scale, block=ACT_BLOCK, *, dtype=jnp.float32):

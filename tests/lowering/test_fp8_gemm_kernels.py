@@ -182,3 +182,25 @@ def test_scales_are_tma_aligned():
     assert t.shape == (3, 204)
     np.testing.assert_array_equal(np.asarray(t[:, :201]), np.asarray(s).T)
     assert tma_aligned_scales(jnp.ones((2, 100, 5))).shape == (2, 5, 100)
+
+
+# ----------------------------------------------------------------------------------------------- quantisation
+@pytest.mark.parametrize("backend", [pytest.param("interpret"), pytest.param("mosaic", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("shape,dtype", [((200, 384), jnp.bfloat16), ((2, 64, 256), jnp.float32),
+                                         ((1, 128), jnp.float16)])
+def test_quantize_kernel_is_bit_equal_to_oracle(rng, backend, shape, dtype):
+    x = rng.standard_normal(shape).astype(np.float32) * rng.uniform(0.1, 10, size=shape[:-1] + (1,))
+    x[..., :1, :128] = 0.0                                    # an all-zero group: the 1e-4 clamp
+    x = jnp.asarray(x, dtype)
+    q, s = run(backend, fp8.quantize_fp8, x)
+    rq, rs = fp8.quantize_fp8(x, backend="xla")
+    assert q.shape == rq.shape and q.dtype == rq.dtype and s.shape == rs.shape
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(rs))
+    np.testing.assert_array_equal(np.asarray(q).view(np.uint8), np.asarray(rq).view(np.uint8))
+
+
+def test_quantize_kernel_declines_what_it_does_not_cover():
+    with pytest.raises(NotImplementedError):
+        run("interpret", fp8.quantize_fp8, jnp.ones((64, 200), jnp.bfloat16))           # K not a multiple of 128
+    with pytest.raises(NotImplementedError):
+        run("interpret", fp8.quantize_fp8, jnp.ones((128, 128), jnp.bfloat16), (128, 128))

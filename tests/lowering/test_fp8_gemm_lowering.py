@@ -100,3 +100,9 @@ def test_golden_report(shape):
     fn, args = fp8.lowering_example(*shape)
     (report,) = lower_for_hopper(fn, *args).reports
     assert report.summary() == GOLDEN_REPORTS[shape]
+
+
+def test_quantize_kernel_lowers():
+    fn = functools.partial(fp8.quantize_fp8, backend="mosaic")
+    (report,) = lower_for_hopper(fn, S((4096, 7168), jnp.bfloat16)).reports
+    assert report.fits_smem and report.tma and not report.wgmma, report.summary()
