@@ -3,8 +3,8 @@ under 1 s for DualPipe); (2) step time of every schedule lowered by `pipeline_tr
 host devices unless a GPU machine provides 8), best of N calls as a ratio to GPipe's best in the same run
 (the minimum resists other jobs on a shared machine; the median is printed too), next to the
 unit-cost makespan ratios: free-running replay (`simulate`) and the lowered program's lock-step ticks
-(`PipelinePlan.lockstep_makespan`: every tick lasts as long as its longest op). Every schedule runs the same model: 16 layers (2 per stage where a
-schedule has 8 stages, 1 where it has 16) of tanh(x W + b) + x.
+(`PipelinePlan.lockstep_makespan`: every tick lasts as long as its longest op). Every schedule runs the
+same model: 16 layers (2 per stage where a schedule has 8 stages, 1 where it has 16) of tanh(x W + b) + x.
 
   .venv/bin/python benchmarks/schedules.py [--quick] [--json OUT.json]
 """
@@ -105,7 +105,8 @@ def step_rows(microbatches: int, width: int, tokens: int, iters: int) -> list[di
         lockstep = plan.lockstep_makespan(costs)
         if kind == "gpipe":
             base = (best, unit, lockstep)
-        rows.append({"part": "step", "kind": kind + ("+split" if split else ""), "stages": s.num_stages, "ticks": plan.num_ticks,
+        rows.append({"part": "step", "kind": kind + ("+split" if split else ""), "stages": s.num_stages,
+                     "ticks": plan.num_ticks,
                      "act_slots": plan.num_act_slots, "compile_s": compile_s, "step_median_s": sec,
                      "step_min_s": best, "min_vs_gpipe": best / base[0], "sim_makespan_vs_gpipe": unit / base[1],
                      "lockstep_vs_gpipe": lockstep / base[2]})

@@ -112,9 +112,11 @@ class Schedule:
             raise fail("num_microbatches", self.num_microbatches, f"a multiple of the {self.num_streams} streams")
         # Every stream must pass through stages 0..S-1 exactly once.
         for d in range(self.num_streams):
-            stages = sorted(s for r in range(n) for c, s in enumerate(self.chunk_stages[r]) if self.chunk_streams[r][c] == d)
+            stages = sorted(st for r in range(n) for c, st in enumerate(self.chunk_stages[r])
+                            if self.chunk_streams[r][c] == d)
             if stages != list(range(self.num_stages)):
-                raise fail("chunk_stages", self.chunk_stages, f"stream {d} to visit stages 0..{self.num_stages - 1} once")
+                raise fail("chunk_stages", self.chunk_stages,
+                           f"stream {d} to visit stages 0..{self.num_stages - 1} once")
 
     # --- placement -----------------------------------------------------------------------------------------
     @property
@@ -298,7 +300,8 @@ def _validate(s: Schedule) -> None:
                     raise fail(f"rank {r} step {i} op", str(op), f"chunk < {nc} and micro-batch < {mps}")
                 key = ("B" if kind == "BW" else kind, c, m)
                 if key in seen:
-                    raise fail(f"rank {r} step {i} op", str(op), f"one {kind} per (chunk, micro-batch) (again after step {seen[key]})")
+                    raise fail(f"rank {r} step {i} op", str(op),
+                               f"one {kind} per (chunk, micro-batch) (again after step {seen[key]})")
                 seen[key] = i
                 if kind in ("B", "BW") and ("F", c, m) not in seen:
                     raise fail(f"rank {r} step {i} op", str(op), f"after the forward {c}F{m}")
