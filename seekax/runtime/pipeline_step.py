@@ -108,6 +108,7 @@ def pipeline_train_step(schedule: Schedule, stage_fn: Callable, params: Any, mic
     or None (then loss_fn(y)). stage_fn(stage_params, x: [*x]) -> [*x]. mesh: has `pp_axis` of size
     num_ranks (other axes: see the module docstring). grads: same tree and shapes as params.
     DualPipe: micro-batches [0, M/2) enter at rank 0, [M/2, M) at rank N-1; both run the same stages.
+    split_backward: see `make_pipeline_train_step`. The built step is cached per arguments (not per values).
     """
     key = (schedule, stage_fn, loss_fn, mesh, pp_axis, _freeze(param_specs), batch_spec, targets is not None,
            split_backward)
