@@ -72,7 +72,7 @@ def make_pipeline_train_step(schedule: Schedule | PipelinePlan, stage_fn: Callab
         mb_spec = P(None, *batch_spec)
         tgt = targets if with_targets else jnp.zeros((s.num_microbatches,), jnp.float32)
         tgt_spec = mb_spec if with_targets else P()
-        put = lambda x, sp: jax.sharding.reshard(x, NamedSharding(mesh, sp))  # noqa: E731
+        put = _placer(mesh)
         local = jax.tree.map(put, local, pspec, is_leaf=lambda x: isinstance(x, P))
         microbatches = put(microbatches, mb_spec)
         tgt = put(tgt, tgt_spec)
@@ -121,6 +121,15 @@ def pipeline_train_step(schedule: Schedule, stage_fn: Callable, params: Any, mic
             _STEPS.pop(next(iter(_STEPS)))
         _STEPS[key] = step
     return step(params, microbatches, targets)
+
+
+def _placer(mesh: jax.sharding.Mesh) -> Callable:
+    """Place a value inside jit: `reshard` on Explicit meshes (JAX 0.11's default), a sharding constraint
+    on Auto ones."""
+    explicit = all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+    if explicit:
+        return lambda x, sp: jax.sharding.reshard(x, NamedSharding(mesh, sp))
+    return lambda x, sp: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, sp))
 
 
 # Built steps by (schedule, functions, mesh, specs): repeated calls reuse the plan and the jit cache.

@@ -68,6 +68,14 @@ def test_edge_sizes(make, n, rng):
     _check(got, reference_train_step(stage_fn, params, xs, loss_fn, ts))
 
 
+def test_auto_axes_mesh(rng):
+    s = make_schedule("dualpipev", 4, 8)
+    params, xs, ts = _problem(rng, s.num_stages, 8)
+    mesh = jax.make_mesh((4,), ("pp",), devices=jax.devices()[:4], axis_types=(jax.sharding.AxisType.Auto,))
+    got = pipeline_train_step(s, stage_fn, params, xs, loss_fn, mesh=mesh, targets=ts)
+    _check(got, reference_train_step(stage_fn, params, xs, loss_fn, ts))
+
+
 def test_dualpipe_combines_both_copies(rng):
     # Stage r lives on rank r (stream A) and rank N-1-r (stream B): zeroing one stream's inputs must leave
     # only that stream's share, and the full gradient is the sum over both copies.
