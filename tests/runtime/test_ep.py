@@ -138,3 +138,18 @@ def test_ragged_runs_on_gpu_and_equals_padded(rng):
     want = _run(mesh, fn("padded"), x, idx, w)
     for g, wnt in zip(got, want):
         np.testing.assert_array_equal(g, wnt)
+
+
+def test_fp8_tuple_payload_equals_internal_quantisation(rng):
+    """A caller-quantised (x_fp8, scale) from seekax.runtime.fp8 travels as-is and equals fp8=True."""
+    from seekax.runtime.fp8 import quantize_fp8
+
+    x = jnp.asarray(rng.standard_normal((6, 256)), jnp.bfloat16)
+    idx = jnp.asarray(rng.integers(-1, 8, (6, 2)), jnp.int32)
+    xq, scale = quantize_fp8(x)
+    a = ep.ep_dispatch((xq, scale), idx, num_experts=8, axis_name=None)
+    b = ep.ep_dispatch(x, idx, num_experts=8, axis_name=None, fp8=True)
+    np.testing.assert_array_equal(np.asarray(a.x).view(np.uint8), np.asarray(b.x).view(np.uint8))
+    np.testing.assert_array_equal(np.asarray(a.x_scale), np.asarray(b.x_scale))
+    with pytest.raises(ValueError, match="x_scale.shape"):
+        ep.ep_dispatch((xq, scale[:, :1]), idx, num_experts=8, axis_name=None)
