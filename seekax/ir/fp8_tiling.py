@@ -91,7 +91,8 @@ def _out_itemsize(spec) -> int:
     return {"float32": 4}.get(spec.out_dtype, 2)
 
 
-def _deepest(cfg: Fp8TileConfig, out_itemsize: int, k_steps: int, limit: int, col_scales: bool = False) -> Fp8TileConfig:
+def _deepest(cfg: Fp8TileConfig, out_itemsize: int, k_steps: int, limit: int,
+             col_scales: bool = False) -> Fp8TileConfig:
     """The deepest pipeline (<= 6 stages, <= K steps, >= 2) that fits the shared-memory budget."""
     for stages in range(6, 1, -1):
         c = dataclasses.replace(cfg, stages=stages)

@@ -356,7 +356,8 @@ def fp8_linear(x, w, *, backend: str = "auto"):
     if getattr(w, "ndim", None) != 2:
         raise fail("w.shape", tuple(getattr(w, "shape", ())), "[N, K]")
     if getattr(x, "ndim", 0) < 1 or x.shape[-1] != w.shape[1]:
-        raise fail("x.shape", tuple(getattr(x, "shape", ())), f"[..., K] with K={w.shape[1]} matching w.shape={tuple(w.shape)}")
+        raise fail("x.shape", tuple(getattr(x, "shape", ())),
+                   f"[..., K] with K={w.shape[1]} matching w.shape={tuple(w.shape)}")
     check_array_dtype("x", x, ("float32", "bfloat16", "float16"))
     check_array_dtype("w", w, ("float32", "bfloat16", "float16"))
     resolve_backend(backend)

@@ -79,7 +79,8 @@ def store_tile(acc, out_smem, out_gmem_tile, *, wg, epi_n: int):
 
 
 def _kernel(a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem, *, config: Fp8TileConfig):
-    """a_gmem [M, K] e4m3; sa_gmem [Kb, M4] f32 (M-major, M4 = M rounded up to 4); b_gmem [N, K] e4m3; sb_gmem [Nb, Kb] f32."""
+    """a_gmem [M, K] e4m3; sa_gmem [Kb, M4] f32 (M-major, M4 = M rounded up to 4); b_gmem [N, K] e4m3;
+    sb_gmem [Nb, Kb] f32."""
     m, k = a_gmem.shape
     n = b_gmem.shape[0]
     bm, bn = config.block_m, config.block_n
@@ -145,7 +146,8 @@ def _kernel(a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem, *, config: Fp8TileConfig
 def check_problem(m: int, n: int, k: int, config: Fp8TileConfig) -> None:
     """Shapes this kernel handles (valid input outside them raises NotImplementedError: the xla path runs)."""
     if n % config.cta_block_n:
-        raise NotImplementedError(f"n={n}: the FP8 kernel needs a multiple of cta_block_n={config.cta_block_n} ({config})")
+        raise NotImplementedError(f"n={n}: the FP8 kernel needs a multiple of cta_block_n={config.cta_block_n} "
+                                  f"({config})")
     if k % FP8_BLOCK_K:
         raise NotImplementedError(f"k={k}: the FP8 kernel needs a multiple of {FP8_BLOCK_K} (quantize_fp8 pads K)")
     if m == 0:

@@ -205,7 +205,8 @@ def check_problem(n: int, k: int, config: Fp8TileConfig) -> None:
     if n % config.cta_block_n:
         raise NotImplementedError(f"n={n}: the FP8 grouped kernel needs a multiple of cta_block_n={config.cta_block_n}")
     if k % FP8_BLOCK_K:
-        raise NotImplementedError(f"k={k}: the FP8 grouped kernel needs a multiple of {FP8_BLOCK_K} (quantize_fp8 pads K)")
+        raise NotImplementedError(f"k={k}: the FP8 grouped kernel needs a multiple of {FP8_BLOCK_K} "
+                                  "(quantize_fp8 pads K)")
 
 
 def contiguous_smem_bytes(config: Fp8TileConfig, out_itemsize: int) -> int:

@@ -116,7 +116,8 @@ def build(spec, config: Fp8TileConfig, num_sms: int):
     """f(a [T, M], a_scale [T/128, M], b [T, N], b_scale [T/128, N], group_sizes_k [G]) -> [G, M, N]."""
     g, m, n, t = spec.num_groups, spec.m, spec.n, spec.k
     if n % config.cta_block_n:
-        raise NotImplementedError(f"n={n}: the k-grouped FP8 kernel needs a multiple of cta_block_n={config.cta_block_n}")
+        raise NotImplementedError(f"n={n}: the k-grouped FP8 kernel needs a multiple of "
+                                  f"cta_block_n={config.cta_block_n}")
     if t == 0 or m == 0:
         raise NotImplementedError("no tokens or no rows: nothing to launch")
     out_dtype = jnp.dtype(spec.out_dtype)

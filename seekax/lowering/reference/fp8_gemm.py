@@ -84,7 +84,8 @@ def m_grouped_fp8_gemm_nt_contiguous(a, a_scale, b, b_scale, group_sizes, *, out
 
 
 def m_grouped_fp8_gemm_nt_masked(a, a_scale, b, b_scale, masked_m, *, out_dtype=jnp.bfloat16):
-    """a: [G, M_max, K], a_scale: [G, M_max, Kb], b: [G, N, K], masked_m: [G] -> [G, M_max, N]; rows >= masked_m[g] are 0."""
+    """a: [G, M_max, K], a_scale: [G, M_max, Kb], b: [G, N, K], masked_m: [G] -> [G, M_max, N];
+    rows >= masked_m[g] are 0."""
     a32 = dequantize_fp8(a, a_scale, (1, SCALE_BLOCK))                            # [G, M_max, K]
     b32 = dequantize_fp8(b, b_scale, (SCALE_BLOCK, SCALE_BLOCK))                  # [G, N, K]
     out = jnp.einsum("gmk,gnk->gmn", a32, b32, precision=_HI, preferred_element_type=jnp.float32)  # [G, M_max, N]
