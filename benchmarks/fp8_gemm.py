@@ -7,7 +7,9 @@ median of 10 calls; on a CPU (`--quick`, xla backend only) median wall time.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import statistics
 import sys
 from pathlib import Path
@@ -26,7 +28,8 @@ NK = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7
 DENSE = [(m, n, k) for m in (64, 128, 4096) for n, k in NK]
 CONTIGUOUS = [(4, 8192, 4096, 7168), (4, 8192, 7168, 2048), (8, 4096, 4096, 7168), (8, 4096, 7168, 2048)]
 MASKED = [(g, m, n, k) for g, m in ((1, 1024), (2, 512), (4, 256)) for n, k in ((4096, 7168), (7168, 2048))]
-QUICK_DENSE = [(64, 256, 256), (128, 512, 384)]
+QUANTIZE = [(4096, 7168), (32768, 7168), (4096, 2048)]
+QUICK_DENSE, QUICK_QUANTIZE = [(64, 256, 256), (128, 512, 384)], [(256, 512)]
 QUICK_CONTIGUOUS, QUICK_MASKED = [(2, 128, 256, 256)], [(2, 64, 256, 256)]
 
 
@@ -65,73 +68,65 @@ def _ragged_dot_bf16(x, w, sizes):
     return jax.lax.ragged_dot(x, w, sizes, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
 
 
-def bench_dense(shapes, backend):
-    rows = []
-    for m, n, k in shapes:
-        ka, kb = jax.random.split(jax.random.key(m * 7 + n * 3 + k))
-        a, sa = _quant(ka, (m, k), (1, 128))
-        b, sb = _quant(kb, (n, k), (128, 128), 0.05)
-        spec = GemmSpec(m=m, n=n, k=k, a_dtype="float8_e4m3fn", b_dtype="float8_e4m3fn", a_scale=(1, 128),
-                        b_scale=(128, 128))
-        f = jax.jit(functools.partial(fp8.fp8_gemm_nt, backend=backend))
-        base = jax.jit(lambda a, sa, b, sb: jnp.einsum(
-            "mk,nk->mn", fp8.dequantize_fp8(a, sa, dtype=jnp.bfloat16),
-            fp8.dequantize_fp8(b, sb, (128, 128), dtype=jnp.bfloat16), preferred_element_type=jnp.float32
-        ).astype(jnp.bfloat16))
-        rows.append(_row("dense", (m, n, k), spec, device_time(f, a, sa, b, sb), device_time(base, a, sa, b, sb),
-                         "xla_dequant_bf16", backend))
-    return rows
+def dense_row(shape, backend):
+    m, n, k = shape
+    ka, kb = jax.random.split(jax.random.key(m * 7 + n * 3 + k))
+    a, sa = _quant(ka, (m, k), (1, 128))
+    b, sb = _quant(kb, (n, k), (128, 128), 0.05)
+    spec = GemmSpec(m=m, n=n, k=k, a_dtype="float8_e4m3fn", b_dtype="float8_e4m3fn", a_scale=(1, 128),
+                    b_scale=(128, 128))
+    f = jax.jit(functools.partial(fp8.fp8_gemm_nt, backend=backend))
+    base = jax.jit(lambda a, sa, b, sb: jnp.einsum(
+        "mk,nk->mn", fp8.dequantize_fp8(a, sa, dtype=jnp.bfloat16),
+        fp8.dequantize_fp8(b, sb, (128, 128), dtype=jnp.bfloat16), preferred_element_type=jnp.float32
+    ).astype(jnp.bfloat16))
+    return _row("dense", (m, n, k), spec, device_time(f, a, sa, b, sb), device_time(base, a, sa, b, sb),
+                "xla_dequant_bf16", backend)
 
 
-def bench_contiguous(shapes, backend):
-    rows = []
-    for g, m_per, n, k in shapes:
-        m = g * m_per
-        ka, kb = jax.random.split(jax.random.key(g + m + n + k))
-        a, sa = _quant(ka, (m, k), (1, 128))
-        b, sb = _quant(kb, (g, n, k), (128, 128), 0.05)
-        sizes = jnp.full((g,), m_per, jnp.int32)
-        spec = GroupedGemmSpec(num_groups=g, m=m, n=n, k=k, layout="contiguous")
-        f = jax.jit(functools.partial(fp8.m_grouped_fp8_gemm_nt_contiguous, backend=backend))
-        a16 = fp8.dequantize_fp8(a, sa, dtype=jnp.bfloat16)
-        b16 = jnp.swapaxes(fp8.dequantize_fp8(b, sb, (128, 128), dtype=jnp.bfloat16), 1, 2)   # [G, K, N]
-        base = jax.jit(_ragged_dot_bf16)
-        rows.append(_row("contiguous", (g, m_per, n, k), spec, device_time(f, a, sa, b, sb, sizes),
-                         device_time(base, a16, b16, sizes), "ragged_dot_bf16", backend, min_block_n=64))
-    return rows
+def contiguous_row(shape, backend):
+    g, m_per, n, k = shape
+    m = g * m_per
+    ka, kb = jax.random.split(jax.random.key(g + m + n + k))
+    a, sa = _quant(ka, (m, k), (1, 128))
+    b, sb = _quant(kb, (g, n, k), (128, 128), 0.05)
+    sizes = jnp.full((g,), m_per, jnp.int32)
+    spec = GroupedGemmSpec(num_groups=g, m=m, n=n, k=k, layout="contiguous")
+    f = jax.jit(functools.partial(fp8.m_grouped_fp8_gemm_nt_contiguous, backend=backend))
+    a16 = fp8.dequantize_fp8(a, sa, dtype=jnp.bfloat16)
+    b16 = jnp.swapaxes(fp8.dequantize_fp8(b, sb, (128, 128), dtype=jnp.bfloat16), 1, 2)   # [G, K, N]
+    base = jax.jit(_ragged_dot_bf16)
+    return _row("contiguous", (g, m_per, n, k), spec, device_time(f, a, sa, b, sb, sizes),
+                device_time(base, a16, b16, sizes), "ragged_dot_bf16", backend, min_block_n=64)
 
 
-def bench_masked(shapes, backend):
-    rows = []
-    for g, m_max, n, k in shapes:
-        ka, kb = jax.random.split(jax.random.key(g * m_max + n + k))
-        a, sa = _quant(ka, (g, m_max, k), (1, 128))
-        b, sb = _quant(kb, (g, n, k), (128, 128), 0.05)
-        masked = jnp.full((g,), m_max, jnp.int32)
-        spec = GroupedGemmSpec(num_groups=g, m=m_max, n=n, k=k, layout="masked", expected_m=m_max)
-        f = jax.jit(functools.partial(fp8.m_grouped_fp8_gemm_nt_masked, backend=backend))
-        a16 = fp8.dequantize_fp8(a, sa, dtype=jnp.bfloat16).reshape(g * m_max, k)
-        b16 = jnp.swapaxes(fp8.dequantize_fp8(b, sb, (128, 128), dtype=jnp.bfloat16), 1, 2)
-        base = jax.jit(_ragged_dot_bf16)
-        rows.append(_row("masked", (g, m_max, n, k), spec, device_time(f, a, sa, b, sb, masked),
-                         device_time(base, a16, b16, masked), "ragged_dot_bf16", backend))
-    return rows
+def masked_row(shape, backend):
+    g, m_max, n, k = shape
+    ka, kb = jax.random.split(jax.random.key(g * m_max + n + k))
+    a, sa = _quant(ka, (g, m_max, k), (1, 128))
+    b, sb = _quant(kb, (g, n, k), (128, 128), 0.05)
+    masked = jnp.full((g,), m_max, jnp.int32)
+    spec = GroupedGemmSpec(num_groups=g, m=m_max, n=n, k=k, layout="masked", expected_m=m_max)
+    f = jax.jit(functools.partial(fp8.m_grouped_fp8_gemm_nt_masked, backend=backend))
+    a16 = fp8.dequantize_fp8(a, sa, dtype=jnp.bfloat16).reshape(g * m_max, k)
+    b16 = jnp.swapaxes(fp8.dequantize_fp8(b, sb, (128, 128), dtype=jnp.bfloat16), 1, 2)
+    base = jax.jit(_ragged_dot_bf16)
+    return _row("masked", (g, m_max, n, k), spec, device_time(f, a, sa, b, sb, masked),
+                device_time(base, a16, b16, masked), "ragged_dot_bf16", backend)
 
 
-def bench_quantize(shapes, backend):
+def quantize_row(shape, backend):
     """Per-token (1, 128) quantisation: the kernel vs XLA's fused version; floor = bytes / HBM bandwidth."""
-    rows = []
-    for m, k in shapes:
-        x = jax.random.normal(jax.random.key(m + k), (m, k), jnp.bfloat16)
-        f = jax.jit(functools.partial(fp8.quantize_fp8, backend=backend))
-        base = jax.jit(functools.partial(fp8.quantize_fp8, backend="xla"))
-        t, t_base = device_time(f, x), device_time(base, x)
-        floor = (m * k * 2 + m * k + 4 * m * k // 128) / H200.hbm_bandwidth
-        rows.append({"kind": "quantize", "shape": f"{m}x{k}", "backend": backend,
-                     "tile": "-" if backend == "xla" else "64x128", "us": t * 1e6,
-                     "tflops": 0.0, "frac_of_floor": floor / t, "baseline": "xla_quantize",
-                     "baseline_us": t_base * 1e6, "speedup": t_base / t})
-    return rows
+    m, k = shape
+    x = jax.random.normal(jax.random.key(m + k), (m, k), jnp.bfloat16)
+    f = jax.jit(functools.partial(fp8.quantize_fp8, backend=backend))
+    base = jax.jit(functools.partial(fp8.quantize_fp8, backend="xla"))
+    t, t_base = device_time(f, x), device_time(base, x)
+    floor = (m * k * 2 + m * k + 4 * m * k // 128) / H200.hbm_bandwidth
+    return {"kind": "quantize", "shape": f"{m}x{k}", "backend": backend,
+            "tile": "-" if backend == "xla" else "64x128", "us": t * 1e6,
+            "tflops": 0.0, "frac_of_floor": floor / t, "baseline": "xla_quantize",
+            "baseline_us": t_base * 1e6, "speedup": t_base / t}
 
 
 def main() -> None:
@@ -145,15 +140,25 @@ def main() -> None:
     if args.autotune and gpu:
         for m, n, k in (QUICK_DENSE if quick else DENSE):
             print("autotuned", (m, n, k), fp8.autotune_fp8_gemm_nt(m, n, k), flush=True)
+    plan = [(dense_row, sh, "dense") for sh in (QUICK_DENSE if quick else DENSE)]
+    plan += [(contiguous_row, sh, "contiguous") for sh in (QUICK_CONTIGUOUS if quick else CONTIGUOUS)]
+    plan += [(masked_row, sh, "masked") for sh in (QUICK_MASKED if quick else MASKED)]
+    plan += [(quantize_row, sh, "quantize") for sh in (QUICK_QUANTIZE if quick else QUANTIZE)]
     rows = []
-    if args.only in (None, "dense"):
-        rows += bench_dense(QUICK_DENSE if quick else DENSE, backend)
-    if args.only in (None, "contiguous"):
-        rows += bench_contiguous(QUICK_CONTIGUOUS if quick else CONTIGUOUS, backend)
-    if args.only in (None, "masked"):
-        rows += bench_masked(QUICK_MASKED if quick else MASKED, backend)
-    if args.only in (None, "quantize"):
-        rows += bench_quantize([(256, 512)] if quick else [(4096, 7168), (32768, 7168), (4096, 2048)], backend)
+    for fn, shape, kind in plan:
+        if args.only not in (None, kind):
+            continue
+        try:
+            rows.append(fn(shape, backend))
+        except Exception as e:  # noqa: BLE001 - one failing shape must not hide the others' numbers
+            nan = float("nan")
+            rows.append({"kind": kind, "shape": "x".join(map(str, shape)), "backend": backend, "tile": "?",
+                         "us": nan, "tflops": nan, "frac_of_floor": nan,
+                         "baseline": f"ERROR {type(e).__name__}: {str(e)[:200]}", "baseline_us": nan, "speedup": nan})
+        print(rows[-1], flush=True)
+        if args.json:   # partial results survive a timeout
+            with contextlib.redirect_stdout(io.StringIO()):
+                emit("fp8_gemm", rows, args.json)
     emit("fp8_gemm", rows, args.json)
     if not gpu:
         print("(CPU dry run: xla backend only; ratios compare XLA paths, not the Mosaic kernels)")
