@@ -108,8 +108,9 @@ def _dense_compaction(recv_counts: jax.Array, chunk: int):
     off = exclusive_cumsum(recv_counts, 0)                                  # [P, G]
     total = recv_counts.sum(0)                                              # [G]
     j = jnp.arange(p * chunk, dtype=jnp.int32)                              # [P*chunk]
-    s = (off[None] + recv_counts[None] <= j[:, None, None]).sum(1)          # [P*chunk, G] source of row j
-    s = jnp.minimum(s, p - 1).T                                             # [G, P*chunk]
+    ends = (off + recv_counts).T                                            # [G, P] block ends
+    s = jax.vmap(lambda e: jnp.searchsorted(e, j, side="right"))(ends)      # [G, P*chunk] source of row j
+    s = jnp.minimum(s, p - 1).astype(jnp.int32)
     gi = jnp.arange(g, dtype=jnp.int32)[:, None]                            # [G, 1]
     c = j[None] - off[s, gi]                                                # [G, P*chunk]
     recv_index = jnp.where(j[None] < total[:, None], s * g * chunk + gi * chunk + c, padded)

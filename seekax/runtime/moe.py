@@ -212,7 +212,7 @@ def moe_layer(x: jax.Array, params: dict, *, cfg: MoeConfig, axis_name=None, pla
         d = ep.ep_dispatch(x, phys, topk_w, transport=transport, **kw)
         pm = perm.make_permutation(d.topk_idx, local)
         rows = perm.permute(d.x, pm, backend=backend)                                         # [M, H]
-        scale = None if d.x_scale is None else perm.permute(d.x_scale, pm, backend=backend)
+        scale = None if d.x_scale is None else perm.permute(d.x_scale, pm)                   # tiny rows: XLA
         out = _experts_contiguous(rows, scale, pm.group_sizes, params, cfg, x.dtype, backend)  # [M, H]
         routed = ep.ep_combine(perm.unpermute(out, pm, d.topk_weights), d.handle)            # [T, H]
     y = routed

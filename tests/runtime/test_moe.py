@@ -176,3 +176,22 @@ def test_moe_layer_on_a_dp_ep_mesh(rng):
     y, load = f(put(x, P(("dp", "ep"))), {k: put(v, specs[k]) for k, v in params.items()})
     assert_close(np.asarray(y), moe_reference(x, params, cfg=CFG), rtol=1e-5, atol=1e-5)
     assert int(np.asarray(load).sum()) == 64 * CFG.top_k
+
+
+@pytest.mark.parametrize("transport,kernels,ragged", [("ragged", 4, 4), ("low_latency", 3, 0)])
+def test_moe_layer_fp8_cross_lowers_for_hopper(transport, kernels, ragged):
+    """The whole FP8 layer on 8 GPUs, lowered on this CPU: ragged_all_to_all (x, scales, ids+weights, combine)
+    and Mosaic kernels (permute + 3 contiguous FP8 GEMMs; or 3 masked FP8 GEMMs), all within shared memory."""
+    from seekax.testing.kernels import cross_lower
+
+    cfg = MoeConfig(hidden=1024, moe_inter=256, num_experts=64, top_k=8, n_groups=8, topk_group=4, fp8=True)
+    mesh = jax.make_mesh((8,), ("ep",))
+    params = jax.eval_shape(lambda: init_moe_params(jax.random.key(0), cfg))
+    specs = {k: (P("ep") if k in ROUTED else P()) for k in params}
+    sds = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, s))  # noqa: E731
+    body = lambda x, p: moe_layer(x, p, cfg=cfg, axis_name="ep", transport=transport, backend="mosaic")[0]  # noqa: E731
+    f = jax.shard_map(body, mesh=mesh, in_specs=(P("ep"), specs), out_specs=P("ep"))
+    lowered = cross_lower(f, jax.ShapeDtypeStruct((8 * 128, 1024), jnp.bfloat16, sharding=NamedSharding(mesh, P("ep"))),
+                          {k: sds(v, specs[k]) for k, v in params.items()})
+    assert lowered.emit("stablehlo").count("ragged_all_to_all") == ragged
+    assert len(lowered.reports) == kernels and all(r.fits_smem and r.tma for r in lowered.reports)
