@@ -33,7 +33,8 @@ from seekax.ir.validate import fail
 # Op codes of the per-rank tables (the lax.switch branch index).
 NOOP, F, F_LAST, B, W, BW, FBW, FBW_LAST = range(8)
 CODE_NAMES = ("noop", "F", "F+loss", "B", "W", "BW", "F&BW", "F+loss&BW")
-FIELDS = ("code", "f_chunk", "f_slot", "f_first", "f_gmb", "f_gslot", "b_chunk", "b_slot", "b_gslot")
+FIELDS = ("code", "f_chunk", "f_slot", "f_first", "f_gmb", "f_gslot", "b_chunk", "b_slot", "b_gslot", "b_first",
+          "b_gmb")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -175,6 +176,9 @@ def plan_pipeline(schedule: Schedule) -> PipelinePlan:
                     tables["b_chunk"][r, t] = c
                     tables["b_slot"][r, t] = act_slot[(r, c, m)]
                     tables["b_gslot"][r, t] = grad_slot[(r, c, m)]
+                    if kind != "W":  # an input-grad at stage 0 is d loss / d micro-batch
+                        tables["b_first"][r, t] = st == 0
+                        tables["b_gmb"][r, t] = s.global_mb(r, c, m)
             tables["code"][r, t] = _code(op, s.chunk_stages[r][op.chunk] == S - 1)
     return PipelinePlan(schedule=s, num_ticks=num_ticks, num_act_slots=n_act, num_grad_slots=n_grad,
                         act_channels=act_channels, grad_channels=grad_channels, tables=tables, ticks=ticks)
@@ -189,27 +193,35 @@ def _code(op: Op, f_is_last: bool) -> int:
 
 
 def lower_pipeline(plan: PipelinePlan, stage_fn: Callable, loss_fn: Callable, *, pp_axis: str = "pp",
-                   batch_axes: tuple[str, ...] = (), batch_shards: int = 1, has_targets: bool = True) -> Callable:
-    """The per-device body for `shard_map`: (params_local, microbatches, targets, tables) -> (loss, grads).
+                   batch_axes: tuple[str, ...] = (), batch_shards: int = 1, has_targets: bool = True,
+                   has_loss_params: bool = False, input_grads: bool = False) -> Callable:
+    """The per-device body for `shard_map`:
+    (params_local, loss_params, microbatches, targets, tables) -> (loss, grads, loss_grads, input_grads).
 
-    params_local: pytree of [1, num_chunks, ...] (this rank's chunks); microbatches: [M, *x];
-    targets: [M, ...] or None; tables: dict of [1, num_ticks] int32. Returns the loss summed over `pp`
-    (mean over micro-batches and over `batch_axes` shards) and this rank's [1, num_chunks, ...] grads.
+    params_local: pytree of [1, num_chunks, ...] (this rank's chunks); loss_params: pytree (replicated) or ();
+    microbatches: [M, *x]; targets: [M, ...] or None; tables: dict of [1, num_ticks] int32.
+    loss_fn(y, t) / loss_fn(y), or with has_loss_params loss_fn(loss_params, y, t) / loss_fn(loss_params, y).
+    Returns the loss summed over `pp` (mean over micro-batches and over `batch_axes` shards), this rank's
+    [1, num_chunks, ...] grads, the loss_params grads (summed over `pp`) and, with input_grads, d loss /
+    d microbatches [M, *x] (else ()).
     """
     s = plan.schedule
     n = s.num_ranks
     scale = 1.0 / (s.num_microbatches * batch_shards)
     vary_axes = (pp_axis,) + tuple(batch_axes)
 
-    def body(params_local, microbatches, targets, tables):
+    def body(params_local, loss_params, microbatches, targets, tables):
         params = jax.tree.map(lambda p: p[0], params_local)  # [num_chunks, ...]
         rows = {k: v[0] for k, v in tables.items()}  # [num_ticks]
         x0 = microbatches[0]
         check_stage_fn(stage_fn, jax.tree.map(lambda p: p[0], params), x0)  # inside: extra axes are bound
 
-        def varying(x):
-            missing = tuple(a for a in vary_axes if a not in jax.typeof(x).manual_axis_type.varying)
+        def varying_over(x, axes):
+            missing = tuple(a for a in axes if a not in jax.typeof(x).manual_axis_type.varying)
             return lax.pcast(x, missing, to="varying") if missing else x
+
+        def varying(x):
+            return varying_over(x, vary_axes)
 
         def chunk_params(c):
             return jax.tree.map(lambda p: p[c], params)
@@ -217,20 +229,24 @@ def lower_pipeline(plan: PipelinePlan, stage_fn: Callable, loss_fn: Callable, *,
         # Branches read the buffers but return only small values (the stage input to stash, the messages,
         # the loss gradient, the loss): writing the slot buffers outside the switch keeps XLA from copying
         # whole buffers through the conditional every tick. The weight-grad accumulator passes through.
+        def loss_of(y, lp, gmb):
+            args = (y, targets[gmb]) if has_targets else (y,)
+            return loss_fn(lp, *args) if has_loss_params else loss_fn(*args)
+
         def forward(bufs, row, last):
-            act, grad, gacc = bufs
+            act, grad, gacc, hacc = bufs
             x = jnp.where(row["f_first"] == 1, microbatches[row["f_gmb"]], act[row["f_slot"]])
             y = stage_fn(chunk_params(row["f_chunk"]), x)
             gy, l = jnp.zeros_like(y), zero_loss()
             if last:
-                t = targets[row["f_gmb"]] if has_targets else None
-                l, gy = jax.value_and_grad(lambda yy: loss_fn(yy, t) if has_targets else loss_fn(yy))(y)
+                l, (gy, gh) = jax.value_and_grad(loss_of, argnums=(0, 1))(y, lp_local, row["f_gmb"])
                 gy, l = (gy * scale).astype(y.dtype), l.astype(jnp.float32) * scale
+                hacc = jax.tree.map(lambda a, d: a + (d * scale).astype(a.dtype), hacc, gh)
                 y = jnp.zeros_like(y)
-            return x, y, gy, l
+            return x, y, gy, l, hacc
 
         def backward(bufs, row, need_x: bool, need_p: bool):
-            act, grad, gacc = bufs
+            act, grad, gacc, _ = bufs
             c = row["b_chunk"]
             x, g, p = act[row["b_slot"]], grad[row["b_gslot"]], chunk_params(c)
             if need_x and need_p:
@@ -254,59 +270,68 @@ def lower_pipeline(plan: PipelinePlan, stage_fn: Callable, loss_fn: Callable, *,
         def zero(bufs):
             return jnp.zeros_like(bufs[0][0])
 
-        def nothing(bufs):  # (stash, act message, grad message, loss grad, loss, gacc)
+        def nothing(bufs):  # (stash, act message, grad message, loss grad, loss, gacc, hacc)
             z = zero(bufs)
-            return z, z, z, z, zero_loss(), bufs[2]
+            return z, z, z, z, zero_loss(), bufs[2], bufs[3]
 
         def br_noop(bufs, row):
             return nothing(bufs)
 
         def br_f(last):
             def f(bufs, row):
-                x, y, gy, l = forward(bufs, row, last)
-                return x, y, zero(bufs), gy, l, bufs[2]
+                x, y, gy, l, hacc = forward(bufs, row, last)
+                return x, y, zero(bufs), gy, l, bufs[2], hacc
             return f
 
         def br_b(need_x, need_p):
             def f(bufs, row):
                 gacc, gx = backward(bufs, row, need_x, need_p)
                 z = zero(bufs)
-                return z, z, gx, z, zero_loss(), gacc
+                return z, z, gx, z, zero_loss(), gacc, bufs[3]
             return f
 
         def br_fbw(last):
             def f(bufs, row):
-                x, y, gy, l = forward(bufs, row, last)
+                x, y, gy, l, hacc = forward(bufs, row, last)
                 gacc, gx = backward(bufs, row, True, True)
-                return x, y, gx, gy, l, gacc
+                return x, y, gx, gy, l, gacc, hacc
             return f
 
         branches = [br_noop, br_f(False), br_f(True), br_b(True, False), br_b(False, True), br_b(True, True),
                     br_fbw(False), br_fbw(True)]
 
         def tick(state, row):
-            act, grad, gacc, loss = state
-            x, act_msg, grad_msg, gy, l, gacc = lax.switch(row["code"], branches, (act, grad, gacc), row)
+            act, grad, gacc, hacc, loss, ig = state
+            bufs = (act, grad, gacc, hacc)
+            x, act_msg, grad_msg, gy, l, gacc, hacc = lax.switch(row["code"], branches, bufs, row)
             act = act.at[row["f_slot"]].set(x)  # stash the stage input (trash slot when no forward)
             grad = grad.at[row["f_gslot"]].set(gy)  # the loss gradient at the last stage (else trash)
             loss = loss + l
+            if input_grads:  # stage 0's input-grad is d loss / d micro-batch (row M is the trash row)
+                ig = ig.at[jnp.where(row["b_first"] == 1, row["b_gmb"], s.num_microbatches)].set(grad_msg)
             for d in plan.act_channels:
                 recv = act_msg if d == 0 else lax.ppermute(act_msg, pp_axis, _shift(n, d))
                 act = act.at[row[f"recv_act_{d}"]].set(recv)
             for d in plan.grad_channels:
                 recv = grad_msg if d == 0 else lax.ppermute(grad_msg, pp_axis, _shift(n, d))
                 grad = grad.at[row[f"recv_grad_{d}"]].set(recv)
-            return (act, grad, gacc, loss), None
+            return (act, grad, gacc, hacc, loss, ig), None
 
+        # Loss parameters are replicated over pp: make them varying so their VJP inside a branch (which only
+        # the last-stage ranks take) does not psum over pp; the sum over ranks happens once, at the end.
+        lp_local = jax.tree.map(lambda a: varying_over(a, (pp_axis,)), loss_params)
         act0 = varying(jnp.zeros((plan.num_act_slots + 1,) + x0.shape, x0.dtype))
         grad0 = varying(jnp.zeros((plan.num_grad_slots + 1,) + x0.shape, x0.dtype))
         gacc0 = jax.tree.map(jnp.zeros_like, params)
-        loss0 = zero_loss()
-        (_, _, gacc, loss), _ = lax.scan(tick, (act0, grad0, gacc0, loss0), rows)
+        hacc0 = jax.tree.map(jnp.zeros_like, lp_local)
+        ig0 = varying(jnp.zeros((s.num_microbatches + 1,) + x0.shape, x0.dtype)) if input_grads else ()
+        (_, _, gacc, hacc, loss, ig), _ = lax.scan(tick, (act0, grad0, gacc0, hacc0, zero_loss(), ig0), rows)
         loss = lax.psum(loss, pp_axis)
         if batch_axes:  # each shard holds its part of the mean already (scale includes 1/batch_shards)
             loss = lax.psum(loss, tuple(batch_axes))
-        return loss, jax.tree.map(lambda gr: gr[None], gacc)
+        hgrads = jax.tree.map(lambda h: lax.psum(h, pp_axis), hacc)
+        ig = lax.psum(ig[: s.num_microbatches], pp_axis) if input_grads else ()
+        return loss, jax.tree.map(lambda gr: gr[None], gacc), hgrads, ig
 
     return body
 

@@ -14,7 +14,7 @@ is the mean over their shards and gradients of parameters replicated over them a
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,12 +28,26 @@ from seekax.lowering.pipeline import PipelinePlan, lower_pipeline, plan_pipeline
 from seekax.schedules.passes import split_all_backward
 
 
-def make_pipeline_train_step(schedule: Schedule | PipelinePlan, stage_fn: Callable, loss_fn: Callable, *,
-                             mesh: jax.sharding.Mesh, pp_axis: str = "pp", param_specs: Any = None,
-                             batch_spec: P | None = None, with_targets: bool = True,
-                             split_backward: bool = False) -> Callable:
-    """A jitted `step(params, microbatches, targets) -> (loss, grads)`; see `pipeline_train_step`.
+class PipelineGrads(NamedTuple):
+    """What `pipeline_value_and_grad` returns. loss: scalar; grads: like params [num_stages, ...];
+    loss_grads: like loss_params (() without); input_grads: d loss / d microbatches [M, *x] (() unless asked)."""
 
+    loss: jax.Array
+    grads: Any
+    loss_grads: Any
+    input_grads: Any
+
+
+def make_pipeline_value_and_grad(schedule: Schedule | PipelinePlan, stage_fn: Callable, loss_fn: Callable, *,
+                                 mesh: jax.sharding.Mesh, pp_axis: str = "pp", param_specs: Any = None,
+                                 batch_spec: P | None = None, with_targets: bool = True,
+                                 with_loss_params: bool = False, input_grads: bool = False,
+                                 split_backward: bool = False) -> Callable:
+    """A jitted `fn(params, loss_params, microbatches, targets) -> PipelineGrads`.
+
+    with_loss_params: loss_fn(loss_params, y[, t]) (e.g. a final norm + LM head applied at the last stage),
+    gradients returned in `loss_grads`. input_grads: also return d loss / d microbatches, so an embedding
+    applied before the pipeline can be trained (`jax.vjp` of the embedding with these cotangents).
     split_backward: lower every BW as B then W and F&BW as F, B, W (`passes.split_all_backward`): the
     lock-step ticks then hold unit ops only (1F1B 8x20 at unit costs: 74 instead of 100 cost units, DualPipe
     63 instead of 72), at the price of one more stage recompute per backward."""
@@ -51,7 +65,8 @@ def make_pipeline_train_step(schedule: Schedule | PipelinePlan, stage_fn: Callab
     batch_shards = int(np.prod([mesh.shape[a] for a in batch_axes])) if batch_axes else 1
     stage_index = np.asarray(s.chunk_stages, np.int32)  # [num_ranks, num_chunks] -> stage
     body = lower_pipeline(plan, stage_fn, loss_fn, pp_axis=pp_axis, batch_axes=batch_axes,
-                          batch_shards=batch_shards, has_targets=with_targets)
+                          batch_shards=batch_shards, has_targets=with_targets, has_loss_params=with_loss_params,
+                          input_grads=input_grads)
     tables = {k: jnp.asarray(v) for k, v in plan.tables.items()}
 
     def specs_for(params):
@@ -61,7 +76,7 @@ def make_pipeline_train_step(schedule: Schedule | PipelinePlan, stage_fn: Callab
                             is_leaf=lambda x: isinstance(x, P))
 
     @jax.jit
-    def step(params, microbatches, targets):
+    def step(params, loss_params, microbatches, targets):
         leaves = jax.tree.leaves(params)
         if any(leaf.shape[:1] != (s.num_stages,) for leaf in leaves):
             raise fail("params", [leaf.shape for leaf in leaves], f"leaves with a leading stage axis of {s.num_stages}")
@@ -72,15 +87,17 @@ def make_pipeline_train_step(schedule: Schedule | PipelinePlan, stage_fn: Callab
         mb_spec = P(None, *batch_spec)
         tgt = targets if with_targets else jnp.zeros((s.num_microbatches,), jnp.float32)
         tgt_spec = mb_spec if with_targets else P()
+        loss_params = loss_params if with_loss_params else ()
         put = _placer(mesh)
         local = jax.tree.map(put, local, pspec, is_leaf=lambda x: isinstance(x, P))
         microbatches = put(microbatches, mb_spec)
         tgt = put(tgt, tgt_spec)
+        loss_params = jax.tree.map(lambda x: put(x, P()), loss_params)
         tabs = {k: put(v, P(pp_axis)) for k, v in tables.items()}
-        loss, g_local = jax.shard_map(
+        loss, g_local, loss_grads, in_grads = jax.shard_map(
             body, mesh=mesh,
-            in_specs=(pspec, mb_spec, tgt_spec, {k: P(pp_axis) for k in tabs}),
-            out_specs=(P(), pspec))(local, microbatches, tgt, tabs)
+            in_specs=(pspec, P(), mb_spec, tgt_spec, {k: P(pp_axis) for k in tabs}),
+            out_specs=(P(), pspec, P(), mb_spec if input_grads else P()))(local, loss_params, microbatches, tgt, tabs)
         # Sum the copies of each stage (DualPipe holds every stage twice) back into [num_stages, ...].
         flat = stage_index.reshape(-1)
 
@@ -91,11 +108,26 @@ def make_pipeline_train_step(schedule: Schedule | PipelinePlan, stage_fn: Callab
             return zeros.at[flat].add(g, out_sharding=NamedSharding(mesh, out))
 
         grads = jax.tree.map(combine, g_local, pspec, is_leaf=lambda x: isinstance(x, P))
-        return loss, grads
+        return PipelineGrads(loss=loss, grads=grads, loss_grads=loss_grads, input_grads=in_grads)
 
-    if with_targets:
-        return step
-    return lambda params, microbatches, targets=None: step(params, microbatches, None)
+    return step
+
+
+def make_pipeline_train_step(schedule: Schedule | PipelinePlan, stage_fn: Callable, loss_fn: Callable, *,
+                             mesh: jax.sharding.Mesh, pp_axis: str = "pp", param_specs: Any = None,
+                             batch_spec: P | None = None, with_targets: bool = True,
+                             split_backward: bool = False) -> Callable:
+    """A jitted `step(params, microbatches, targets) -> (loss, grads)`; see `pipeline_train_step` and, for
+    split_backward, `make_pipeline_value_and_grad`."""
+    full = make_pipeline_value_and_grad(schedule, stage_fn, loss_fn, mesh=mesh, pp_axis=pp_axis,
+                                        param_specs=param_specs, batch_spec=batch_spec, with_targets=with_targets,
+                                        split_backward=split_backward)
+
+    def step(params, microbatches, targets=None):
+        out = full(params, (), microbatches, targets if with_targets else None)
+        return out.loss, out.grads
+
+    return step
 
 
 def pipeline_train_step(schedule: Schedule, stage_fn: Callable, params: Any, microbatches: jax.Array,
@@ -130,6 +162,28 @@ def _placer(mesh: jax.sharding.Mesh) -> Callable:
     if explicit:
         return lambda x, sp: jax.sharding.reshard(x, NamedSharding(mesh, sp))
     return lambda x, sp: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, sp))
+
+
+def pipeline_value_and_grad(schedule: Schedule, stage_fn: Callable, params: Any, microbatches: jax.Array,
+                            loss_fn: Callable, *, mesh: jax.sharding.Mesh, targets: jax.Array | None = None,
+                            loss_params: Any = None, input_grads: bool = False, pp_axis: str = "pp",
+                            param_specs: Any = None, batch_spec: P | None = None,
+                            split_backward: bool = False) -> PipelineGrads:
+    """`pipeline_train_step` plus a trainable loss head and input gradients (for a model whose embedding runs
+    before the pipeline and whose final norm + head run in `loss_fn(loss_params, y[, t])`)."""
+    with_lp = loss_params is not None
+    key = ("vg", schedule, stage_fn, loss_fn, mesh, pp_axis, _freeze(param_specs), batch_spec, targets is not None,
+           with_lp, input_grads, split_backward)
+    fn = _STEPS.get(key)
+    if fn is None:
+        fn = make_pipeline_value_and_grad(schedule, stage_fn, loss_fn, mesh=mesh, pp_axis=pp_axis,
+                                          param_specs=param_specs, batch_spec=batch_spec,
+                                          with_targets=targets is not None, with_loss_params=with_lp,
+                                          input_grads=input_grads, split_backward=split_backward)
+        if len(_STEPS) >= 32:
+            _STEPS.pop(next(iter(_STEPS)))
+        _STEPS[key] = fn
+    return fn(params, loss_params if with_lp else (), microbatches, targets)
 
 
 # Built steps by (schedule, functions, mesh, specs): repeated calls reuse the plan and the jit cache.

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from seekax.runtime.pipeline_step import make_pipeline_train_step, pipeline_train_step, reference_train_step
+from seekax.runtime.pipeline_step import (make_pipeline_train_step, pipeline_train_step, pipeline_value_and_grad,
+                                         reference_train_step)
 from seekax.schedules.interleaved import interleaved_1f1b
 from seekax.schedules.registry import GENERATORS, make_schedule
 from seekax.testing.compare import assert_close
@@ -140,3 +141,32 @@ def test_clear_errors(rng):
         pipeline_train_step(s, lambda p, x: x[:, :4], params, xs, loss_fn, mesh=mesh4, targets=ts)
     with pytest.raises(ValueError, match="batch_spec"):
         pipeline_train_step(s, stage_fn, params, xs, loss_fn, mesh=mesh4, targets=ts, batch_spec=P("pp"))
+
+
+@pytest.mark.parametrize("kind, mesh_shape", [("dualpipe", (4,)), ("interleaved", (4,)), ("1f1b", (4, 2))])
+def test_value_and_grad_with_head_and_input_grads(kind, mesh_shape, rng):
+    # A trainable head in the loss (loss_params) and d loss / d micro-batch for an embedding before the pipeline.
+    s = make_schedule(kind, 4, 8)
+    params, xs, ts = _problem(rng, s.num_stages, 8)
+    head = {"w": jnp.asarray(rng.normal(size=(D, D)) / np.sqrt(D), jnp.float32), "s": jnp.float32(1.5)}
+
+    def head_loss(h, y, t):
+        return jnp.mean((h["s"] * jnp.tanh(y @ h["w"]) - t) ** 2)
+
+    def total(params, h, xs):
+        def one(i):
+            x = xs[i]
+            for st in range(s.num_stages):
+                x = stage_fn(jax.tree.map(lambda p: p[st], params), x)
+            return head_loss(h, x, ts[i])
+        return sum(one(i) for i in range(8)) / 8
+
+    rloss, (rg, rh, rx) = jax.value_and_grad(total, argnums=(0, 1, 2))(params, head, xs)
+    names = ("pp", "dp")[: len(mesh_shape)]
+    mesh = jax.make_mesh(mesh_shape, names, devices=jax.devices()[: int(np.prod(mesh_shape))])
+    out = pipeline_value_and_grad(s, stage_fn, params, xs, head_loss, mesh=mesh, targets=ts, loss_params=head,
+                                  input_grads=True, batch_spec=P("dp") if len(mesh_shape) == 2 else None)
+    _check((out.loss, out.grads), (rloss, rg))
+    for k in rh:
+        assert_close(np.asarray(out.loss_grads[k]), np.asarray(rh[k]), rtol=1e-5, atol=1e-6)
+    assert_close(np.asarray(out.input_grads), np.asarray(rx), rtol=1e-5, atol=1e-7)
