@@ -10,6 +10,9 @@ for the per-stage dims, e.g. P("ep", None, None) for expert weights) and `batch_
 micro-batch after the leading micro-batch axis, e.g. P("ep") to split tokens). `stage_fn` then runs on the
 local shards and may use collectives over those axes. Axes named in `batch_spec` are data-parallel: the loss
 is the mean over their shards and gradients of parameters replicated over them are summed by the VJP.
+
+`pipeline_value_and_grad` adds a trainable loss head (`loss_fn(loss_params, y[, t])`) and the gradient with
+respect to the micro-batches (for an embedding applied before the pipeline).
 """
 
 from __future__ import annotations
