@@ -34,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"]:
+        from seekax.runtime.cli_demo import configure_env
+
+        configure_env(argv)  # host devices must be set before jax is first imported
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
