@@ -62,6 +62,17 @@ def wire_bytes(transport, fp8, p, t, h, k, e, cap):
     return rows * tok + meta + rows * h * 2                        # combine returns bf16
 
 
+def xla_bytes(fn, *args) -> float:
+    """XLA's own estimate of bytes accessed per device by the compiled program (deterministic, unlike
+    timings on a shared machine); NaN where the backend gives no cost analysis."""
+    try:
+        cost = fn.lower(*args).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost.get("bytes accessed", float("nan")))
+    except Exception:  # noqa: BLE001 - cost analysis is optional per backend
+        return float("nan")
+
+
 def main() -> None:
     args = parser(__doc__).parse_args()
     p = min(8, len(jax.devices()))
@@ -87,7 +98,8 @@ def main() -> None:
         t_base = time_fn(base, x, idx, w, iters=iters)
         rows.append({"T": t, "H": h, "K": k, "E": e, "ep": p, "transport": "naive_allgather", "fp8": False,
                      "ms": t_base * 1e3, "Mtok_s": p * t / t_base / 1e6,
-                     "cap": t, "wire_MB_dev": wire_bytes("naive", False, p, t, h, k, e, t) / 1e6,
+                     "cap": t, "xla_MB_dev": xla_bytes(base, x, idx, w) / 1e6,
+                     "wire_MB_dev": wire_bytes("naive", False, p, t, h, k, e, t) / 1e6,
                      "useful_MB_dev": useful / 1e6, "speedup": 1.0})
         # capacity None = T (worst case, never overflows); "tight" = the largest pair count of this routing,
         # as a serving engine would size it from a load estimate (no drops here).
@@ -109,6 +121,7 @@ def main() -> None:
             c = t if cap is None else cap
             rows.append({"T": t, "H": h, "K": k, "E": e, "ep": p, "transport": transport, "fp8": fp8,
                          "ms": sec * 1e3, "Mtok_s": p * t / sec / 1e6, "cap": c,
+                         "xla_MB_dev": xla_bytes(fn, x, idx, w) / 1e6,
                          "wire_MB_dev": wire_bytes(transport, fp8, p, t, h, k, e, c) / 1e6,
                          "useful_MB_dev": useful / 1e6, "speedup": t_base / sec})
     if is_hopper():
@@ -128,7 +141,8 @@ def permute_rows(rng, *, quick: bool):
         t_mgpu = time_fn(jax.jit(lambda x: perm.permute(x, pm, backend="mosaic")), x)
         for name, sec in (("permute_xla", t_xla), ("permute_mosaic", t_mgpu)):
             out.append({"T": r, "H": h, "K": k, "E": g, "ep": 1, "transport": name, "fp8": False,
-                        "ms": sec * 1e3, "Mtok_s": r / sec / 1e6, "cap": 0, "wire_MB_dev": 0.0,
+                        "ms": sec * 1e3, "Mtok_s": r / sec / 1e6, "cap": 0, "xla_MB_dev": float("nan"),
+                        "wire_MB_dev": 0.0,
                         "useful_MB_dev": moved / 1e6, "speedup": t_xla / sec})
     return out
 

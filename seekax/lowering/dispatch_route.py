@@ -23,8 +23,12 @@ RAGGED_TRANSPORTS = ("ragged", "ragged_emulated")
 
 
 def take0(a: jax.Array, index: jax.Array) -> jax.Array:
-    """a[index] along axis 0, zero rows where index is out of range (the sentinel)."""
-    return jnp.take(a, index, axis=0, mode="fill", fill_value=0)
+    """a[index] along axis 0, zero rows where index >= len(a) (the sentinel is len(a)).
+
+    One zero row is appended and the gather clips to it: XLA then emits a plain gather, where
+    mode="fill" adds a full-size select after it (3-4x the bytes of the round trip on XLA:CPU)."""
+    padded = jnp.concatenate([a, jnp.zeros((1,) + a.shape[1:], a.dtype)], axis=0)
+    return jnp.take(padded, index, axis=0, mode="clip")
 
 
 def exclusive_cumsum(x: jax.Array, axis: int = 0) -> jax.Array:
