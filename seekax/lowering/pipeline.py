@@ -194,7 +194,7 @@ def _code(op: Op, f_is_last: bool) -> int:
 
 def lower_pipeline(plan: PipelinePlan, stage_fn: Callable, loss_fn: Callable, *, pp_axis: str = "pp",
                    batch_axes: tuple[str, ...] = (), batch_shards: int = 1, has_targets: bool = True,
-                   has_loss_params: bool = False, input_grads: bool = False) -> Callable:
+                   has_loss_params: bool = False, input_grads: bool = False, has_aux: bool = False) -> Callable:
     """The per-device body for `shard_map`:
     (params_local, loss_params, microbatches, targets, tables) -> (loss, grads, loss_grads, input_grads).
 
@@ -203,18 +203,23 @@ def lower_pipeline(plan: PipelinePlan, stage_fn: Callable, loss_fn: Callable, *,
     loss_fn(y, t) / loss_fn(y), or with has_loss_params loss_fn(loss_params, y, t) / loss_fn(loss_params, y).
     Returns the loss summed over `pp` (mean over micro-batches and over `batch_axes` shards), this rank's
     [1, num_chunks, ...] grads, the loss_params grads (summed over `pp`) and, with input_grads, d loss /
-    d microbatches [M, *x] (else ()).
+    d microbatches [M, *x] (else ()), and with has_aux (stage_fn returns (x, aux), e.g. MoE expert loads; aux
+    is not differentiated) the sum of aux over micro-batches (and `batch_axes` shards) per chunk,
+    [1, num_chunks, ...] (else ()).
     """
     s = plan.schedule
     n = s.num_ranks
     scale = 1.0 / (s.num_microbatches * batch_shards)
     vary_axes = (pp_axis,) + tuple(batch_axes)
 
+    def stage_act(p, x):  # the activation part of stage_fn (what B, W and BW differentiate)
+        return stage_fn(p, x)[0] if has_aux else stage_fn(p, x)
+
     def body(params_local, loss_params, microbatches, targets, tables):
         params = jax.tree.map(lambda p: p[0], params_local)  # [num_chunks, ...]
         rows = {k: v[0] for k, v in tables.items()}  # [num_ticks]
         x0 = microbatches[0]
-        check_stage_fn(stage_fn, jax.tree.map(lambda p: p[0], params), x0)  # inside: extra axes are bound
+        check_stage_fn(stage_act, jax.tree.map(lambda p: p[0], params), x0)  # inside: extra axes are bound
 
         def varying_over(x, axes):
             missing = tuple(a for a in axes if a not in jax.typeof(x).manual_axis_type.varying)
@@ -234,30 +239,35 @@ def lower_pipeline(plan: PipelinePlan, stage_fn: Callable, loss_fn: Callable, *,
             return loss_fn(lp, *args) if has_loss_params else loss_fn(*args)
 
         def forward(bufs, row, last):
-            act, grad, gacc, hacc = bufs
+            act, grad, gacc, (hacc, aacc) = bufs
             x = jnp.where(row["f_first"] == 1, microbatches[row["f_gmb"]], act[row["f_slot"]])
-            y = stage_fn(chunk_params(row["f_chunk"]), x)
+            if has_aux:
+                y, aux = stage_fn(chunk_params(row["f_chunk"]), x)
+                aacc = jax.tree.map(lambda a, v: a.at[row["f_chunk"]].add(lax.stop_gradient(v).astype(a.dtype)),
+                                    aacc, aux)
+            else:
+                y = stage_fn(chunk_params(row["f_chunk"]), x)
             gy, l = jnp.zeros_like(y), zero_loss()
             if last:
                 l, (gy, gh) = jax.value_and_grad(loss_of, argnums=(0, 1))(y, lp_local, row["f_gmb"])
                 gy, l = (gy * scale).astype(y.dtype), l.astype(jnp.float32) * scale
                 hacc = jax.tree.map(lambda a, d: a + (d * scale).astype(a.dtype), hacc, gh)
                 y = jnp.zeros_like(y)
-            return x, y, gy, l, hacc
+            return x, y, gy, l, (hacc, aacc)
 
         def backward(bufs, row, need_x: bool, need_p: bool):
             act, grad, gacc, _ = bufs
             c = row["b_chunk"]
             x, g, p = act[row["b_slot"]], grad[row["b_gslot"]], chunk_params(c)
             if need_x and need_p:
-                _, vjp = jax.vjp(stage_fn, p, x)
+                _, vjp = jax.vjp(stage_act, p, x)
                 gp, gx = vjp(g)
             elif need_x:
-                _, vjp = jax.vjp(lambda xx: stage_fn(p, xx), x)
+                _, vjp = jax.vjp(lambda xx: stage_act(p, xx), x)
                 (gx,) = vjp(g)
                 gp = None
             else:
-                _, vjp = jax.vjp(lambda pp: stage_fn(pp, x), p)
+                _, vjp = jax.vjp(lambda pp: stage_act(pp, x), p)
                 (gp,) = vjp(g)
                 gx = jnp.zeros_like(x)
             if gp is not None:
@@ -270,7 +280,7 @@ def lower_pipeline(plan: PipelinePlan, stage_fn: Callable, loss_fn: Callable, *,
         def zero(bufs):
             return jnp.zeros_like(bufs[0][0])
 
-        def nothing(bufs):  # (stash, act message, grad message, loss grad, loss, gacc, hacc)
+        def nothing(bufs):  # (stash, act message, grad message, loss grad, loss, gacc, (hacc, aacc))
             z = zero(bufs)
             return z, z, z, z, zero_loss(), bufs[2], bufs[3]
 
@@ -320,18 +330,26 @@ def lower_pipeline(plan: PipelinePlan, stage_fn: Callable, loss_fn: Callable, *,
         # Loss parameters are replicated over pp: make them varying so their VJP inside a branch (which only
         # the last-stage ranks take) does not psum over pp; the sum over ranks happens once, at the end.
         lp_local = jax.tree.map(lambda a: varying_over(a, (pp_axis,)), loss_params)
+        if has_aux:
+            aux_shape = jax.eval_shape(stage_fn, jax.tree.map(lambda p: p[0], params), x0)[1]
+            aacc0 = jax.tree.map(lambda a: varying(jnp.zeros((s.num_chunks,) + a.shape, a.dtype)), aux_shape)
+        else:
+            aacc0 = ()
         act0 = varying(jnp.zeros((plan.num_act_slots + 1,) + x0.shape, x0.dtype))
         grad0 = varying(jnp.zeros((plan.num_grad_slots + 1,) + x0.shape, x0.dtype))
         gacc0 = jax.tree.map(jnp.zeros_like, params)
         hacc0 = jax.tree.map(jnp.zeros_like, lp_local)
         ig0 = varying(jnp.zeros((s.num_microbatches + 1,) + x0.shape, x0.dtype)) if input_grads else ()
-        (_, _, gacc, hacc, loss, ig), _ = lax.scan(tick, (act0, grad0, gacc0, hacc0, zero_loss(), ig0), rows)
+        init = (act0, grad0, gacc0, (hacc0, aacc0), zero_loss(), ig0)
+        (_, _, gacc, (hacc, aacc), loss, ig), _ = lax.scan(tick, init, rows)
         loss = lax.psum(loss, pp_axis)
         if batch_axes:  # each shard holds its part of the mean already (scale includes 1/batch_shards)
             loss = lax.psum(loss, tuple(batch_axes))
         hgrads = jax.tree.map(lambda h: lax.psum(h, pp_axis), hacc)
         ig = lax.psum(ig[: s.num_microbatches], pp_axis) if input_grads else ()
-        return loss, jax.tree.map(lambda gr: gr[None], gacc), hgrads, ig
+        if batch_axes:
+            aacc = jax.tree.map(lambda a: lax.psum(a, tuple(batch_axes)), aacc)
+        return loss, jax.tree.map(lambda gr: gr[None], gacc), hgrads, ig, jax.tree.map(lambda a: a[None], aacc)
 
     return body
 

@@ -33,24 +33,28 @@ from seekax.schedules.passes import split_all_backward
 
 class PipelineGrads(NamedTuple):
     """What `pipeline_value_and_grad` returns. loss: scalar; grads: like params [num_stages, ...];
-    loss_grads: like loss_params (() without); input_grads: d loss / d microbatches [M, *x] (() unless asked)."""
+    loss_grads: like loss_params (() without); input_grads: d loss / d microbatches [M, *x] (() unless asked);
+    aux: with stage_aux, the sum over micro-batches of each stage's aux output, [num_stages, ...] (else ())."""
 
     loss: jax.Array
     grads: Any
     loss_grads: Any
     input_grads: Any
+    aux: Any
 
 
 def make_pipeline_value_and_grad(schedule: Schedule | PipelinePlan, stage_fn: Callable, loss_fn: Callable, *,
                                  mesh: jax.sharding.Mesh, pp_axis: str = "pp", param_specs: Any = None,
                                  batch_spec: P | None = None, with_targets: bool = True,
                                  with_loss_params: bool = False, input_grads: bool = False,
-                                 split_backward: bool = False) -> Callable:
+                                 stage_aux: bool = False, split_backward: bool = False) -> Callable:
     """A jitted `fn(params, loss_params, microbatches, targets) -> PipelineGrads`.
 
     with_loss_params: loss_fn(loss_params, y[, t]) (e.g. a final norm + LM head applied at the last stage),
     gradients returned in `loss_grads`. input_grads: also return d loss / d microbatches, so an embedding
     applied before the pipeline can be trained (`jax.vjp` of the embedding with these cotangents).
+    stage_aux: stage_fn returns (x, aux) with aux a pytree of arrays not differentiated (MoE expert loads for
+    EPLB, say); `aux` is their sum over micro-batches and batch shards per stage.
     split_backward: lower every BW as B then W and F&BW as F, B, W (`passes.split_all_backward`): the
     lock-step ticks then hold unit ops only (1F1B 8x20 at unit costs: 74 instead of 100 cost units, DualPipe
     63 instead of 72), at the price of one more stage recompute per backward."""
@@ -69,7 +73,7 @@ def make_pipeline_value_and_grad(schedule: Schedule | PipelinePlan, stage_fn: Ca
     stage_index = np.asarray(s.chunk_stages, np.int32)  # [num_ranks, num_chunks] -> stage
     body = lower_pipeline(plan, stage_fn, loss_fn, pp_axis=pp_axis, batch_axes=batch_axes,
                           batch_shards=batch_shards, has_targets=with_targets, has_loss_params=with_loss_params,
-                          input_grads=input_grads)
+                          input_grads=input_grads, has_aux=stage_aux)
     tables = {k: jnp.asarray(v) for k, v in plan.tables.items()}
 
     def specs_for(params):
@@ -97,10 +101,11 @@ def make_pipeline_value_and_grad(schedule: Schedule | PipelinePlan, stage_fn: Ca
         tgt = put(tgt, tgt_spec)
         loss_params = jax.tree.map(lambda x: put(x, P()), loss_params)
         tabs = {k: put(v, P(pp_axis)) for k, v in tables.items()}
-        loss, g_local, loss_grads, in_grads = jax.shard_map(
+        loss, g_local, loss_grads, in_grads, aux_local = jax.shard_map(
             body, mesh=mesh,
             in_specs=(pspec, P(), mb_spec, tgt_spec, {k: P(pp_axis) for k in tabs}),
-            out_specs=(P(), pspec, P(), mb_spec if input_grads else P()))(local, loss_params, microbatches, tgt, tabs)
+            out_specs=(P(), pspec, P(), mb_spec if input_grads else P(), P(pp_axis)),
+        )(local, loss_params, microbatches, tgt, tabs)
         # Sum the copies of each stage (DualPipe holds every stage twice) back into [num_stages, ...].
         flat = stage_index.reshape(-1)
 
@@ -111,7 +116,8 @@ def make_pipeline_value_and_grad(schedule: Schedule | PipelinePlan, stage_fn: Ca
             return zeros.at[flat].add(g, out_sharding=NamedSharding(mesh, out))
 
         grads = jax.tree.map(combine, g_local, pspec, is_leaf=lambda x: isinstance(x, P))
-        return PipelineGrads(loss=loss, grads=grads, loss_grads=loss_grads, input_grads=in_grads)
+        aux = jax.tree.map(lambda a: combine(a, P(pp_axis, None)), aux_local)
+        return PipelineGrads(loss=loss, grads=grads, loss_grads=loss_grads, input_grads=in_grads, aux=aux)
 
     return step
 
@@ -169,20 +175,22 @@ def _placer(mesh: jax.sharding.Mesh) -> Callable:
 
 def pipeline_value_and_grad(schedule: Schedule, stage_fn: Callable, params: Any, microbatches: jax.Array,
                             loss_fn: Callable, *, mesh: jax.sharding.Mesh, targets: jax.Array | None = None,
-                            loss_params: Any = None, input_grads: bool = False, pp_axis: str = "pp",
+                            loss_params: Any = None, input_grads: bool = False, stage_aux: bool = False,
+                            pp_axis: str = "pp",
                             param_specs: Any = None, batch_spec: P | None = None,
                             split_backward: bool = False) -> PipelineGrads:
     """`pipeline_train_step` plus a trainable loss head and input gradients (for a model whose embedding runs
     before the pipeline and whose final norm + head run in `loss_fn(loss_params, y[, t])`)."""
     with_lp = loss_params is not None
     key = ("vg", schedule, stage_fn, loss_fn, mesh, pp_axis, _freeze(param_specs), batch_spec, targets is not None,
-           with_lp, input_grads, split_backward)
+           with_lp, input_grads, stage_aux, split_backward)
     fn = _STEPS.get(key)
     if fn is None:
         fn = make_pipeline_value_and_grad(schedule, stage_fn, loss_fn, mesh=mesh, pp_axis=pp_axis,
                                           param_specs=param_specs, batch_spec=batch_spec,
                                           with_targets=targets is not None, with_loss_params=with_lp,
-                                          input_grads=input_grads, split_backward=split_backward)
+                                          input_grads=input_grads, stage_aux=stage_aux,
+                                          split_backward=split_backward)
         if len(_STEPS) >= 32:
             _STEPS.pop(next(iter(_STEPS)))
         _STEPS[key] = fn

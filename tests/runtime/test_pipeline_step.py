@@ -170,3 +170,27 @@ def test_value_and_grad_with_head_and_input_grads(kind, mesh_shape, rng):
     for k in rh:
         assert_close(np.asarray(out.loss_grads[k]), np.asarray(rh[k]), rtol=1e-5, atol=1e-6)
     assert_close(np.asarray(out.input_grads), np.asarray(rx), rtol=1e-5, atol=1e-7)
+
+
+def test_stage_aux_sums_statistics(rng):
+    # stage_fn may return (x, aux): here a per-stage "expert load" histogram of argmax(x), summed over all
+    # micro-batches (both DualPipe streams, both copies of each stage) and over the dp shards of the tokens.
+    s = make_schedule("dualpipe", 4, 8)
+    params, xs, ts = _problem(rng, 4, 8)
+
+    def stage_with_loads(p, x):
+        y = stage_fn(p, x)
+        return y, {"load": jnp.sum(jax.nn.one_hot(jnp.argmax(y, axis=-1), D), axis=0)}
+
+    mesh = jax.make_mesh((4, 2), ("pp", "dp"))
+    out = pipeline_value_and_grad(s, stage_with_loads, params, xs, loss_fn, mesh=mesh, targets=ts, stage_aux=True,
+                                  batch_spec=P("dp"))
+    _check((out.loss, out.grads), reference_train_step(stage_fn, params, xs, loss_fn, ts))
+    want = np.zeros((4, D))
+    for i in range(8):
+        x = xs[i]
+        for st in range(4):
+            x, aux = stage_with_loads(jax.tree.map(lambda p: p[st], params), x)
+            want[st] += np.asarray(aux["load"])
+    np.testing.assert_array_equal(np.asarray(out.aux["load"]), want)
+    assert want.sum() == 4 * 8 * TOKENS
