@@ -87,6 +87,8 @@ def validate_ep_dispatch(x, topk_idx, topk_weights, *, num_experts, ep_size, tra
         raise fail("topk_idx.dtype", np.dtype(topk_idx.dtype).name, "an integer dtype")
     if topk_weights is not None and tuple(topk_weights.shape) != tuple(topk_idx.shape):
         raise fail("topk_weights.shape", tuple(topk_weights.shape), f"topk_idx.shape={tuple(topk_idx.shape)}")
+    if topk_weights is not None and not jnp.issubdtype(topk_weights.dtype, jnp.floating):
+        raise fail("topk_weights.dtype", np.dtype(topk_weights.dtype).name, "a floating dtype")
     check_choice("transport", transport, TRANSPORTS)
     check_int("expert_alignment", expert_alignment, min_value=1)
     tokens, hidden = x_data.shape

@@ -43,6 +43,8 @@ def test_bad_input_clear_errors():
         ep.ep_dispatch(x, idx, num_experts=8, axis_name=None, capacity=0)
     with pytest.raises(ValueError, match="topk_weights.shape"):
         ep.ep_dispatch(x, idx, jnp.zeros((4, 3)), num_experts=8, axis_name=None)
+    with pytest.raises(ValueError, match="topk_weights.dtype"):
+        ep.ep_dispatch(x, idx, jnp.zeros((4, 2), jnp.int32), num_experts=8, axis_name=None)
     with pytest.raises(ValueError, match="x.shape"):
         ep.ep_dispatch(x[:, :100], idx, num_experts=8, axis_name=None, fp8=True)
     d = ep.ep_dispatch(x, idx, num_experts=8, axis_name=None)
