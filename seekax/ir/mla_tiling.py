@@ -39,6 +39,7 @@ class MlaTileConfig:
     qk_dim: int = 576
     v_dim: int = 512
     num_compute_wgs: int = 2
+    combine: str = "kernel"   # merge split-KV partials with the Mosaic combine kernel, or "xla"
 
     def __post_init__(self):
         if check_int("block_m", self.block_m, min_value=64) != 64:
@@ -52,6 +53,8 @@ class MlaTileConfig:
             raise fail("v_dim", self.v_dim, f"<= qk_dim={self.qk_dim}")
         if check_int("num_compute_wgs", self.num_compute_wgs, min_value=1) != 2:
             raise fail("num_compute_wgs", self.num_compute_wgs, "2 (each holds a 64 x v_dim/2 fp32 accumulator)")
+        if self.combine not in ("kernel", "xla"):
+            raise fail("combine", self.combine, "'kernel' or 'xla'")
         if (self.v_dim // self.num_compute_wgs) % 64 or self.v_dim // self.num_compute_wgs > 256:
             raise fail("v_dim", self.v_dim, "split into per-warpgroup halves that are multiples of 64 and <= 256")
 

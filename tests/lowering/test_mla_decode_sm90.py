@@ -26,17 +26,18 @@ def _check(out, lse, q, kv, table, seq, causal=True):
     assert_close(out, ref_out, rtol=2 / 128, atol=2 / 128, name="out")  # bf16 P and output: ~2 ulp
 
 
-@pytest.mark.parametrize("lens, s_q, heads, parts, causal", [
-    ([1, 64, 128, 77], 1, 16, 3, True),        # length 1, page boundaries, splits across sequences
-    ([130, 2, 1, 0, 65], 2, 16, 5, True),      # s_q = 2 causal (query 0 of the length-1 sequence sees nothing), empty
-    ([200, 129], 1, 64, 4, True),              # 64 heads = one full row tile; long sequences split 2 ways
-    ([70, 3], 2, 32, 2, False),                # non-causal s_q = 2
+@pytest.mark.parametrize("lens, s_q, heads, parts, causal, combine", [
+    ([1, 64, 128, 77], 1, 16, 3, True, "kernel"),       # length 1, page boundaries, splits across sequences
+    ([130, 2, 1, 0, 65], 2, 16, 5, True, "kernel"),     # s_q = 2 causal (query 0 of length 1 sees nothing), empty
+    ([200, 129], 1, 64, 4, True, "xla"),                # 64 heads = one full row tile; long sequences split
+    ([70, 3], 2, 32, 2, False, "kernel"),               # non-causal s_q = 2
 ])
-def test_interpret_matches_float64(rng, lens, s_q, heads, parts, causal):
-    q, kv, table, seq = make_case(rng, lens=lens, s_q=s_q, heads=heads)   # unused pages NaN, garbage table entries
+def test_interpret_matches_float64(rng, lens, s_q, heads, parts, causal, combine):
+    q, kv, table, seq = make_case(rng, lens=lens, s_q=s_q, heads=heads)   # NaN unused pages and tails, garbage table
     meta = mla_metadata(seq, num_parts=parts)
     with interpret_mode(detect_races=True):
-        out, lse = mla_decode(q, kv, table, seq, causal=causal, metadata=meta, backend="interpret")
+        out, lse = mla_decode(q, kv, table, seq, causal=causal, metadata=meta, backend="interpret",
+                              config=MlaTileConfig(combine=combine))
         out.block_until_ready()
     _check(out, lse, q, kv, table, seq, causal)
 
@@ -51,8 +52,9 @@ def _bench_args(b, s_k, h, s_q):
 @pytest.mark.parametrize("h, s_q", [(128, 1), (128, 2), (16, 1)])
 def test_cross_lowers_at_benchmark_shapes(h, s_q):
     lowered = cross_lower(functools.partial(mla_decode, backend="mosaic"), *_bench_args(128, 4096, h, s_q))
-    (report,) = lowered.reports
-    assert report.fits_smem and report.tma
+    report, combine = lowered.reports                                        # decode kernel, combine kernel
+    assert report.fits_smem and report.tma and combine.smem_bytes == 0
+    assert np.prod(combine.grid) == 128 * -(-h * s_q // 64)                  # one CTA per (batch, row tile)
     assert report.smem_bytes == MlaTileConfig().smem_bytes()               # the account in ir/mla_tiling.py is exact
     assert "m64n64k16.f32.bf16.bf16" in report.wgmma                       # S = Q K^T, one 64-key page
     assert "m64n256k16.f32.bf16.bf16" in report.wgmma                      # P V, half of 512 per warpgroup

@@ -2,7 +2,7 @@
 
 Grid (row_tiles, parts): a CTA owns 64 query rows (rows = q_len x heads, flattened) and one part of the
 balanced split schedule (`runtime.mla.MlaMetadata`); it walks the batches its part touches, and for each
-writes one fp32 partial (out, lse) that the combine merges. Three warpgroups:
+writes one fp32 partial (out, lse) that the combine (`mla_combine_sm90.py`, or XLA) merges. Three warpgroups:
   wg 0: loads the Q tile (TMA), S = Q K^T over 576 channels (wgmma), mask, online softmax in fp32
         (row statistics as WGMMA.reduce(1) vectors), hands P (bf16) and the row rescale to wg 1 through
         shared memory, then P V for value channels [0, 256);
@@ -102,9 +102,10 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
                     plgpu.barrier_wait(q_bar.at[0])
                     seq_len = lens_ref[b]
                     # Per-row key limit as a row vector (a [64, 64] tensor would hold 32 more registers).
-                    rows = rt * bm + plgpu.broadcasted_iota(jnp.int32, (bm,), 0, layout=plgpu.Layout.WGMMA.reduce(1))
-                    limit = jnp.full((bm,), seq_len, jnp.int32)
-                    if causal:  # query i = row // heads sees keys < seq_len - q_len + i + 1
+                    limit = plgpu.layout_cast(jnp.full((bm,), seq_len, jnp.int32), plgpu.Layout.WGMMA.reduce(1))
+                    if causal and q_len > 1:  # query i = row // heads sees keys < seq_len - q_len + i + 1
+                        rows = rt * bm + plgpu.broadcasted_iota(jnp.int32, (bm,), 0,
+                                                                layout=plgpu.Layout.WGMMA.reduce(1))
                         limit = limit - (q_len - 1)
                         for i in range(1, q_len):
                             limit = limit + (rows >= i * heads).astype(jnp.int32)
@@ -278,6 +279,13 @@ def mla_decode(q, kv_cache, block_table, seq_lens, metadata, *, softmax_scale: f
     with ctx:
         out_p, lse_p = kernel(metadata.block_start, metadata.n_blocks, metadata.first_part, metadata.split_offsets,
                               metadata.part_batches, metadata.payload, qf, kv_cache, block_table, seq_lens)
+    if config.combine == "kernel":
+        from seekax.lowering.mosaic import mla_combine_sm90
+
+        with ctx:
+            out, lse = mla_combine_sm90.combine(metadata.split_offsets, out_p, lse_p, out_dtype=q.dtype)
+        out = out[:, :rows].reshape(b, q_len, heads, config.v_dim)                 # [B, q_len, H, 512]
+        return out, jnp.transpose(lse[:, :rows].reshape(b, q_len, heads), (0, 2, 1))  # [B, H, q_len]
     t = metadata.max_splits
     out_p = out_p[:, :rows].reshape(t, q_len, heads, config.v_dim)              # [T, q_len, H, 512]
     lse_p = jnp.transpose(lse_p[:, :rows].reshape(t, q_len, heads), (0, 2, 1))  # [T, H, q_len]
