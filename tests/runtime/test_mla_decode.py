@@ -100,8 +100,10 @@ def _args(b=2, s_q=1, h=16, d=576, pages=4, page=64, max_pages=2, qd=jnp.bfloat1
     (lambda a: a, {"v_dim": 256, "backend": "interpret"}, "v_dim"),
     (lambda a: (*a[:3], jnp.asarray([3, 129], jnp.int32)), {}, "seq_lens"),           # beyond 2 pages x 64
     (lambda a: (*a[:3], jnp.asarray([3, -1], jnp.int32)), {}, "seq_lens"),            # negative
-    (lambda a: (a[0].astype(jnp.float32), *a[1:]), {}, "q.dtype"),
+    (lambda a: (a[0].astype(jnp.int8), *a[1:]), {}, "^q.dtype"),
+    (lambda a: (a[0].astype(jnp.float32), a[1].astype(jnp.float32), *a[2:]), {"backend": "interpret"}, "^q.dtype"),
     (lambda a: (a[0], a[1].astype(jnp.float16), *a[2:]), {}, "kv_cache.dtype"),
+    (lambda a: (a[0], a[1].astype(jnp.float8_e4m3fn), *a[2:]), {}, "kv_cache.dtype"),   # FP8: mla_decode_fp8
     (lambda a: (*a[:2], a[2].astype(jnp.int64) if jax.config.x64_enabled else a[2].astype(jnp.int16), a[3]), {},
      "block_table.dtype"),
     (lambda a: (*a[:3], a[3][:1]), {}, "seq_lens.shape"),
@@ -112,3 +114,14 @@ def _args(b=2, s_q=1, h=16, d=576, pages=4, page=64, max_pages=2, qd=jnp.bfloat1
 def test_bad_input_is_a_clear_value_error(change, kwargs, match):
     with pytest.raises(ValueError, match=match):
         mla_decode(*change(_args()), **{"backend": "xla", **kwargs})
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(block_m=128), "block_m"), (dict(block_n=32), "block_n"), (dict(stages=1), "stages"),
+    (dict(combine="cuda"), "combine"), (dict(v_dim=640), "v_dim"), (dict(num_compute_wgs=1), "num_compute_wgs"),
+])
+def test_tile_config_rejects_bad_fields(kwargs, match):
+    from seekax.ir.mla_tiling import MlaTileConfig
+
+    with pytest.raises(ValueError, match=f"^{match}="):
+        MlaTileConfig(**kwargs)
