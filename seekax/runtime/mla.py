@@ -222,6 +222,9 @@ def mla_decode(q: jax.Array, kv_cache: jax.Array, block_table: jax.Array, seq_le
     from seekax.lowering.mosaic import mla_decode_sm90
 
     config = config or MlaTileConfig()
+    if metadata is not None and (metadata.block != config.block_n or metadata.block_start.shape != (spec.batch,)):
+        raise fail("metadata", f"MlaMetadata(block={metadata.block}, batch={metadata.block_start.shape[0]})",
+                   f"block={config.block_n} and batch={spec.batch} (from mla_metadata(seq_lens))")
     if metadata is None:
         metadata = mla_metadata(seq_lens, num_sms or num_sms_for(backend), q_len=spec.q_len,
                                 num_heads=spec.q_heads, block=config.block_n)

@@ -110,8 +110,11 @@ def _args(b=2, s_q=1, h=16, d=576, pages=4, page=64, max_pages=2, qd=jnp.bfloat1
     (lambda a: (a[0], a[1][:, :, :1].repeat(2, 2), *a[2:]), {}, "kv_cache.shape"),   # two KV heads
     (lambda a: a, {"backend": "cuda"}, "backend"),
     (lambda a: a, {"softmax_scale": -1.0}, "softmax_scale"),
+    (lambda a: a, {"backend": "interpret", "metadata": "wrong"}, "metadata"),   # planned for 3 sequences, not 2
 ])
 def test_bad_input_is_a_clear_value_error(change, kwargs, match):
+    if kwargs.get("metadata") == "wrong":
+        kwargs = {**kwargs, "metadata": mla_metadata(jnp.ones((3,), jnp.int32), num_parts=2)}
     with pytest.raises(ValueError, match=match):
         mla_decode(*change(_args()), **{"backend": "xla", **kwargs})
 
