@@ -362,7 +362,21 @@ def fp8_linear(x, w, *, backend: str = "auto"):
     check_array_dtype("x", x, ("float32", "bfloat16", "float16"))
     check_array_dtype("w", w, ("float32", "bfloat16", "float16"))
     resolve_backend(backend)
+    x, w = _same_varying_axes(x, w)
     return _fp8_linear(x, w, backend)
+
+
+def _same_varying_axes(x, w):
+    """Inside shard_map, give x and w the same varying manual axes (pcast), so the custom VJP's cotangents
+    (dw varies like dy, hence like x) match the primals' types; the transpose of the cast then sums dw
+    over the axes w was replicated on (data parallelism). A no-op outside shard_map."""
+    vx = jax.typeof(x).manual_axis_type.varying
+    vw = jax.typeof(w).manual_axis_type.varying
+    if vx - vw:
+        w = jax.lax.pcast(w, tuple(sorted(vx - vw)), to="varying")
+    if vw - vx:
+        x = jax.lax.pcast(x, tuple(sorted(vw - vx)), to="varying")
+    return x, w
 
 
 # ----------------------------------------------------------------------------------------------- CLI / tuning

@@ -150,17 +150,10 @@ def _moe(p: dict, h: jax.Array, cfg: ModelConfig, ep_axis: str | None, moe_cfg: 
     return y.reshape(b, s, d).astype(h.dtype), aux
 
 
-def _vary_like(w: jax.Array, x: jax.Array) -> jax.Array:
-    """Inside shard_map: mark w as varying over x's manual axes, so a custom VJP's weight gradient (which
-    varies like x) matches w's type; the transpose of pvary sums that gradient over those axes."""
-    missing = tuple(sorted(jax.typeof(x).manual_axis_type.varying - jax.typeof(w).manual_axis_type.varying))
-    return jax.lax.pcast(w, missing, to="varying") if missing else w
-
-
 def _head(p: dict, h: jax.Array, cfg: ModelConfig) -> jax.Array:
     x = rms_norm(h, p["head_norm"], cfg.eps)
     if cfg.fp8_head:
-        return fp8_linear(x, _vary_like(p["head"], x)).astype(jnp.float32)     # [B, S, V], FP8 GEMMs fwd+bwd
+        return fp8_linear(x, p["head"]).astype(jnp.float32)                    # [B, S, V], FP8 GEMMs fwd+bwd
     return x @ p["head"].T
 
 

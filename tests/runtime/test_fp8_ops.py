@@ -281,3 +281,27 @@ def test_auto_falls_back_to_xla_when_the_kernel_declines(rng, monkeypatch):
     assert_close(out, np_gemm_nt(a, sa, b, sb), max_rel_err=1e-2)
     with pytest.raises(NotImplementedError, match="n=40"):
         fp8.fp8_gemm_nt(a, sa, b, sb, backend="mosaic")
+
+
+def test_fp8_linear_grad_inside_shard_map_with_replicated_weight(rng):
+    """x split over a data axis, w replicated: dw is the sum over shards (the custom VJP under shard_map)."""
+    from jax.sharding import PartitionSpec as P
+
+    from seekax.runtime.fp8 import fp8_linear
+    from seekax.testing import rel_err
+
+    mesh = jax.make_mesh((4,), ("dp",))
+    x = jnp.asarray(rng.standard_normal((8, 128)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((128, 128)) / 10, jnp.float32)
+
+    def loss(w, x):
+        return jax.lax.psum(fp8_linear(x, w, backend="xla").sum(), "dp")
+
+    sharded = jax.shard_map(jax.grad(loss), mesh=mesh, in_specs=(P(), P("dp")), out_specs=P())
+    x_s = jax.device_put(x, jax.sharding.NamedSharding(mesh, P("dp")))
+    w_r = jax.device_put(w, jax.sharding.NamedSharding(mesh, P()))
+    dw = jax.jit(sharded)(w_r, x_s)
+    exact = np.broadcast_to(np.asarray(x, np.float64).sum(0), (128, 128))  # d/dw sum(x @ w.T) = sum_t x[t]
+    # The shards' FP8 weight gradients are summed (not averaged, not one shard's): FP8 accuracy vs exact.
+    assert rel_err(dw, exact) < 0.05
+    assert rel_err(jax.grad(lambda w: fp8_linear(x, w, backend="xla").sum())(w), exact) < 0.05
