@@ -54,10 +54,10 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
     tiling, swizzle = plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)
 
     def scoped(q_smem, kv_smem, p_smem, a_smem, kv_ready, kv_consumed, q_bar, p_ready, p_free):
-        def pv(acc, alpha, slot):
+        def pv(acc, alpha, slot, col: int):
             """acc * alpha + P V[:, this wg's channels]; in place on hardware, via a fresh accumulator when
             interpreting (the CPU interpreter does not run `run_state` over wgmma accumulators)."""
-            v = kv_smem.at[slot, :, pl.ds(wg * vh, vh)]                       # [64 keys, vh]
+            v = kv_smem.at[slot, :, pl.ds(col, vh)]                           # [64 keys, vh], static columns
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             if in_place_acc:
                 return pl.run_state(lambda r: plgpu.wgmma(r, p_smem, v))(plgpu.ACC.init(acc))
@@ -136,7 +136,7 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
                         a_smem[...] = alpha
                         plgpu.commit_smem()
                         plgpu.barrier_arrive(p_ready.at[0])
-                        acc = pv(acc, alpha, slot)
+                        acc = pv(acc, alpha, slot, 0)
                         plgpu.barrier_arrive(kv_consumed.at[slot])
                         return acc, m_new, l_i, step + 1, msgs + 1
 
@@ -176,7 +176,7 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
                         plgpu.barrier_wait(p_ready.at[0])
                         alpha = plgpu.load(a_smem, layout=plgpu.Layout.WGMMA.reduce(1))
                         plgpu.barrier_wait(kv_ready.at[slot])
-                        acc = pv(acc, alpha, slot)
+                        acc = pv(acc, alpha, slot, vh)
                         plgpu.barrier_arrive(p_free.at[0])
                         plgpu.barrier_arrive(kv_consumed.at[slot])
                         return acc, step + 1
