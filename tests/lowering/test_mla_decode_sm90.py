@@ -31,6 +31,7 @@ def _check(out, lse, q, kv, table, seq, causal=True):
     ([130, 2, 1, 0, 65], 2, 16, 5, True, "kernel"),     # s_q = 2 causal (query 0 of length 1 sees nothing), empty
     ([200, 129], 1, 64, 4, True, "xla"),                # 64 heads = one full row tile; long sequences split
     ([70, 3], 2, 32, 2, False, "kernel"),               # non-causal s_q = 2
+    ([66, 1], 2, 64, 2, True, "kernel"),                # two row tiles (rows = s_q x 64 heads): tile 1 is query 1
 ])
 def test_interpret_matches_float64(rng, lens, s_q, heads, parts, causal, combine):
     q, kv, table, seq = make_case(rng, lens=lens, s_q=s_q, heads=heads)   # NaN unused pages and tails, garbage table
