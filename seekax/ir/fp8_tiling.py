@@ -87,7 +87,7 @@ class Fp8TileConfig:
         return cls(**d)
 
 
-SMEM_HEADROOM = 1024  # bytes the heuristic leaves unplanned (seen: a grouped kernel needing 80 B past the model)
+SMEM_HEADROOM = 1024  # bytes the heuristic leaves unplanned (a grouped kernel was once reported 80 B past the model)
 
 
 def _out_itemsize(spec) -> int:
