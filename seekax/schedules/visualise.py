@@ -126,7 +126,10 @@ def to_png(schedule: Schedule, path: str, costs: Mapping[str, float] | None = No
 
     bx, sim = boxes(schedule, costs)
     n = schedule.num_ranks
-    fig, ax = plt.subplots(figsize=(max(8.0, sim.makespan * 0.22), 1.0 + 0.4 * n))
+    lanes, legend, margin = 0.4 * n, 0.75, 0.45     # inches: the lanes, the legend band, title / axis label
+    height = lanes + legend + 2 * margin + 0.25
+    fig, ax = plt.subplots(figsize=(max(8.0, sim.makespan * 0.22), height))
+    fig.subplots_adjust(left=0.07, right=0.99, bottom=(legend + margin + 0.25) / height, top=1 - margin / height)
     for r in range(n):
         ax.add_patch(Rectangle((0, r - 0.45), sim.makespan, 0.9, color="#f2f2f2", zorder=0))
     for b in bx:
@@ -151,10 +154,9 @@ def to_png(schedule: Schedule, path: str, costs: Mapping[str, float] | None = No
     handles = [Patch(facecolor=_fill(k, c), edgecolor="#404040", label=f"{LABELS[k]}, chunk {c}")
                for k in kinds for c in chunks]
     handles.append(Patch(facecolor="none", edgecolor="black", label="overlapped F&B pair"))
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.18 - 0.6 / n), ncol=min(5, len(handles)),
-              fontsize=7, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(handles)),
+               fontsize=7, frameon=False)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")  # the legend below the axes stays in the picture
     plt.close(fig)
 
 
