@@ -14,3 +14,10 @@ from seekax.ir.mla import MlaDecodeSpec as MlaDecodeSpec
 from seekax.ir.tiling import GemmTileConfig as GemmTileConfig
 from seekax.ir.tiling import SharedMemoryBudgetExceeded as SharedMemoryBudgetExceeded
 from seekax.ir.tiling import choose_gemm_config as choose_gemm_config
+from seekax.ir.fp8_tiling import Fp8TileConfig as Fp8TileConfig
+from seekax.ir.fp8_tiling import choose_fp8_config as choose_fp8_config
+from seekax.ir.placement import ExpertPlacement as ExpertPlacement
+from seekax.ir.schedule import UNIT_COSTS as UNIT_COSTS
+from seekax.ir.schedule import Op as Op
+from seekax.ir.schedule import Schedule as Schedule
+from seekax.ir.schedule import SimResult as SimResult
