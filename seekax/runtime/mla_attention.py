@@ -221,7 +221,7 @@ def mla_attention(params: dict, x: jax.Array, cache: PagedLatentCache, *, config
     else:
         from seekax.lowering.reference.mla_decode import gather_pages, key_limits
 
-        lat = gather_pages(cache.pages, cache.block_table, cache.seq_lens)             # [B, S, latent] f32
+        lat = gather_pages(cache.pages, cache.block_table, cache.seq_lens).astype(jnp.float32)  # [B, S, latent]
         k_nope = jnp.einsum("bsc,chn->bshn", lat[..., :c.kv_lora], w_uk.astype(jnp.float32))  # [B, S, H, nope]
         v = jnp.einsum("bsc,chv->bshv", lat[..., :c.kv_lora], w_uv.astype(jnp.float32))        # [B, S, H, v]
         s = (jnp.einsum("bthn,bshn->bhts", q_nope.astype(jnp.float32), k_nope)

@@ -22,26 +22,28 @@ def key_limits(seq_lens, q_len: int, causal: bool):
 
 
 def gather_pages(kv_cache, block_table, seq_lens):
-    """kv_cache [P, page, 1, D], block_table [B, max_pages] -> [B, max_pages*page, D] float32, zero past
-    seq_len (so garbage or NaN in unused pages cannot leak through 0 * NaN)."""
+    """kv_cache [P, page, 1, D], block_table [B, max_pages] -> [B, max_pages*page, D] in the cache's dtype,
+    zero past seq_len (so garbage or NaN in unused pages cannot leak through 0 * NaN)."""
     num_pages, page = kv_cache.shape[0], kv_cache.shape[1]
     b, max_pages = block_table.shape
     used = jnp.arange(max_pages)[None] * page < seq_lens[:, None]       # [B, max_pages]
     ids = jnp.where(used, block_table, 0).clip(0, num_pages - 1)        # [B, max_pages]
-    kv = jnp.take(kv_cache[:, :, 0, :], ids, axis=0).astype(jnp.float32)  # [B, max_pages, page, D]
+    kv = jnp.take(kv_cache[:, :, 0, :], ids, axis=0)                   # [B, max_pages, page, D]
     kv = kv.reshape(b, max_pages * page, kv.shape[-1])                  # [B, S, D]
     valid = jnp.arange(max_pages * page)[None] < seq_lens[:, None]      # [B, S]
-    return jnp.where(valid[..., None], kv, 0.0)                         # [B, S, D]
+    return jnp.where(valid[..., None], kv, jnp.zeros((), kv.dtype))     # [B, S, D]
 
 
 def attend(q, kv, allowed, v_dim: int, scale: float):
-    """q [B, s_q, H, D], kv [B, S, D] f32, allowed [B, s_q, S] bool -> out [B, s_q, H, v] f32, lse [B, H, s_q]."""
-    s = jnp.einsum("bqhd,bkd->bhqk", q.astype(jnp.float32), kv,
+    """q [B, s_q, H, D], kv [B, S, D], allowed [B, s_q, S] bool -> out [B, s_q, H, v] f32, lse [B, H, s_q].
+    QK^T takes q and kv in kv's dtype with float32 accumulation (bf16 products are exact in f32); P and
+    the P V product stay float32."""
+    s = jnp.einsum("bqhd,bkd->bhqk", q.astype(kv.dtype), kv, preferred_element_type=jnp.float32,
                    precision=jax.lax.Precision.HIGHEST) * scale        # [B, H, s_q, S]
     s = jnp.where(allowed[:, None], s, -jnp.inf)                        # [B, H, s_q, S]
     lse = jax.nn.logsumexp(s, axis=-1)                                  # [B, H, s_q], -inf if empty
     p = jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None])  # [B, H, s_q, S], 0 where masked
-    out = jnp.einsum("bhqk,bkv->bqhv", p, kv[..., :v_dim],
+    out = jnp.einsum("bhqk,bkv->bqhv", p, kv[..., :v_dim].astype(jnp.float32),
                      precision=jax.lax.Precision.HIGHEST)               # [B, s_q, H, v]
     return out, lse
 
