@@ -30,12 +30,19 @@ def num_sms_for(backend: str) -> int:
     return H200.sm_count
 
 
+def interpret_context() -> contextlib.AbstractContextManager:
+    """The CPU interpreter with default settings, unless the caller already opened one (for example
+    `seekax.testing.interpret_mode(detect_races=True)`): an outer context's settings must win."""
+    from jax._src import config as jax_config
+
+    if jax_config.pallas_tpu_interpret_mode_context_manager.value is not None:
+        return contextlib.nullcontext()
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    return plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams())
+
+
 def run_kernel(kernel: Callable[..., Any], *args: Any, backend: str) -> Any:
     """Call a Mosaic GPU kernel, under the CPU interpreter when backend == "interpret"."""
-    ctx = contextlib.nullcontext()
-    if backend == "interpret":
-        import jax.experimental.pallas.mosaic_gpu as plgpu
-
-        ctx = plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams())
-    with ctx:
+    with interpret_context() if backend == "interpret" else contextlib.nullcontext():
         return kernel(*args)

@@ -114,7 +114,8 @@ class Trainer:
                                                    cfg.lr * 0.1)
         self.opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(sched))
         self.opt_state = jax.device_put(jax.jit(self.opt.init)(self.params), self.replicated)
-        self.window = LoadWindow.create(cfg.eplb_window, model_cfg.num_layers, model_cfg.moe.num_experts)
+        self.window = jax.device_put(LoadWindow.create(cfg.eplb_window, model_cfg.num_layers,
+                                                       model_cfg.moe.num_experts), self.replicated)
         self.loader = Loader(store_path, LoaderConfig(global_batch_size=cfg.global_batch, seed=cfg.seed,
                                                       process_index=self.pidx, process_count=self.nproc))
         self.ckpt = TrainCheckpointer(self.run_dir / "ckpt", max_to_keep=2) if cfg.ckpt_every else None
@@ -175,7 +176,7 @@ class Trainer:
         tokens = self.next_batch() if tokens is None else tokens
         t0 = time.perf_counter()
         if self.step % self.cfg.stats_every == 0:
-            self.window = self.window.add(self._stats(self.params, tokens[..., :-1]))
+            self.window = jax.device_put(self.window.add(self._stats(self.params, tokens[..., :-1])), self.replicated)
         phy2log = jnp.asarray(self.placement.phy2log, jnp.int32)
         loss, self.params, self.opt_state = self._update(self.params, self.opt_state, tokens, phy2log)
         loss = float(loss)
@@ -225,15 +226,17 @@ class Trainer:
 
     # ---- checkpoints -----------------------------------------------------------------------------------
     def save(self) -> None:
-        res = self.ckpt.save(self.step, model=self.params, opt_state=self.opt_state,
-                             loader_state=self.loader.get_state())
+        # The load window is state too: the next rebalance depends on it, so a resume must restore it.
+        res = self.ckpt.save(self.step, model={"params": self.params, "load_window": self.window},
+                             opt_state=self.opt_state, loader_state=self.loader.get_state())
         self.history["ckpt_blocking_ms"].append(res.blocking_seconds * 1e3)
 
     def restore(self, step: int | None = None) -> int:
         """Replace params, optimizer state, placement and loader position with a checkpoint's."""
-        params, opt_state, loader_state = self.ckpt.restore(step, model_target=self.params,
-                                                            opt_target=self.opt_state)
-        self.params, self.opt_state = params, opt_state
+        model, opt_state, loader_state = self.ckpt.restore(
+            step, model_target={"params": self.params, "load_window": self.window}, opt_target=self.opt_state)
+        self.params, self.window, self.opt_state = model["params"], model["load_window"], opt_state
+        params = self.params
         self.loader.set_state(loader_state)
         log2phy = np.asarray(params["log2phy"]).astype(np.int64)
         phy2log = np.zeros((self.mc.num_layers, self.mc.num_slots), np.int64)

@@ -26,9 +26,9 @@ from seekax.testing.kernels import interpret_mode
 BACKENDS = [pytest.param("xla"), pytest.param("interpret"), pytest.param("mosaic", marks=pytest.mark.gpu)]
 
 
-def run(backend, fn, *args, **kwargs):
+def run(backend, fn, *args, detect_races=True, **kwargs):
     """Call an op on `backend`; the interpreter (with its race detector) wraps interpret runs."""
-    ctx = interpret_mode() if backend == "interpret" else contextlib.nullcontext()
+    ctx = interpret_mode(detect_races=detect_races) if backend == "interpret" else contextlib.nullcontext()
     with ctx:
         return jax.block_until_ready(fn(*args, backend=backend, **kwargs))
 
@@ -60,7 +60,11 @@ def test_fp8_gemm_nt(rng, backend, shape, config):
     a, sa = quant(rng, (m, k), (1, 128))
     b, sb = quant(rng, (n, k), (128, 128))
     kw = {} if backend == "xla" or config is None else {"config": config}
-    out = run(backend, fp8.fp8_gemm_nt, a, sa, b, sb, **kw)
+    # A pipeline that refills its slots (more K steps than stages) trips a known false positive of the
+    # interpreter's race detector on JAX's own warp-specialized pattern (pinned by
+    # tests/testing/test_interpret_limits.py); those cases run with the detector off.
+    refills = config is not None and k // 128 > config.stages
+    out = run(backend, fp8.fp8_gemm_nt, a, sa, b, sb, detect_races=not refills, **kw)
     assert out.shape == (m, n) and out.dtype == jnp.bfloat16
     assert_close(out, np_gemm_nt(a, sa, b, sb), max_rel_err=1e-2)
 

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from seekax.ir.mla_tiling import MlaTileConfig
+from seekax.lowering.backend import interpret_context
 from seekax.lowering.reference.mla_decode import combine_splits
 
 LOG2E = math.log2(math.e)
@@ -254,15 +255,6 @@ def build(*, batch: int, rows: int, num_parts: int, max_splits: int, config: Mla
     )
 
 
-def _interpret_context():
-    """CPU interpreter unless the caller already set one up (e.g. `testing.interpret_mode` with races on)."""
-    from jax._src import config as jax_config
-
-    if jax_config.pallas_tpu_interpret_mode_context_manager.value is not None:
-        return contextlib.nullcontext()
-    return plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams())
-
-
 def mla_decode(q, kv_cache, block_table, seq_lens, metadata, *, softmax_scale: float, causal: bool,
                config: MlaTileConfig, interpret: bool = False):
     """Validated inputs (runtime.mla.validate_mla_decode) -> out [B, q_len, H, 512] q.dtype, lse [B, H, q_len]."""
@@ -275,7 +267,7 @@ def mla_decode(q, kv_cache, block_table, seq_lens, metadata, *, softmax_scale: f
     kernel = build(batch=b, rows=rows_p, num_parts=metadata.num_parts, max_splits=metadata.max_splits,
                    config=config, scale=softmax_scale, causal=causal, q_len=q_len, heads=heads,
                    in_place_acc=not interpret)
-    ctx = _interpret_context() if interpret else contextlib.nullcontext()
+    ctx = interpret_context() if interpret else contextlib.nullcontext()
     with ctx:
         out_p, lse_p = kernel(metadata.block_start, metadata.n_blocks, metadata.first_part, metadata.split_offsets,
                               metadata.part_batches, metadata.payload, qf, kv_cache, block_table, seq_lens)
