@@ -26,6 +26,7 @@ from jax import lax
 
 from seekax.ir.fp8_tiling import FP8_BLOCK_K, SCALE_BLOCK, Fp8TileConfig
 from seekax.ir.tiling import WgSplit
+from seekax.lowering.mosaic.gemm_common import out_transforms, store_tile, tile_slices  # noqa: F401 (siblings import them here)
 
 _FP8 = jnp.float8_e4m3fn
 
@@ -33,12 +34,6 @@ _FP8 = jnp.float8_e4m3fn
 def operand_transforms():
     """e4m3 tiles of 128 bytes per row: (8, 128) tiling + 128-byte swizzle, as wgmma reads them."""
     return (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))
-
-
-def out_transforms(epi_n: int, out_dtype):
-    itemsize = jnp.dtype(out_dtype).itemsize
-    swizzle = plgpu.find_swizzle(epi_n * itemsize * 8)
-    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
 def tma_aligned_scales(a_scale):
@@ -60,22 +55,6 @@ def promote_step(a_smem, b_smem, sa_smem, b_scale, carry, *, wg_m, wg_n, block_m
     acc = pl.run_scoped(block_mma, plgpu.ACC((block_m, block_n), jnp.float32))   # [bm, bn]
     sa = sa_smem[0, wg_m]                                                            # [bm] a_scale of these rows
     return carry + acc * (sa * b_scale)[:, None]
-
-
-def store_tile(acc, out_smem, out_gmem_tile, *, wg, epi_n: int):
-    """Write a [bm, bn] fp32 register tile through double-buffered SMEM slots with TMA stores."""
-    bm, bn = acc.shape
-    epi_m = 64
-    acc = acc.astype(out_smem.dtype)
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    for e in range((bm // epi_m) * (bn // epi_n)):
-        ei, ej = divmod(e, bn // epi_n)
-        rows, cols = slice(ei * epi_m, (ei + 1) * epi_m), slice(ej * epi_n, (ej + 1) * epi_n)
-        slot = e % 2
-        plgpu.wait_smem_to_gmem(1, wait_read_only=True)   # the slot's previous store has been read
-        out_smem[wg, slot] = acc[rows, cols]
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], out_gmem_tile.at[rows, cols])
 
 
 def _kernel(a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem, *, config: Fp8TileConfig):
@@ -119,12 +98,8 @@ def _kernel(a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem, *, config: Fp8TileConfig
         @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
         def _tile_loop(info: plgpu.NDLoopInfo):
             (lin,) = info.index
-            mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1, config.grid_tile_width)
-            cta_m_slice, cta_n_slice = pl.ds(mi * cta_m, cta_m), pl.ds(ni * cta_n, cta_n)
-            if config.wg_split == WgSplit.M:
-                wg_m, wg_n, n0 = pl.ds(wg * bm, bm), slice(None), ni * cta_n
-            else:
-                wg_m, wg_n, n0 = slice(None), pl.ds(wg * bn, bn), ni * cta_n + wg * bn
+            cta_m_slice, cta_n_slice, wg_m, wg_n, ni = tile_slices(lin, wg, config, m_iters, n_iters)
+            n0 = ni * cta_n + (wg * bn if config.wg_split == WgSplit.N else 0)
             n_block = n0 // SCALE_BLOCK    # block_n divides 128: one b_scale row per warpgroup tile
 
             def compute_context(run_pipeline):

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from seekax.ir.fp8_tiling import FP8_BLOCK_K, Fp8TileConfig
-from seekax.ir.tiling import WgSplit
-from seekax.lowering.mosaic.fp8_gemm_sm90 import operand_transforms, out_transforms, store_tile
+from seekax.lowering.mosaic.fp8_gemm_sm90 import operand_transforms
+from seekax.lowering.mosaic.gemm_common import out_transforms, store_tile, tile_slices
 
 _PARAMS = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
 
@@ -67,12 +67,7 @@ def _kernel(grp_gmem, last_gmem, a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem, *, 
         @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
         def _tile_loop(info: plgpu.NDLoopInfo):
             (lin,) = info.index
-            mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1, config.grid_tile_width)
-            cta_m_slice, cta_n_slice = pl.ds(mi * cta_m, cta_m), pl.ds(ni * cta_n, cta_n)
-            if config.wg_split == WgSplit.M:
-                wg_m, wg_n = pl.ds(wg * bm, bm), slice(None)
-            else:
-                wg_m, wg_n = slice(None), pl.ds(wg * bn, bn)
+            cta_m_slice, cta_n_slice, wg_m, wg_n, _ = tile_slices(lin, wg, config, m_iters, n_iters)
 
             def compute_context(run_pipeline):
                 run_pipeline(jnp.zeros((bm, bn), jnp.float32))   # every group's tile is stored inside

@@ -16,8 +16,9 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
 
-from seekax.ir.tiling import GemmTileConfig, WgSplit
+from seekax.ir.tiling import GemmTileConfig
 from seekax.ir.validate import fail
+from seekax.lowering.mosaic.gemm_common import out_transforms, store_tile, tile_slices
 
 
 def _kernel(a_gmem, b_gmem, out_gmem, *, config: GemmTileConfig):
@@ -31,11 +32,7 @@ def _kernel(a_gmem, b_gmem, out_gmem, *, config: GemmTileConfig):
 
     swizzle = plgpu.find_swizzle(bk * jnp.dtype(dtype).itemsize * 8)
     transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
-    out_swizzle = plgpu.find_swizzle(epi_n * jnp.dtype(out_dtype).itemsize * 8)
-    out_transforms = (plgpu.TilingTransform((8, out_swizzle // jnp.dtype(out_dtype).itemsize)),
-                      plgpu.SwizzleTransform(out_swizzle))
     epi_m = 64
-    num_epi = (bm // epi_m) * (bn // epi_n)
 
     def pipeline(body, compute_context):
         return plgpu.emit_pipeline_warp_specialized(
@@ -57,7 +54,8 @@ def _kernel(a_gmem, b_gmem, out_gmem, *, config: GemmTileConfig):
     @functools.partial(
         pl.run_scoped,
         pipeline_allocs=pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem),
-        out_smem=plgpu.SMEM((config.num_compute_wgs, 2, epi_m, epi_n), out_dtype, transforms=out_transforms),
+        out_smem=plgpu.SMEM((config.num_compute_wgs, 2, epi_m, epi_n), out_dtype,
+                            transforms=out_transforms(epi_n, out_dtype)),
         collective_axes="wg",
     )
     def _scope(pipeline_allocs, out_smem):
@@ -66,29 +64,14 @@ def _kernel(a_gmem, b_gmem, out_gmem, *, config: GemmTileConfig):
         @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
         def _tile_loop(info: plgpu.NDLoopInfo):
             (lin,) = info.index
-            mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1, config.grid_tile_width)
-            cta_m_slice, cta_n_slice = pl.ds(mi * cta_m, cta_m), pl.ds(ni * cta_n, cta_n)
-            if config.wg_split == WgSplit.M:
-                wg_m, wg_n = pl.ds(wg * bm, bm), slice(None)
-            else:
-                wg_m, wg_n = slice(None), pl.ds(wg * bn, bn)
+            cta_m_slice, cta_n_slice, wg_m, wg_n, _ = tile_slices(lin, wg, config, m_iters, n_iters)
 
             def compute_context(run_pipeline):
                 @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((bm, bn), jnp.float32))
                 def _acc(acc_ref):
                     run_pipeline(acc_ref)
-                    acc = acc_ref[...].astype(out_dtype)   # [bm, bn]
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                    for e in range(num_epi):
-                        ei, ej = divmod(e, bn // epi_n)
-                        rows, cols = slice(ei * epi_m, (ei + 1) * epi_m), slice(ej * epi_n, (ej + 1) * epi_n)
-                        slot = e % 2
-                        plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the slot's previous store is done
-                        out_smem[wg, slot] = acc[rows, cols]
-                        plgpu.commit_smem()
-                        plgpu.copy_smem_to_gmem(
-                            out_smem.at[wg, slot],
-                            out_gmem.at[cta_m_slice, cta_n_slice].at[wg_m, wg_n].at[rows, cols])
+                    store_tile(acc_ref[...], out_smem, out_gmem.at[cta_m_slice, cta_n_slice].at[wg_m, wg_n],
+                               wg=wg, epi_n=epi_n)
 
             def mma(_, a_smem, b_smem, acc_ref):
                 # a_smem: [cta_m, bk]; b_smem: [cta_n, bk] K-major, fed to wgmma as [bk, bn].

@@ -1,0 +1,45 @@
+"""Pieces every Hopper GEMM kernel here shares: output-tile placement on the persistent grid and the
+SMEM + TMA epilogue. (The bf16 template `matmul_sm90` and the FP8 kernels use the same ones.)"""
+
+from __future__ import annotations
+
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+
+from seekax.ir.tiling import WgSplit
+
+
+def out_transforms(epi_n: int, out_dtype):
+    """Epilogue tile transforms: (8, swizzle) tiling and the widest swizzle one epi_n-wide row allows."""
+    itemsize = jnp.dtype(out_dtype).itemsize
+    swizzle = plgpu.find_swizzle(epi_n * itemsize * 8)
+    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+def store_tile(acc, out_smem, out_gmem_tile, *, wg, epi_n: int):
+    """Write a [bm, bn] fp32 register tile through double-buffered SMEM slots with TMA stores."""
+    bm, bn = acc.shape
+    epi_m = 64
+    acc = acc.astype(out_smem.dtype)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    for e in range((bm // epi_m) * (bn // epi_n)):
+        ei, ej = divmod(e, bn // epi_n)
+        rows, cols = slice(ei * epi_m, (ei + 1) * epi_m), slice(ej * epi_n, (ej + 1) * epi_n)
+        slot = e % 2
+        plgpu.wait_smem_to_gmem(1, wait_read_only=True)   # the slot's previous store has been read
+        out_smem[wg, slot] = acc[rows, cols]
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], out_gmem_tile.at[rows, cols])
+
+
+def tile_slices(lin, wg, config, m_iters: int, n_iters: int):
+    """Output tile `lin` of the persistent loop (planar snake order) -> (cta_m_slice, cta_n_slice, wg_m, wg_n,
+    ni): the CTA's rows and columns, this warpgroup's part of them (split along config.wg_split), and the
+    tile's column index."""
+    mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1, config.grid_tile_width)
+    cta_m, cta_n = config.cta_block_m, config.cta_block_n
+    cta_m_slice, cta_n_slice = pl.ds(mi * cta_m, cta_m), pl.ds(ni * cta_n, cta_n)
+    if config.wg_split == WgSplit.M:
+        return cta_m_slice, cta_n_slice, pl.ds(wg * config.block_m, config.block_m), slice(None), ni
+    return cta_m_slice, cta_n_slice, slice(None), pl.ds(wg * config.block_n, config.block_n), ni
