@@ -167,9 +167,23 @@ def _resume_check(trainer) -> dict:
     return {"step": trainer.step, "in_memory": in_memory, "restored": restored, "identical": in_memory == restored}
 
 
+def _page_aligned_story(make_corpus, page: int = 64) -> str:
+    """A shared prompt prefix that fills exactly one KV page and ends on the subject of a story's second
+    sentence ("story N: <sentence>. <name>"), the story number's digits chosen to make `page` characters;
+    each request then continues it with its own verb."""
+    for story in make_corpus(500, seed=12345):
+        body = story.split(": ", 1)[1]
+        cut = body.index(". ") + 2
+        text = body[: cut + body[cut:].index(" ")]                   # "<sentence>. <name>"
+        digits = page - len("story : ") - len(text)
+        if 1 <= digits <= 4:
+            return f"story {int('1' + '7' * (digits - 1))}: {text}"
+    raise RuntimeError("no page-aligned story in the generated corpus")
+
+
 def _serve(trainer, mc, work: Path, gen: int, say) -> dict:
-    """Two batches of requests sharing a 128-token prompt prefix: the first misses the KV store and fills
-    it, the second reuses the prefix pages. The first batch is checked against the XLA reference decode."""
+    """Two batches of requests sharing a one-page (64-token) prompt prefix: the first misses the KV store and
+    fills it, the second reuses the prefix page. Both are checked against the XLA reference decode."""
     from seekax.runtime.demo_data import make_corpus, to_model_vocab
     from seekax.runtime.demo_serve import Server, host_params, open_kv_store, reference_generate
     from seekax.storage.tokens import encode
@@ -179,12 +193,11 @@ def _serve(trainer, mc, work: Path, gen: int, say) -> dict:
     shutil.rmtree(kv_dir, ignore_errors=True)
     kv = open_kv_store(kv_dir, mc)
     server = Server(params, mc, kv_store=kv)
-    story = make_corpus(1, seed=12345)[0]
-    prefix = to_model_vocab(encode((story + " ") * 4)[:128], mc.vocab)
-    names = ("alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi")
-    prompts = np.stack([np.concatenate([prefix, to_model_vocab(encode(f" {n} gives"), mc.vocab)[:7]])
-                        for n in names]).astype(np.int32)   # [8, 135]
-    say(f"[serve] batch of {len(prompts)} requests, prompt {prompts.shape[1]} tokens (128 shared), "
+    prefix = to_model_vocab(encode(_page_aligned_story(make_corpus)), mc.vocab)            # 64 tokens: one page
+    asks = [f" {v} {n}" for v, n in zip(("gives", "sells", "sends", "shows", "lends", "sells", "gives", "lends"),
+                                        (3, 5, 2, 8, 4, 7, 9, 6))]
+    prompts = np.stack([np.concatenate([prefix, to_model_vocab(encode(a), mc.vocab)]) for a in asks]).astype(np.int32)
+    say(f"[serve] batch of {len(prompts)} requests, prompt {prompts.shape[1]} tokens ({len(prefix)} shared), "
         f"generating {gen} each")
     first = server.generate(prompts, gen)
     second = server.generate(prompts, gen)
@@ -195,8 +208,8 @@ def _serve(trainer, mc, work: Path, gen: int, say) -> dict:
     kv.close()
     from seekax.storage.tokens import decode
 
-    for row in first.tokens[:3]:
-        say("   " + repr(decode(row[100:])))
+    for row in first.tokens[:4]:
+        say("   ..." + repr(decode(row[len(prefix) - 24:])))
     toks = len(prompts) * gen
     return {
         "decode_tokens_per_s": toks / second.decode_seconds,

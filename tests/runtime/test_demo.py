@@ -54,7 +54,7 @@ def test_demo_trains_serves_and_reports(full_run):
     summary = json.loads((d / "r" / "summary.json").read_text())
     assert summary["decode_equals_xla_reference"] is True
     assert summary["resume_next_loss_identical"] is True
-    assert summary["kv_prefix_tokens_reused"] == 128 and summary["kv_page_hit_rate"] == 0.5
+    assert summary["kv_prefix_tokens_reused"] == 64 and summary["kv_page_hit_rate"] == 0.5
     assert summary["eplb_rebalances"] == 2
     assert summary["eplb_max_over_mean_after"] <= summary["eplb_max_over_mean_before"]
     for name in ("loss_curve.png", "schedule.png", "eplb_balance.png", "summary.txt"):
