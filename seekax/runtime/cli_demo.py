@@ -31,16 +31,11 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --workdir")
     p.add_argument("--no-serve", action="store_true", help="skip the serving phase")
     p.add_argument("--processes", type=int, default=1, help="JAX processes on loopback (each gets 8/N devices)")
-    p.add_argument("--process-id", type=int, default=None, help=argparse_hidden())
-    p.add_argument("--coordinator", default=None, help=argparse_hidden())
+    p.add_argument("--process-id", type=int, default=None,
+                   help="this process's index when launched per host (with --processes and --coordinator)")
+    p.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (jax.distributed coordinator)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
-
-
-def argparse_hidden():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 def configure_env(argv: list[str]) -> None:
