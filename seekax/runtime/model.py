@@ -23,7 +23,7 @@ import numpy as np
 from seekax.ir.placement import ExpertPlacement
 from seekax.ir.validate import check_int, fail
 from seekax.runtime.fp8 import fp8_linear
-from seekax.runtime.mla_attention import MlaConfig, _project, _split_wkv_b, init_mla_params, mla_attention
+from seekax.runtime.mla_attention import MlaConfig, _project, _rms_norm, _split_wkv_b, init_mla_params, mla_attention
 from seekax.runtime.moe import MoeConfig, init_moe_params, moe_layer
 
 
@@ -66,19 +66,9 @@ def initial_placement(cfg: ModelConfig) -> ExpertPlacement:
     return ExpertPlacement.from_phy2log(np.tile(np.arange(s) % e, (cfg.num_layers, 1)), e)
 
 
-def padded_log2phy(placement: ExpertPlacement, maxcnt: int) -> np.ndarray:
-    """log2phy widened to `maxcnt` columns (-1 padded), so every placement has one shape."""
-    layers, experts, width = placement.log2phy.shape
-    if width > maxcnt:
-        raise fail("placement.log2phy.shape", placement.log2phy.shape, f"at most {maxcnt} replicas per expert")
-    out = -np.ones((layers, experts, maxcnt), np.int64)
-    out[..., :width] = placement.log2phy
-    return out
-
-
 def placement_arrays(placement: ExpertPlacement, cfg: ModelConfig) -> dict:
     """The stage-stacked placement leaves of the params: log2phy [L, E, maxcnt], logcnt [L, E] (float32)."""
-    return {"log2phy": jnp.asarray(padded_log2phy(placement, cfg.maxcnt), jnp.float32),
+    return {"log2phy": jnp.asarray(placement.padded(cfg.maxcnt).log2phy, jnp.float32),
             "logcnt": jnp.asarray(placement.logcnt, jnp.float32)}
 
 
@@ -119,11 +109,6 @@ def param_specs(params: dict, ep_axis: str | None):
     return jax.tree_util.tree_map_with_path(spec, params)
 
 
-def rms_norm(x, w, eps):
-    x32 = x.astype(jnp.float32)
-    return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps) * w
-
-
 def causal_attention(p: dict, x: jax.Array, c: MlaConfig) -> jax.Array:
     """MLA over a whole sequence without a cache (training): x [B, S, hidden] -> [B, S, hidden].
     The unabsorbed form, the same math `mla_attention(mode="prefill")` runs over a paged cache."""
@@ -145,13 +130,13 @@ def _moe(p: dict, h: jax.Array, cfg: ModelConfig, ep_axis: str | None, moe_cfg: 
     b, s, d = h.shape
     placement = (jax.lax.stop_gradient(p["log2phy"]).astype(jnp.int32),
                  jax.lax.stop_gradient(p["logcnt"]).astype(jnp.int32))
-    y, aux = moe_layer(rms_norm(h, p["moe_norm"], cfg.eps).reshape(b * s, d), p["moe"], cfg=moe_cfg or cfg.moe,
+    y, aux = moe_layer(_rms_norm(h, p["moe_norm"], cfg.eps).reshape(b * s, d), p["moe"], cfg=moe_cfg or cfg.moe,
                        axis_name=ep_axis, placement=placement)
     return y.reshape(b, s, d).astype(h.dtype), aux
 
 
 def _head(p: dict, h: jax.Array, cfg: ModelConfig) -> jax.Array:
-    x = rms_norm(h, p["head_norm"], cfg.eps)
+    x = _rms_norm(h, p["head_norm"], cfg.eps)
     if cfg.fp8_head:
         return fp8_linear(x, p["head"]).astype(jnp.float32)                    # [B, S, V], FP8 GEMMs fwd+bwd
     return x @ p["head"].T
@@ -164,7 +149,7 @@ def make_stage_fn(cfg: ModelConfig, ep_axis: str | None = None, *, with_aux: boo
         flags = jax.lax.stop_gradient(p["flags"])
         ids = jnp.clip(x[..., 0].astype(jnp.int32), 0, cfg.vocab - 1)
         h = jnp.where(flags[0] > 0.5, p["embed"][ids], x)
-        h = h + causal_attention(p["attn"], rms_norm(h, p["attn_norm"], cfg.eps), cfg.mla)
+        h = h + causal_attention(p["attn"], _rms_norm(h, p["attn_norm"], cfg.eps), cfg.mla)
         y, aux = _moe(p, h, cfg, ep_axis)
         h = h + y
         out = jnp.where(flags[1] > 0.5, _head(p, h, cfg), h)
@@ -209,7 +194,7 @@ def decode_step(params: dict, tokens: jax.Array, caches: list, cfg: ModelConfig,
     new = []
     for layer in range(cfg.num_layers):
         p = unstack(params, layer)
-        a, cache = mla_attention(p["attn"], rms_norm(h, p["attn_norm"], cfg.eps), caches[layer], config=cfg.mla,
+        a, cache = mla_attention(p["attn"], _rms_norm(h, p["attn_norm"], cfg.eps), caches[layer], config=cfg.mla,
                                  mode=mode, backend=backend)
         new.append(cache)
         h = h + a
