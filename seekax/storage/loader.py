@@ -23,6 +23,7 @@ from seekax.storage.order import BatchPlan
 from seekax.storage.sample_store import SampleStore
 
 STATE_VERSION = 1
+READAHEAD_BYTES = 16 << 20  # default read-ahead window: measured best for 0.5-2 MiB shuffle blocks (BENCHMARKS.md)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,16 +33,19 @@ class LoaderConfig:
     shuffle: str = "random"  # "random" | "block" | "sequential" (see order.py)
     block_records: int = 64
     num_epochs: int | None = None
-    num_threads: int = 4  # grain threads reading whole batches concurrently (I/O queue depth)
+    num_threads: int = 2  # grain threads reading whole batches concurrently (more only contend for the GIL)
     prefetch: int = 8  # batches buffered by grain (futures in flight on its threads)
-    readahead: int = 4  # batches ahead whose byte ranges are hinted to the kernel (posix_fadvise WILLNEED)
+    # batches ahead whose byte ranges are hinted to the kernel (posix_fadvise WILLNEED): the I/O queue depth,
+    # without threads. None: as many batches as fill READAHEAD_BYTES (at least 2).
+    readahead: int | None = None
     process_index: int | None = None
     process_count: int | None = None
 
     def __post_init__(self):
         check_int("num_threads", self.num_threads, min_value=1)
         check_int("prefetch", self.prefetch, min_value=0)
-        check_int("readahead", self.readahead, min_value=0)
+        if self.readahead is not None:
+            check_int("readahead", self.readahead, min_value=0)
         if (self.process_index is None) != (self.process_count is None):
             raise fail("process_index", self.process_index, "set together with process_count (or neither)")
         if self.process_count is not None:
@@ -59,6 +63,7 @@ class _BatchSource:
 
     def __init__(self, store: SampleStore, plan: BatchPlan, process_index: int, process_count: int, readahead: int):
         self.store, self.plan, self.pi, self.pc, self.readahead = store, plan, process_index, process_count, readahead
+        self._hinted = -1  # last step whose rows were hinted (threads may race on it: a repeated hint is harmless)
 
     def __len__(self) -> int:
         return self.plan.num_batches
@@ -67,9 +72,14 @@ class _BatchSource:
         return self.plan.batch_indices(step, process_index=self.pi, process_count=self.pc)
 
     def __getitem__(self, step: int) -> np.ndarray:
-        ahead = step + self.readahead
-        if self.readahead and ahead < self.plan.num_batches:
-            self.store.advise(self._rows(ahead))  # the batches in between were hinted by earlier calls
+        if self.readahead:
+            # Hint every not-yet-hinted step up to step + readahead (on a fresh or resumed iterator that is the
+            # whole window; afterwards one step per call).
+            last = min(step + self.readahead, self.plan.num_batches - 1)
+            inside = step <= self._hinted <= step + self.readahead  # continuing the current window
+            for ahead in range(self._hinted + 1 if inside else step + 1, last + 1):
+                self.store.advise(self._rows(ahead))
+            self._hinted = max(self._hinted, last) if inside else last
         return self.store.read(self._rows(step))
 
 
@@ -98,7 +108,12 @@ class Loader:
                               seed=config.seed, mode=config.shuffle, block_records=config.block_records,
                               num_epochs=config.num_epochs)
         self.local_batch = config.global_batch_size // self.process_count
-        source = _BatchSource(self.store, self.plan, self.process_index, self.process_count, config.readahead)
+        readahead = config.readahead
+        if readahead is None:
+            batch_bytes = self.local_batch * self.store.record_bytes
+            readahead = max(2, READAHEAD_BYTES // batch_bytes)
+        self.readahead = readahead
+        source = _BatchSource(self.store, self.plan, self.process_index, self.process_count, readahead)
         self._dataset = grain.MapDataset.source(source).to_iter_dataset(
             grain.ReadOptions(num_threads=config.num_threads, prefetch_buffer_size=config.prefetch))
         self._it = iter(self._dataset)

@@ -353,6 +353,11 @@ class SampleStore:
         idx = self._check_indices(indices)
         if not len(idx):
             return
+        run = self._contiguous(idx) if self.record_bytes is not None else None
+        if run is not None:
+            os.posix_fadvise(self._fds[run[0]], run[1] * self.record_bytes, len(idx) * self.record_bytes,
+                             os.POSIX_FADV_WILLNEED)
+            return
         sh, lo, _, bounds = self._plan(idx)
         for a, b in zip(bounds, bounds[1:]):
             offs = self._offsets[sh[a]]
@@ -368,11 +373,29 @@ class SampleStore:
             raise fail("out", f"{out.dtype}{out.shape}", f"a C-contiguous {self.dtype}({len(idx)}, {self.seq_len})")
         self._read_fixed(idx, out)
 
+    def _contiguous(self, idx: np.ndarray) -> tuple[int, int] | None:
+        """(shard, first local index) when `idx` is an ascending run of consecutive records inside one shard (what
+        block-shuffle and sequential batches are): one read, no sort, no plan. None otherwise."""
+        first, n = int(idx[0]), len(idx)
+        if int(idx[-1]) != first + n - 1 or (n > 2 and not (np.diff(idx) == 1).all()):
+            return None
+        shard = int(np.searchsorted(self._starts, first, side="right")) - 1
+        if first + n > self._starts[shard + 1]:
+            return None
+        return shard, first - int(self._starts[shard])
+
     def _read_fixed(self, idx: np.ndarray, out: np.ndarray) -> None:
         if not len(idx):
             return
         rb = self.record_bytes
         mv = memoryview(out.reshape(-1).view(np.uint8))
+        run = self._contiguous(idx)
+        if run is not None:
+            shard, local = run
+            got = os.preadv(self._fds[shard], [mv], local * rb)
+            if got != len(mv):
+                raise CorruptStoreError(f"shard {self.shards[shard].name}: short read ({got} of {len(mv)} bytes)")
+            return
         sh, lo, po, bounds = self._plan(idx)
         for a, b in zip(bounds, bounds[1:]):
             fd = self._fds[sh[a]]

@@ -44,6 +44,31 @@ def test_resume_is_byte_exact(store):
     assert first + [x.tobytes() for x in b] == reference
 
 
+@pytest.mark.parametrize("readahead", [None, 0, 1, 5])
+def test_readahead_hints_every_later_batch_once(store, readahead):
+    """The loader hints each batch after the first exactly once, `readahead` ahead (None: a 16 MiB window), also
+    after a resume, and never past the last batch."""
+    path, _ = store
+    cfg = LoaderConfig(global_batch_size=50, seed=2, shuffle="block", num_epochs=2, num_threads=1, prefetch=0,
+                       readahead=readahead)
+    loader = Loader(path, cfg)
+    hinted = []
+    loader.store.advise = lambda idx: hinted.append(np.asarray(idx).copy())
+    batches = list(loader)
+    want = [] if readahead == 0 else [loader.plan.batch_indices(s) for s in range(1, len(batches))]
+    assert len(hinted) == len(want)
+    for h, w in zip(hinted, want):
+        np.testing.assert_array_equal(h, w)
+    if readahead is None:
+        assert loader.readahead == (16 << 20) // (50 * 24 * 4)
+    resumed = Loader(path, cfg)
+    resumed.set_state({**loader.get_state(), "step": 7})
+    hinted.clear()
+    resumed.store.advise = lambda idx: hinted.append(np.asarray(idx).copy())
+    next(resumed)
+    assert len(hinted) == (0 if readahead == 0 else min(resumed.readahead, len(batches) - 8))
+
+
 def test_state_mismatch_is_clear_error(store):
     path, _ = store
     state = Loader(path, LoaderConfig(global_batch_size=64, seed=1)).get_state()

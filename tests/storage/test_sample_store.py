@@ -26,6 +26,24 @@ def test_token_round_trip_random_batches(tmp_path, rng, dtype):
         assert store.read([]).shape == (0, 37)
 
 
+def test_contiguous_runs_single_read_and_shard_edges(tmp_path, rng):
+    """Consecutive ascending ranges take the one-preadv fast path inside a shard and the planned path across a
+    shard edge; both fill every row of a poisoned buffer with the right record."""
+    seqs = rng.integers(-2**31, 2**31 - 1, size=(300, 12), dtype=np.int64).astype(np.int32)
+    write_token_store(tmp_path / "s", seqs, shard_bytes=12 * 4 * 100)  # 100 records per shard
+    with SampleStore(tmp_path / "s") as store:
+        assert store._contiguous(np.arange(10, 60)) == (0, 10)
+        assert store._contiguous(np.arange(150, 200)) == (1, 50)
+        assert store._contiguous(np.arange(90, 110)) is None  # crosses a shard edge
+        assert store._contiguous(np.asarray([5, 6, 8])) is None and store._contiguous(np.asarray([6, 5])) is None
+        for start, n in [(0, 1), (0, 100), (99, 2), (95, 30), (100, 100), (250, 50), (int(rng.integers(0, 200)), 64)]:
+            idx = np.arange(start, start + n)
+            out = np.full((n, 12), -7, dtype=np.int32)
+            store.read_into(idx, out)
+            np.testing.assert_array_equal(out, seqs[idx])
+            store.advise(idx)  # a hint only: must accept the same ranges
+
+
 def test_bytes_round_trip(tmp_path, rng):
     records = [rng.bytes(int(rng.integers(0, 5000))) for _ in range(300)]
     with SampleStoreWriter(tmp_path / "b", kind="bytes", shard_bytes=100_000) as w:
