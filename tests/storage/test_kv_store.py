@@ -153,6 +153,51 @@ def test_torn_log_tail_and_flipped_byte(tmp_path, rng):
     assert os.path.getsize(path / LOG) % 48 == 0
 
 
+def test_match_prefixes_equals_one_by_one(store_path, rng):
+    """A batch of requests (longer than one read chunk, a shared prefix, a partial hit, a miss, an empty one)
+    gets exactly what match_prefix gives each in turn, with the same stats."""
+    base = rng.integers(0, 50000, size=9 * PT)
+    other = rng.integers(0, 50000, size=6 * PT + 3)
+    pages_base, pages_other = _pages(rng, 9), _pages(rng, 6)
+    requests = [base, np.concatenate([base[:5 * PT], rng.integers(0, 50000, size=3 * PT)]), other,
+                rng.integers(0, 50000, size=4 * PT), base[:PT - 1], other[:2 * PT]]
+    with _open(store_path) as kv:
+        kv.put_pages(base, pages_base)
+        kv.put_pages(other, pages_other)
+        got = kv.match_prefixes(requests)
+        stats = kv.stats()
+        want = [kv.match_prefix(r) for r in requests]
+        assert [n for n, _ in got] == [n for n, _ in want] == [9 * PT, 5 * PT, 6 * PT, 0, 0, 2 * PT]
+        for (_, g), (_, w) in zip(got, want):
+            _eq(g, w)
+        _eq(got[1][1], pages_base[:5])
+        _eq(got[2][1], pages_other)
+        assert stats["hits"] == 22 and stats["misses"] == (9 + 8 + 6 + 4 + 0 + 2) - 22
+        assert kv.match_prefixes([]) == []
+        with pytest.raises(ValueError, match="requests=.*list of token-id sequences"):
+            kv.match_prefixes(base)
+
+
+def test_match_prefixes_corrupt_page_cuts_only_its_request(tmp_path, rng):
+    path = tmp_path / "kv"
+    a, b = rng.integers(0, 50000, size=8 * PT), rng.integers(0, 50000, size=8 * PT)
+    pa, pb = _pages(rng, 8), _pages(rng, 8)
+    with _open(path) as kv:
+        kv.put_pages(a, pa)
+        kv.put_pages(b, pb)
+    with open(path / "kv.slots", "r+b") as f:  # flip a byte of a's page 6 (slots are filled in order)
+        f.seek(6 * PT * D * 2 + 3)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x01]))
+    with _open(path) as kv:
+        (na, ga), (nb, gb) = kv.match_prefixes([a, b])
+        assert (na, nb) == (6 * PT, 8 * PT) and kv.stats()["corrupt_pages"] == 1
+        _eq(ga, pa[:6])
+        _eq(gb, pb)
+        assert kv.match_prefix(a)[0] == 6 * PT  # the bad page and its successors were dropped
+
+
 def test_log_compaction(tmp_path, rng):
     path = tmp_path / "kv"
     with _open(path, cap=2) as kv:
