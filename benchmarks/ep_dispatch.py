@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, parser, time_fn  # noqa: E402
+from common import device_time, emit, parser, rel_err, time_fn  # noqa: E402
 
 from seekax.ir.device import is_hopper  # noqa: E402
 from seekax.ir.dispatch import DispatchSpec  # noqa: E402
@@ -137,8 +137,10 @@ def permute_rows(rng, *, quick: bool):
         pm = perm.make_permutation(idx, g)
         x = jnp.asarray(rng.standard_normal((r, h)), jnp.bfloat16)
         moved = 2 * pm.src_row.shape[0] * h * 2                               # read + write, bf16
-        t_xla = time_fn(jax.jit(lambda x: perm.permute(x, pm, backend="xla")), x)
-        t_mgpu = time_fn(jax.jit(lambda x: perm.permute(x, pm, backend="mosaic")), x)
+        xla = jax.jit(lambda x: perm.permute(x, pm, backend="xla"))
+        mgpu = jax.jit(lambda x: perm.permute(x, pm, backend="mosaic"))
+        t_xla, t_mgpu = device_time(xla, x), device_time(mgpu, x)
+        print("permute: mosaic vs xla rel err", rel_err(mgpu(x), xla(x)), flush=True)
         for name, sec in (("permute_xla", t_xla), ("permute_mosaic", t_mgpu)):
             out.append({"T": r, "H": h, "K": k, "E": g, "ep": 1, "transport": name, "fp8": False,
                         "ms": sec * 1e3, "Mtok_s": r / sec / 1e6, "cap": 0, "xla_MB_dev": float("nan"),

@@ -1,16 +1,16 @@
 """FP8 GEMMs (DeepGEMM's table shapes): TFLOPS, fraction of the roofline floor, and ratios against baselines
 run in the same process: XLA dequantise + bf16 dot (dense), `jax.lax.ragged_dot` bf16 (grouped).
 
-Timing: on a GPU the device time of every kernel launched by one call (CUPTI, Mosaic GPU's profiler),
-median of 10 calls; on a CPU (`--quick`, xla backend only) median wall time.
+Timing (`common.cold_l2_time`): on a GPU the device time of every kernel launched by one call (CUPTI, Mosaic
+GPU's profiler), median of 10 calls, with the L2 cache cold (small shapes run over rotated copies of their
+inputs, as DeepGEMM's benchmark flushes L2); on a CPU (`--quick`, xla backend only) median wall time.
+`err_vs_baseline`: relative error of the op against the baseline's result (a hardware correctness check;
+both round to bf16, so ~1e-3 is expected).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
-import statistics
 import sys
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, parser, time_fn  # noqa: E402
+from common import cold_l2_time, emit, parser, rel_err, save_partial  # noqa: E402
 
 from seekax.ir.device import H200, is_hopper  # noqa: E402
 from seekax.ir.gemm import GemmSpec, GroupedGemmSpec  # noqa: E402
@@ -31,17 +31,6 @@ MASKED = [(g, m, n, k) for g, m in ((1, 1024), (2, 512), (4, 256)) for n, k in (
 QUANTIZE = [(4096, 7168), (32768, 7168), (4096, 2048)]
 QUICK_DENSE, QUICK_QUANTIZE = [(64, 256, 256), (128, 512, 384)], [(256, 512)]
 QUICK_CONTIGUOUS, QUICK_MASKED = [(2, 128, 256, 256)], [(2, 64, 256, 256)]
-
-
-def device_time(fn, *args, iters: int = 10) -> float:
-    """Median seconds per call: CUPTI kernel time on a GPU, synchronised wall time elsewhere."""
-    if jax.devices()[0].platform == "gpu":
-        from jax.experimental.mosaic.gpu import profiler
-
-        _, ms = profiler.measure(fn, iterations=iters)(*args)
-        if ms is not None:
-            return statistics.median(ms) / 1e3
-    return time_fn(fn, *args, iters=iters)
 
 
 def _quant(key, shape, block, scale=1.0):
@@ -57,11 +46,15 @@ def _tile(spec, backend, **heuristic) -> str:
     return f"{c.cta_block_m}x{c.cta_block_n}/{c.num_compute_wgs}wg/{c.stages}st"
 
 
-def _row(kind, shape, spec, t, t_base, base_name, backend, **heuristic):
+def _row(kind, shape, spec, f, args, base, base_args, base_name, backend, **heuristic):
+    """Time `f(*args)` and the baseline (cold L2), and check the op against the baseline's result."""
+    t = cold_l2_time(f, args, spec.min_bytes())
+    t_base = cold_l2_time(base, base_args, sum(x.nbytes for x in base_args))
     return {"kind": kind, "shape": "x".join(map(str, shape)), "backend": backend,
             "tile": _tile(spec, backend, **heuristic), "us": t * 1e6,
             "tflops": spec.flops() / t / 1e12, "frac_of_floor": spec.floor_seconds(H200) / t,
-            "baseline": base_name, "baseline_us": t_base * 1e6, "speedup": t_base / t}
+            "baseline": base_name, "baseline_us": t_base * 1e6, "speedup": t_base / t,
+            "err_vs_baseline": rel_err(f(*args), base(*base_args))}
 
 
 def _ragged_dot_bf16(x, w, sizes):
@@ -80,8 +73,7 @@ def dense_row(shape, backend):
         "mk,nk->mn", fp8.dequantize_fp8(a, sa, dtype=jnp.bfloat16),
         fp8.dequantize_fp8(b, sb, (128, 128), dtype=jnp.bfloat16), preferred_element_type=jnp.float32
     ).astype(jnp.bfloat16))
-    return _row("dense", (m, n, k), spec, device_time(f, a, sa, b, sb), device_time(base, a, sa, b, sb),
-                "xla_dequant_bf16", backend)
+    return _row("dense", (m, n, k), spec, f, (a, sa, b, sb), base, (a, sa, b, sb), "xla_dequant_bf16", backend)
 
 
 def contiguous_row(shape, backend):
@@ -96,8 +88,8 @@ def contiguous_row(shape, backend):
     a16 = fp8.dequantize_fp8(a, sa, dtype=jnp.bfloat16)
     b16 = jnp.swapaxes(fp8.dequantize_fp8(b, sb, (128, 128), dtype=jnp.bfloat16), 1, 2)   # [G, K, N]
     base = jax.jit(_ragged_dot_bf16)
-    return _row("contiguous", (g, m_per, n, k), spec, device_time(f, a, sa, b, sb, sizes),
-                device_time(base, a16, b16, sizes), "ragged_dot_bf16", backend, min_block_n=64)
+    return _row("contiguous", (g, m_per, n, k), spec, f, (a, sa, b, sb, sizes), base, (a16, b16, sizes),
+                "ragged_dot_bf16", backend, min_block_n=64)
 
 
 def masked_row(shape, backend):
@@ -111,8 +103,8 @@ def masked_row(shape, backend):
     a16 = fp8.dequantize_fp8(a, sa, dtype=jnp.bfloat16).reshape(g * m_max, k)
     b16 = jnp.swapaxes(fp8.dequantize_fp8(b, sb, (128, 128), dtype=jnp.bfloat16), 1, 2)
     base = jax.jit(_ragged_dot_bf16)
-    return _row("masked", (g, m_max, n, k), spec, device_time(f, a, sa, b, sb, masked),
-                device_time(base, a16, b16, masked), "ragged_dot_bf16", backend)
+    return _row("masked", (g, m_max, n, k), spec, lambda *x: f(*x).reshape(g * m_max, n), (a, sa, b, sb, masked),
+                base, (a16, b16, masked), "ragged_dot_bf16", backend)
 
 
 def quantize_row(shape, backend):
@@ -121,12 +113,14 @@ def quantize_row(shape, backend):
     x = jax.random.normal(jax.random.key(m + k), (m, k), jnp.bfloat16)
     f = jax.jit(functools.partial(fp8.quantize_fp8, backend=backend))
     base = jax.jit(functools.partial(fp8.quantize_fp8, backend="xla"))
-    t, t_base = device_time(f, x), device_time(base, x)
-    floor = (m * k * 2 + m * k + 4 * m * k // 128) / H200.hbm_bandwidth
+    nbytes = m * k * 2 + m * k + 4 * m * k // 128
+    t, t_base = cold_l2_time(f, (x,), nbytes), cold_l2_time(base, (x,), nbytes)
+    (q, sc), (rq, rsc) = f(x), base(x)
+    err = max(rel_err(fp8.dequantize_fp8(q, sc), fp8.dequantize_fp8(rq, rsc)), rel_err(sc, rsc))
     return {"kind": "quantize", "shape": f"{m}x{k}", "backend": backend,
             "tile": "-" if backend == "xla" else "64x128", "us": t * 1e6,
-            "tflops": 0.0, "frac_of_floor": floor / t, "baseline": "xla_quantize",
-            "baseline_us": t_base * 1e6, "speedup": t_base / t}
+            "tflops": 0.0, "frac_of_floor": nbytes / H200.hbm_bandwidth / t, "baseline": "xla_quantize",
+            "baseline_us": t_base * 1e6, "speedup": t_base / t, "err_vs_baseline": err}
 
 
 def main() -> None:
@@ -156,11 +150,10 @@ def main() -> None:
             nan = float("nan")
             rows.append({"kind": kind, "shape": "x".join(map(str, shape)), "backend": backend, "tile": "?",
                          "us": nan, "tflops": nan, "frac_of_floor": nan,
-                         "baseline": f"ERROR {type(e).__name__}: {str(e)[:200]}", "baseline_us": nan, "speedup": nan})
+                         "baseline": f"ERROR {type(e).__name__}: {str(e)[:200]}", "baseline_us": nan, "speedup": nan,
+                         "err_vs_baseline": nan})
         print(rows[-1], flush=True)
-        if args.json:   # partial results survive a timeout
-            with contextlib.redirect_stdout(io.StringIO()):
-                emit("fp8_gemm", rows, args.json)
+        save_partial("fp8_gemm", rows, args.json)
     emit("fp8_gemm", rows, args.json)
     if not gpu:
         print("(CPU dry run: xla backend only; ratios compare XLA paths, not the Mosaic kernels)")

@@ -4,6 +4,8 @@ Reports GB/s and TFLOPS against the bytes/flops a decode step must move/do (`Mla
 fraction of the H200 roofline floor reached, and the speedup over the XLA reference. Lengths vary
 around the mean as FlashMLA's test does (normal, std = mean / 2, clipped). The split metadata is
 computed once per step outside the timed call, as a serving engine shares it across layers.
+Timing (`common.device_time`): CUPTI kernel time on a GPU (the KV cache is far larger than L2), wall time on
+a CPU. `err_out`/`err_lse`: the kernel against the XLA reference (a hardware correctness check).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, parser, time_fn  # noqa: E402
+from common import device_time, emit, parser, rel_err, save_partial  # noqa: E402
 
 from seekax.ir import H200, MlaDecodeSpec  # noqa: E402
 from seekax.ir.device import is_hopper  # noqa: E402
@@ -54,16 +56,21 @@ def main() -> None:
         q, kv, table, lens = make_inputs(rng, b, mean_sk, h, s_q)
         spec = MlaDecodeSpec(batch=b, seq_len=int(np.asarray(lens).mean()), q_len=s_q, q_heads=h)
         xla = jax.jit(functools.partial(mla_decode, backend="xla"))
-        t_xla = time_fn(xla, q, kv, table, lens, iters=5 if not gpu else 10)
+        t_xla = device_time(xla, q, kv, table, lens, iters=5 if not gpu else 10)
         row = {"b": b, "s_k": mean_sk, "h": h, "s_q": s_q, "xla_us": t_xla * 1e6,
                "xla_gbps": spec.min_bytes() / t_xla / 1e9}
         if gpu:
             meta = jax.jit(functools.partial(mla_metadata, num_sms=num_sms_for("mosaic"), q_len=s_q, num_heads=h))(lens)
             kernel = jax.jit(lambda *a, metadata: mla_decode(*a, metadata=metadata, backend="mosaic"))
-            t = time_fn(functools.partial(kernel, metadata=meta), q, kv, table, lens)
+            run = functools.partial(kernel, metadata=meta)
+            t = device_time(run, q, kv, table, lens)
+            (out, lse), (rout, rlse) = run(q, kv, table, lens), xla(q, kv, table, lens)
             row.update(mosaic_us=t * 1e6, gbps=spec.min_bytes() / t / 1e9, tflops=spec.flops() / t / 1e12,
-                       frac_of_floor=spec.floor_seconds(H200) / t, speedup_vs_xla=t_xla / t)
+                       frac_of_floor=spec.floor_seconds(H200) / t, speedup_vs_xla=t_xla / t,
+                       err_out=rel_err(out, rout), err_lse=rel_err(lse, rlse))
+        print(row, flush=True)
         rows.append(row)
+        save_partial("mla_decode", rows, args.json)
     emit("mla_decode", rows, args.json)
 
 

@@ -20,5 +20,5 @@ print(f"pytest -m gpu: {p.get('tests', 0)} tests, {p.get('failures', 0)} failure
 for name, data in results["benchmarks"].items():
     rows = data.get("rows", [])
     print(f"[{name}] {data.get('meta', {}).get('device', '?')}: {len(rows)} rows")
-    for r in rows[:12]:
+    for r in rows:
         print("  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
