@@ -34,7 +34,7 @@ def on_gpu() -> bool:
     return jax.devices()[0].platform == "gpu"
 
 
-def device_time(fn: Callable[..., Any], *args: Any, iters: int = 10) -> float:
+def device_time(fn: Callable[..., Any], *args: Any, iters: int = 10, warmup: int = 2) -> float:
     """Median seconds per call: the summed device time of every kernel one call launches (CUPTI, through Mosaic
     GPU's profiler, which runs one untimed warm-up call first) on a GPU, so launch and host overheads stay
     out; synchronised wall time elsewhere."""
@@ -44,7 +44,7 @@ def device_time(fn: Callable[..., Any], *args: Any, iters: int = 10) -> float:
         _, ms = profiler.measure(fn, iterations=max(2, iters))(*args)
         if ms is not None:
             return statistics.median(ms) / 1e3
-    return time_fn(fn, *args, iters=iters)
+    return time_fn(fn, *args, warmup=warmup, iters=iters)
 
 
 L2_BYTES = 60 << 20  # H200's L2 (H100: 50 MiB); working sets under ~3x this would be timed from the cache

@@ -6,6 +6,9 @@ around the mean as FlashMLA's test does (normal, std = mean / 2, clipped). The s
 computed once per step outside the timed call, as a serving engine shares it across layers.
 Timing (`common.device_time`): CUPTI kernel time on a GPU (the KV cache is far larger than L2), wall time on
 a CPU. `err_out`/`err_lse`: the kernel against the XLA reference (a hardware correctness check).
+On a GPU also DeepSeek-V3.2's FP8 cache (656 bytes per token instead of 1152): `fp8_*` columns, the FP8 kernel's
+GB/s of its own bytes, its speedup over the bf16 kernel and over XLA's dequantise-then-attend path, its error
+against that path.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from common import device_time, emit, parser, rel_err, save_partial  # noqa: E40
 from seekax.ir import H200, MlaDecodeSpec  # noqa: E402
 from seekax.ir.device import is_hopper  # noqa: E402
 from seekax.lowering.backend import num_sms_for  # noqa: E402
-from seekax.runtime.mla import mla_decode, mla_metadata  # noqa: E402
+from seekax.lowering.reference.mla_decode import quantize_fp8_latent  # noqa: E402
+from seekax.runtime.mla import mla_decode, mla_decode_fp8, mla_metadata  # noqa: E402
 
 
 def make_inputs(rng, b, mean_sk, h, s_q, page=64):
@@ -43,31 +47,61 @@ def make_inputs(rng, b, mean_sk, h, s_q, page=64):
     return q, kv, jnp.asarray(table), jnp.asarray(lens)
 
 
+def kernel_columns(q, kv, table, lens, spec, t_xla, xla, backend: str, timing: dict) -> tuple[dict, object]:
+    """The bf16 kernel: time, GB/s, TFLOPS, fraction of the floor, speedup and error vs XLA."""
+    b, s_q, h, _ = q.shape
+    meta = jax.jit(functools.partial(mla_metadata, num_sms=num_sms_for(backend), q_len=s_q, num_heads=h))(lens)
+    run = functools.partial(jax.jit(lambda *a, metadata: mla_decode(*a, metadata=metadata, backend=backend)),
+                            metadata=meta)
+    t = device_time(run, q, kv, table, lens, **timing)
+    (out, lse), (rout, rlse) = run(q, kv, table, lens), xla(q, kv, table, lens)
+    return dict(mosaic_us=t * 1e6, gbps=spec.min_bytes() / t / 1e9, tflops=spec.flops() / t / 1e12,
+                frac_of_floor=spec.floor_seconds(H200) / t, speedup_vs_xla=t_xla / t,
+                err_out=rel_err(out, rout), err_lse=rel_err(lse, rlse)), (meta, t)
+
+
+def fp8_columns(q, cache, table, lens, spec, meta, t_bf16, backend: str, timing: dict) -> dict:
+    """The FP8-cache kernel vs the bf16 kernel and XLA's dequantise-then-attend path."""
+    b, s_q, h, _ = q.shape
+    spec8 = MlaDecodeSpec(batch=b, seq_len=spec.seq_len, q_len=s_q, q_heads=h, kv_dtype="float8_e4m3fn")
+    xla8 = jax.jit(functools.partial(mla_decode_fp8, backend="xla"))
+    run8 = functools.partial(jax.jit(lambda *a, metadata: mla_decode_fp8(*a, metadata=metadata, backend=backend)),
+                             metadata=meta)
+    t8, t8_xla = device_time(run8, q, *cache, table, lens, **timing), device_time(xla8, q, *cache, table, lens, **timing)
+    return dict(fp8_us=t8 * 1e6, fp8_gbps=spec8.min_bytes() / t8 / 1e9, fp8_speedup_vs_bf16=t_bf16 / t8,
+                fp8_speedup_vs_xla=t8_xla / t8,
+                fp8_err_out=rel_err(run8(q, *cache, table, lens)[0], xla8(q, *cache, table, lens)[0]))
+
+
 def main() -> None:
     args = parser(__doc__).parse_args()
     gpu = is_hopper()
+    # The kernels run on Hopper; a CPU --quick run drives the same code through the interpreter (one tiny
+    # shape, one timed call) so the GPU-only columns are exercised before a lease is spent on them.
+    backend = "mosaic" if gpu else ("interpret" if args.quick else None)
     if args.quick or not gpu:
         shapes = [(4, 256, 16, 1), (4, 256, 16, 2)]
     else:
         shapes = [(128, sk, h, s_q) for sk in (4096, 8192) for h in (16, 32, 64, 128) for s_q in (1, 2)]
+    timing = {} if gpu else {"iters": 1, "warmup": 0}
     rng = np.random.default_rng(0)
     rows = []
-    for b, mean_sk, h, s_q in shapes:
+    for i, (b, mean_sk, h, s_q) in enumerate(shapes):
         q, kv, table, lens = make_inputs(rng, b, mean_sk, h, s_q)
         spec = MlaDecodeSpec(batch=b, seq_len=int(np.asarray(lens).mean()), q_len=s_q, q_heads=h)
         xla = jax.jit(functools.partial(mla_decode, backend="xla"))
         t_xla = device_time(xla, q, kv, table, lens, iters=5 if not gpu else 10)
         row = {"b": b, "s_k": mean_sk, "h": h, "s_q": s_q, "xla_us": t_xla * 1e6,
                "xla_gbps": spec.min_bytes() / t_xla / 1e9}
-        if gpu:
-            meta = jax.jit(functools.partial(mla_metadata, num_sms=num_sms_for("mosaic"), q_len=s_q, num_heads=h))(lens)
-            kernel = jax.jit(lambda *a, metadata: mla_decode(*a, metadata=metadata, backend="mosaic"))
-            run = functools.partial(kernel, metadata=meta)
-            t = device_time(run, q, kv, table, lens)
-            (out, lse), (rout, rlse) = run(q, kv, table, lens), xla(q, kv, table, lens)
-            row.update(mosaic_us=t * 1e6, gbps=spec.min_bytes() / t / 1e9, tflops=spec.flops() / t / 1e12,
-                       frac_of_floor=spec.floor_seconds(H200) / t, speedup_vs_xla=t_xla / t,
-                       err_out=rel_err(out, rout), err_lse=rel_err(lse, rlse))
+        if backend and (gpu or i == 0):
+            try:
+                cols, (meta, t) = kernel_columns(q, kv, table, lens, spec, t_xla, xla, backend, timing)
+                row.update(cols)
+                cache = jax.jit(quantize_fp8_latent)(kv)
+                del kv                                                        # room for the fp8 copies
+                row.update(fp8_columns(q, cache, table, lens, spec, meta, t, backend, timing))
+            except Exception as e:  # noqa: BLE001 - one failing shape must not hide the others' numbers
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         print(row, flush=True)
         rows.append(row)
         save_partial("mla_decode", rows, args.json)

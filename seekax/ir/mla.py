@@ -58,8 +58,15 @@ class MlaDecodeSpec(KernelSpec):
         # QK^T over qk_dim plus PV over v_dim, for every (query, head, key).
         return 2.0 * self.batch * self.q_len * self.q_heads * self.seq_len * (self.qk_dim + self.v_dim)
 
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of cache per token and KV head. float8_e4m3fn is DeepSeek-V3.2's layout: the v_dim latent
+        in e4m3, one float32 scale per 128 of its channels, the rope channels kept in bf16 (656 B at 576/512)."""
+        if self.kv_dtype == "float8_e4m3fn":
+            return self.v_dim + 4 * -(-self.v_dim // 128) + 2 * (self.qk_dim - self.v_dim)
+        return self.qk_dim * np.dtype(self.kv_dtype).itemsize
+
     def min_bytes(self) -> float:
-        kv = self.batch * self.seq_len * self.kv_heads * self.qk_dim * np.dtype(self.kv_dtype).itemsize
+        kv = self.batch * self.seq_len * self.kv_heads * self.kv_bytes_per_token()
         q = self.batch * self.q_len * self.q_heads * self.qk_dim * np.dtype(self.q_dtype).itemsize
         out = self.batch * self.q_len * self.q_heads * self.v_dim * 2
         lse = self.batch * self.q_len * self.q_heads * 4

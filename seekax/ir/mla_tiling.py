@@ -46,7 +46,7 @@ class MlaTileConfig:
             raise fail("block_m", self.block_m, "64 (one wgmma M tile per CTA; warpgroups split V instead)")
         if check_int("block_n", self.block_n, min_value=64) != 64:
             raise fail("block_n", self.block_n, "64 (one page per step)")
-        check_int("stages", self.stages, min_value=2)  # at least double buffering
+        check_int("stages", self.stages, min_value=1)  # bf16 wants 2 (double buffering); fp8 fits only 1
         check_int("qk_dim", self.qk_dim, min_value=64, multiple_of=64)
         check_int("v_dim", self.v_dim, min_value=64, multiple_of=64)
         if self.v_dim > self.qk_dim:
@@ -63,12 +63,20 @@ class MlaTileConfig:
         return self.v_dim // self.num_compute_wgs
 
     def smem_bytes(self, kv_dtype: str = "bfloat16") -> int:
-        """Q tile + KV slots + P tile + rescale vector + barriers (kv ready/consumed per slot, Q, P ready/free)."""
-        isz = np.dtype(kv_dtype).itemsize
+        """Q tile + KV slots + P tile + rescale vector + barriers (kv ready/consumed per slot, Q, P ready/free).
+        "float8_e4m3fn" (DeepSeek-V3.2's cache): `stages` slots of e4m3 latent + bf16 rope written by TMA,
+        one bf16 tile they are dequantised into, and per slot latent/rope ready + slot free barriers."""
+        if kv_dtype not in ("bfloat16", "float16", "float8_e4m3fn"):
+            raise fail("kv_dtype", kv_dtype, "bfloat16, float16 or float8_e4m3fn")
         q = _aligned(self.block_m * self.qk_dim * 2)
-        kv = _aligned(self.stages * self.block_n * self.qk_dim * isz)
         p = _aligned(self.block_m * self.block_n * 2)
         rescale = _aligned(self.block_m * 4)
+        if kv_dtype == "float8_e4m3fn":
+            latent = _aligned(self.stages * self.block_n * self.v_dim)
+            rope = _aligned(self.stages * self.block_n * (self.qk_dim - self.v_dim) * 2)
+            tile = _aligned(self.block_n * self.qk_dim * 2)
+            return q + tile + p + rescale + latent + rope + BARRIER_BYTES * (2 + 3 + 3 * self.stages)
+        kv = _aligned(self.stages * self.block_n * self.qk_dim * 2)
         barriers = BARRIER_BYTES * (2 * self.stages + 3)
         return q + kv + p + rescale + barriers
 

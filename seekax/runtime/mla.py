@@ -250,11 +250,13 @@ def mla_decode_split_xla(q, kv_cache, block_table, seq_lens, metadata: MlaMetada
 
 def mla_decode_fp8(q: jax.Array, latent_fp8: jax.Array, scales: jax.Array, rope: jax.Array, block_table: jax.Array,
                    seq_lens: jax.Array, *, softmax_scale: float | None = None, causal: bool = True,
-                   backend: str = "auto") -> tuple[jax.Array, jax.Array]:
+                   metadata: MlaMetadata | None = None, config: MlaTileConfig | None = None,
+                   backend: str = "auto", num_sms: int | None = None) -> tuple[jax.Array, jax.Array]:
     """MLA decode over DeepSeek-V3.2's FP8 cache (`reference.mla_decode.quantize_fp8_latent`): latent_fp8
     [P, page, 1, 512] e4m3, scales [P, page, 1, 4] float32 (one per token and 128 channels), rope
-    [P, page, 1, 64] bf16. Same outputs as `mla_decode`. XLA path only (dequantise, then the reference);
-    backend "mosaic"/"interpret" raise NotImplementedError, "auto" uses XLA."""
+    [P, page, 1, 64] bf16. Same outputs as `mla_decode`. "mosaic"/"interpret": the Hopper kernel reads the
+    FP8 pages (656 bytes per token instead of 1152) and dequantises them in shared memory, so K and V enter
+    the bf16 wgmma rounded to bf16; "xla": dequantise to float32, then the reference."""
     from seekax.lowering.reference import mla_decode as ref
 
     if getattr(latent_fp8, "ndim", None) != 4 or np.dtype(latent_fp8.dtype).name != "float8_e4m3fn":
@@ -266,14 +268,33 @@ def mla_decode_fp8(q: jax.Array, latent_fp8: jax.Array, scales: jax.Array, rope:
         raise fail("scales", getattr(scales, "shape", None), f"float32 [{p}, {page}, {h}, tiles] with tiles dividing {v}")
     if getattr(rope, "ndim", None) != 4 or rope.shape[:3] != (p, page, h) or np.dtype(rope.dtype).name != "bfloat16":
         raise fail("rope", getattr(rope, "shape", None), f"bfloat16 [{p}, {page}, {h}, rope_dim]")
-    requested = backend
-    if resolve_backend(backend) != "xla" and requested != "auto":
-        raise NotImplementedError("mla_decode_fp8: only the XLA path exists (no FP8 Mosaic kernel yet)")
-    kv = ref.dequantize_fp8_latent(latent_fp8, scales, rope)                       # [P, page, 1, v + rope] f32
-    validate_mla_decode(q, kv, block_table, seq_lens, v_dim=v, softmax_scale=softmax_scale, causal=causal,
-                        kv_dtypes=("float32",), same_dtype=False)
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return ref.mla_decode(q, kv, block_table, seq_lens, v_dim=v, softmax_scale=scale, causal=causal)
+    strict = backend in ("mosaic", "interpret")
+    backend = resolve_backend(backend)
+    dequantised = jax.ShapeDtypeStruct((p, page, h, v + rope.shape[-1]), jnp.float32)  # what the kernel sees
+    spec = validate_mla_decode(q, dequantised, block_table, seq_lens, v_dim=v, softmax_scale=softmax_scale,
+                               causal=causal, kernel=strict, kv_dtypes=("float32",), same_dtype=False)
+    if strict and (scales.shape[-1] != KERNEL_V_DIM // 128 or spec.q_dtype != "bfloat16"):
+        raise fail("scales" if scales.shape[-1] != KERNEL_V_DIM // 128 else "q.dtype",
+                   scales.shape[-1] if scales.shape[-1] != KERNEL_V_DIM // 128 else spec.q_dtype,
+                   "one scale per 128 channels (4) and bfloat16 q for the kernel")
+    kernel_ok = ((spec.qk_dim, spec.v_dim, spec.page_size) == (KERNEL_QK_DIM, KERNEL_V_DIM, 64)
+                 and scales.shape[-1] == KERNEL_V_DIM // 128 and spec.q_dtype == "bfloat16")
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(spec.qk_dim)
+    if backend == "xla" or not kernel_ok:
+        kv = ref.dequantize_fp8_latent(latent_fp8, scales, rope)                   # [P, page, 1, v + rope] f32
+        return ref.mla_decode(q, kv, block_table, seq_lens, v_dim=v, softmax_scale=scale, causal=causal)
+    from seekax.lowering.mosaic import mla_decode_sm90
+
+    config = config or MlaTileConfig(stages=1)           # two fp8 slots + the bf16 tile exceed 227 KiB
+    if metadata is not None and (metadata.block != config.block_n or metadata.block_start.shape != (spec.batch,)):
+        raise fail("metadata", f"MlaMetadata(block={metadata.block}, batch={metadata.block_start.shape[0]})",
+                   f"block={config.block_n} and batch={spec.batch} (from mla_metadata(seq_lens))")
+    if metadata is None:
+        metadata = mla_metadata(seq_lens, num_sms or num_sms_for(backend), q_len=spec.q_len,
+                                num_heads=spec.q_heads, block=config.block_n)
+    return mla_decode_sm90.mla_decode(q, (latent_fp8, scales, rope), block_table, seq_lens, metadata,
+                                      softmax_scale=scale, causal=causal, config=config,
+                                      interpret=backend == "interpret")
 
 
 def mla_decode_sparse(q: jax.Array, kv_cache: jax.Array, indices: jax.Array, *, v_dim: int = 512,

@@ -64,6 +64,9 @@ def test_other_spec_costs():
     mla = MlaDecodeSpec(batch=128, seq_len=4096, q_heads=128)
     assert mla.flops() == 2 * 128 * 128 * 4096 * (576 + 512)
     assert mla.min_bytes() > 128 * 4096 * 576 * 2  # at least the whole KV cache once
+    fp8 = MlaDecodeSpec(batch=128, seq_len=4096, q_heads=128, kv_dtype="float8_e4m3fn")
+    assert fp8.kv_bytes_per_token() == 512 + 4 * 4 + 64 * 2 == 656   # V3.2: e4m3 latent, f32 scales, bf16 rope
+    assert mla.min_bytes() - fp8.min_bytes() == 128 * 4096 * (1152 - 656)
     d = DispatchSpec(tokens=4096, hidden=7168, num_experts=256, top_k=8, ep_size=8, dtype="float8_e4m3fn")
     assert d.payload_bytes_per_token() == 7168 + 4 * 56
     assert d.experts_per_rank == 32

@@ -1,5 +1,5 @@
-"""The MLA decode Mosaic GPU kernel: interpret-mode numerics (race detector on) against the float64 oracle,
-Hopper cross-lowering at FlashMLA's benchmark shapes, and on-GPU checks."""
+"""The MLA decode Mosaic GPU kernel, bf16 cache and DeepSeek-V3.2's FP8 cache: interpret-mode numerics (race
+detector on) against the float64 oracle, Hopper cross-lowering at FlashMLA's benchmark shapes, on-GPU checks."""
 
 import functools
 import pathlib
@@ -12,7 +12,8 @@ import pytest
 
 from seekax.ir.mla_tiling import MlaTileConfig
 from seekax.ir.tiling import SharedMemoryBudgetExceeded
-from seekax.runtime.mla import mla_decode, mla_metadata
+from seekax.lowering.reference.mla_decode import dequantize_fp8_latent, quantize_fp8_latent
+from seekax.runtime.mla import mla_decode, mla_decode_fp8, mla_metadata
 from seekax.testing import assert_close, cross_lower, interpret_mode, rel_err
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "runtime"))
@@ -81,3 +82,77 @@ def test_on_hopper(rng, s_q):
     np.testing.assert_array_equal(np.asarray(out), np.asarray(out2))     # deterministic: no races
     xo, _ = mla_decode(q, kv, table, seq, backend="xla")
     assert rel_err(out, xo) < 1e-2
+
+
+# ------------------------------------------------------------------------------------------------ FP8 cache
+def _check_fp8(out, lse, q, cache, table, seq, causal=True):
+    """The kernel dequantises each page to bf16 before the wgmma, so the exact model of its inputs is the
+    bf16-rounded dequantised cache: same tolerances as the bf16 kernel against that. Against the float32
+    dequantisation (the XLA path) the extra bf16 rounding of K and V adds ~1e-3 relative."""
+    deq = dequantize_fp8_latent(*cache)
+    _check(out, lse, q, deq.astype(jnp.bfloat16), table, seq, causal)
+    xo, xl = mla_decode_fp8(q, *cache, table, seq, causal=causal, backend="xla")
+    assert rel_err(out, xo) < 1e-2 and rel_err(np.where(np.isfinite(xl), lse, 0), np.where(np.isfinite(xl), xl, 0)) < 1e-3
+
+
+@pytest.mark.parametrize("lens, s_q, heads, parts, causal, combine", [
+    ([1, 64, 130, 77], 2, 16, 3, True, "kernel"),       # length 1, page boundaries, s_q = 2, splits
+    ([200, 0, 129], 1, 64, 4, True, "xla"),             # a full row tile, an empty sequence, long splits
+    ([66, 5], 2, 64, 2, False, "kernel"),               # two row tiles, non-causal
+])
+def test_fp8_interpret_matches_float64(rng, lens, s_q, heads, parts, causal, combine):
+    q, kv, table, seq = make_case(rng, lens=lens, s_q=s_q, heads=heads)   # NaN tails: NaN scales and latents
+    cache = quantize_fp8_latent(kv)
+    meta = mla_metadata(seq, num_parts=parts, q_len=s_q, num_heads=heads)
+    with interpret_mode(detect_races=True):
+        out, lse = mla_decode_fp8(q, *cache, table, seq, causal=causal, metadata=meta, backend="interpret",
+                                  config=MlaTileConfig(stages=1, combine=combine))
+        out.block_until_ready()
+    _check_fp8(out, lse, q, cache, table, seq, causal)
+
+
+def _fp8_bench_args(b, s_k, h, s_q):
+    pages = b * s_k // 64
+    return (jax.ShapeDtypeStruct((b, s_q, h, 576), jnp.bfloat16),
+            jax.ShapeDtypeStruct((pages, 64, 1, 512), jnp.float8_e4m3fn),
+            jax.ShapeDtypeStruct((pages, 64, 1, 4), jnp.float32),
+            jax.ShapeDtypeStruct((pages, 64, 1, 64), jnp.bfloat16),
+            jax.ShapeDtypeStruct((b, s_k // 64 + 2), jnp.int32),
+            jax.ShapeDtypeStruct((b,), jnp.int32))
+
+
+@pytest.mark.parametrize("h, s_q", [(128, 1), (16, 2)])
+def test_fp8_cross_lowers_at_benchmark_shapes(h, s_q):
+    lowered = cross_lower(functools.partial(mla_decode_fp8, backend="mosaic"), *_fp8_bench_args(128, 4096, h, s_q))
+    report, _ = lowered.reports
+    assert report.fits_smem and report.tma and report.threads == (384, 1, 1)
+    assert report.smem_bytes == MlaTileConfig(stages=1).smem_bytes("float8_e4m3fn")   # the account is exact
+    assert "m64n64k16.f32.bf16.bf16" in report.wgmma and "m64n256k16.f32.bf16.bf16" in report.wgmma
+
+
+def test_fp8_two_slots_overflow_is_a_typed_error():
+    assert MlaTileConfig(stages=2).smem_bytes("float8_e4m3fn") > 227 * 1024
+    with pytest.raises(SharedMemoryBudgetExceeded):
+        cross_lower(functools.partial(mla_decode_fp8, backend="mosaic", config=MlaTileConfig(stages=2)),
+                    *_fp8_bench_args(2, 256, 64, 1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("s_q", [1, 2])
+def test_fp8_on_hopper(rng, s_q):
+    lens = rng.integers(1, 1500, size=16).tolist() + [1, 64, 0]
+    q, kv, table, seq = make_case(rng, lens=lens, s_q=s_q, heads=128)
+    cache = quantize_fp8_latent(kv)
+    out, lse = mla_decode_fp8(q, *cache, table, seq, backend="mosaic")
+    out2, _ = mla_decode_fp8(q, *cache, table, seq, backend="mosaic")
+    _check_fp8(out, lse, q, cache, table, seq)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(out2))     # deterministic: no races
+
+
+
+def test_interpret_backend_without_an_outer_interpret_mode(rng):
+    """backend="interpret" alone (no seekax.testing.interpret_mode around it) runs the decode kernel and the
+    combine kernel, each under its own interpreter context (one context object entered twice used to fail)."""
+    q, kv, table, seq = make_case(rng, lens=[3, 70], s_q=1, heads=16)
+    out, lse = mla_decode(q, kv, table, seq, metadata=mla_metadata(seq, num_parts=2), backend="interpret")
+    _check(out, lse, q, kv, table, seq)

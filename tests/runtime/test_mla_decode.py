@@ -120,7 +120,7 @@ def test_bad_input_is_a_clear_value_error(change, kwargs, match):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(block_m=128), "block_m"), (dict(block_n=32), "block_n"), (dict(stages=1), "stages"),
+    (dict(block_m=128), "block_m"), (dict(block_n=32), "block_n"), (dict(stages=0), "stages"),
     (dict(combine="cuda"), "combine"), (dict(v_dim=640), "v_dim"), (dict(num_compute_wgs=1), "num_compute_wgs"),
 ])
 def test_tile_config_rejects_bad_fields(kwargs, match):

@@ -62,11 +62,13 @@ def test_sparse_decode_matches_float64(rng):
     assert_close(lse, ref_lse, rtol=1e-4, atol=1e-4, name="lse")
 
 
-def test_variants_say_the_kernel_is_missing_and_check_inputs(rng):
+def test_variants_check_inputs_and_say_what_has_no_kernel(rng):
     q, kv, table, seq = make_case(rng, lens=[3], heads=4, nan_unused=False)
     lat, scales, rope = quantize_fp8_latent(kv)
-    with pytest.raises(NotImplementedError):
-        mla_decode_fp8(q, lat, scales, rope, table, seq, backend="interpret")
+    with pytest.raises(ValueError, match="scales=.*one scale per 128 channels"):
+        mla_decode_fp8(q, lat, scales[..., :2], rope, table, seq, backend="interpret")  # 256-channel tiles
+    with pytest.raises(ValueError, match="q.dtype='float32'"):
+        mla_decode_fp8(q.astype(jnp.float32), lat, scales, rope, table, seq, backend="interpret")
     with pytest.raises(NotImplementedError):
         mla_decode_sparse(q, kv, jnp.zeros((1, 1, 4), jnp.int32), backend="mosaic")
     with pytest.raises(ValueError, match="latent_fp8"):

@@ -12,6 +12,12 @@ Handshakes: kv_ready/kv_consumed per slot (TMA <-> both compute wgs), p_ready/p_
 the last message of a split carries 1/l instead of a rescale). Outputs are stored from registers.
 Keys in the last page at or past seq_len may hold anything, NaN included (as FlashMLA's tests check):
 S masks them, and wg 0 zeroes their value rows in shared memory before P V.
+
+FP8 cache (DeepSeek-V3.2's layout: e4m3 latent, one f32 scale per token and 128 channels, bf16 rope; 656
+instead of 1152 bytes per token): wg 2 TMA-copies a page's latent and rope into one fp8 slot, wg 1 dequantises
+it (x * scale, scales read from global memory as WGMMA row vectors; tail keys zeroed on the way) into a single
+bf16 tile and then does its P V as above; wg 0 runs unchanged on that tile. Two fp8 slots next to the bf16
+tile would need 234 KiB, so the TMA of page j+1 overlaps the compute of page j through the one slot.
 """
 
 from __future__ import annotations
@@ -35,10 +41,16 @@ LN2 = math.log(2.0)
 
 
 def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, part_batches_ref, payload_ref,
-            q_ref, kv_ref, table_ref, lens_ref, out_ref, lse_ref, *,
-            config: MlaTileConfig, scale_log2: float, causal: bool, q_len: int, heads: int, in_place_acc: bool):
-    """q_ref [B, R, 576]; kv_ref [pages, 64, 1, 576]; table_ref [B, max_pages]; lens_ref [B];
-    out_ref [T, R, 512] f32 partials; lse_ref [T, R] f32 partials (natural log)."""
+            q_ref, *refs, config: MlaTileConfig, scale_log2: float, causal: bool, q_len: int, heads: int,
+            in_place_acc: bool, fp8: bool):
+    """q_ref [B, R, 576]; then the cache: kv_ref [pages, 64, 1, 576] (bf16), or with `fp8` latent_ref
+    [pages, 64, 1, 512] e4m3, scales_ref [pages, 64, 1, 4] f32, rope_ref [pages, 64, 1, 64] bf16; then
+    table_ref [B, max_pages]; lens_ref [B]; out_ref [T, R, 512] f32 partials; lse_ref [T, R] f32 (natural log)."""
+    if fp8:
+        latent_ref, scales_ref, rope_ref, table_ref, lens_ref, out_ref, lse_ref = refs
+        kv_ref = latent_ref
+    else:
+        kv_ref, table_ref, lens_ref, out_ref, lse_ref = refs
     bm, bn, stages, vh = config.block_m, config.block_n, config.stages, config.v_per_wg
     dtype = q_ref.dtype
     num_pages, max_pages = kv_ref.shape[0], table_ref.shape[1]
@@ -54,7 +66,14 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
 
     tiling, swizzle = plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)
 
-    def scoped(q_smem, kv_smem, p_smem, a_smem, kv_ready, kv_consumed, q_bar, p_ready, p_free):
+    def scoped(q_smem, kv_smem, p_smem, a_smem, kv_ready, kv_consumed, q_bar, p_ready, p_free, *fp8_scratch):
+        """bf16: kv_smem [stages, 64, 576] holds the pages as TMA wrote them. fp8: the TMA writes the latent
+        and rope of a page into fp8 slots, wg 1 dequantises them into kv_smem [1, 64, 576] (bf16), which
+        both compute warpgroups then read exactly as in the bf16 kernel; kv_ready/kv_consumed are then the
+        dequantised tile's handshakes (wg 1 -> wg 0, wg 0 -> wg 1)."""
+        if fp8:
+            lat_smem, rope_smem, lat_ready, rope_ready, fp8_free = fp8_scratch
+        kv_slots = 1 if fp8 else stages
         def pv(acc, alpha, slot, col: int):
             """acc * alpha + P V[:, this wg's channels]; in place on hardware, via a fresh accumulator when
             interpreting (the CPU interpreter does not run `run_state` over wgmma accumulators)."""
@@ -89,6 +108,39 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
                     vals = plgpu.load(chunk, layout=plgpu.Layout.WGMMA)
                     chunk[...] = jnp.where(key < valid, vals, jnp.zeros_like(vals))
 
+        def page_of(b, j):
+            return jnp.clip(table_ref[b, jnp.minimum(j, max_pages - 1)], 0, num_pages - 1)
+
+        def dequantise(b, j, step):
+            """fp8 (wg 1): page j of batch b from its fp8 slot into kv_smem[0] as bf16, latent x per-token
+            scale per 128 channels, rope copied; keys at or past seq_len become 0 (the scrub, folded in)."""
+            slot = lax.rem(step, stages)
+
+            @pl.when(step > 0)
+            def _():
+                plgpu.barrier_wait(kv_consumed.at[0])                 # wg 0 is done with the previous tile
+            plgpu.barrier_wait(lat_ready.at[slot])
+            plgpu.barrier_wait(rope_ready.at[slot])
+            page = page_of(b, j)
+            valid = lens_ref[b] - j * bn
+            key = plgpu.broadcasted_iota(jnp.int32, (bn, 128), 0, layout=plgpu.Layout.WGMMA)
+            keep = key < valid
+            for g in range(config.v_dim // 128):
+                x = plgpu.load(lat_smem.at[slot, :, pl.ds(g * 128, 128)], layout=plgpu.Layout.WGMMA)
+                sc = plgpu.load(scales_ref.at[page, :, 0, g], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+                y = x.astype(jnp.float32) * lax.broadcast_in_dim(sc, x.shape, [0])
+                y = jnp.where(keep, y, jnp.zeros_like(y)).astype(dtype)
+                for h in range(2):
+                    kv_smem.at[0, :, pl.ds(g * 128 + h * 64, 64)][...] = y[:, h * 64:(h + 1) * 64]
+            key64 = plgpu.broadcasted_iota(jnp.int32, (bn, 64), 0, layout=plgpu.Layout.WGMMA)
+            for c in range((config.qk_dim - config.v_dim) // 64):
+                r = plgpu.load(rope_smem.at[slot, :, pl.ds(c * 64, 64)], layout=plgpu.Layout.WGMMA)
+                kv_smem.at[0, :, pl.ds(config.v_dim + c * 64, 64)][...] = jnp.where(key64 < valid, r,
+                                                                                   jnp.zeros_like(r))
+            plgpu.commit_smem()                                       # generic-proxy writes -> wgmma reads
+            plgpu.barrier_arrive(fp8_free.at[slot])
+            plgpu.barrier_arrive(kv_ready.at[0])
+
         @pl.when(wg == 0)
         def _softmax_wg():
             plgpu.set_max_registers(232, action="increase")
@@ -113,7 +165,7 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
 
                     def kv_step(j, c):
                         acc, m_i, l_i, step, msgs = c
-                        slot = lax.rem(step, stages)
+                        slot = lax.rem(step, kv_slots)
                         plgpu.barrier_wait(kv_ready.at[slot])
 
                         def qk(r):
@@ -128,7 +180,8 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
                         alpha = jnp.exp2(m_i - m_safe)
                         p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
                         l_i = l_i * alpha + p.sum(axis=1)
-                        scrub_tail(slot, seq_len - j * bn)
+                        if not fp8:                                    # fp8: wg 1 zeroed the tail already
+                            scrub_tail(slot, seq_len - j * bn)
 
                         @pl.when(msgs > 0)
                         def _():
@@ -173,6 +226,13 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
                 def _():
                     def kv_step(j, c):
                         acc, step = c
+                        if fp8:
+                            dequantise(b, j, step)
+                            plgpu.barrier_wait(p_ready.at[0])
+                            alpha = plgpu.load(a_smem, layout=plgpu.Layout.WGMMA.reduce(1))
+                            acc = pv(acc, alpha, lax.rem(step, kv_slots), vh)   # slot 0, traced
+                            plgpu.barrier_arrive(p_free.at[0])
+                            return acc, step + 1
                         slot = lax.rem(step, stages)
                         plgpu.barrier_wait(p_ready.at[0])
                         alpha = plgpu.load(a_smem, layout=plgpu.Layout.WGMMA.reduce(1))
@@ -191,7 +251,11 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
 
                 return step + (hi - lo)
 
-            lax.fori_loop(b_begin, b_end, batch, jnp.int32(0))
+            steps = lax.fori_loop(b_begin, b_end, batch, jnp.int32(0))
+            if fp8:
+                @pl.when(steps > 0)
+                def _():
+                    plgpu.barrier_wait(kv_consumed.at[0])  # observe wg 0's last release before the barrier goes away
 
         @pl.when(wg == 2)
         def _memory_wg():
@@ -203,11 +267,17 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
                 def load(j, step):
                     slot = lax.rem(step, stages)
 
+                    free = fp8_free if fp8 else kv_consumed
+
                     @pl.when(step >= stages)
                     def _():
-                        plgpu.barrier_wait(kv_consumed.at[slot])
-                    page = jnp.clip(table_ref[b, jnp.minimum(j, max_pages - 1)], 0, num_pages - 1)
-                    plgpu.copy_gmem_to_smem(kv_ref.at[page, :, 0, :], kv_smem.at[slot], kv_ready.at[slot])
+                        plgpu.barrier_wait(free.at[slot])
+                    page = page_of(b, j)
+                    if fp8:
+                        plgpu.copy_gmem_to_smem(latent_ref.at[page, :, 0, :], lat_smem.at[slot], lat_ready.at[slot])
+                        plgpu.copy_gmem_to_smem(rope_ref.at[page, :, 0, :], rope_smem.at[slot], rope_ready.at[slot])
+                    else:
+                        plgpu.copy_gmem_to_smem(kv_ref.at[page, :, 0, :], kv_smem.at[slot], kv_ready.at[slot])
                     return step + 1
 
                 return lax.fori_loop(lo, hi, load, step)
@@ -216,33 +286,48 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
 
             @pl.loop(jnp.maximum(steps - stages, 0), steps)
             def _drain(step):  # observe the last consumptions of every slot before the barriers go away
-                plgpu.barrier_wait(kv_consumed.at[lax.rem(step, stages)])
+                plgpu.barrier_wait((fp8_free if fp8 else kv_consumed).at[lax.rem(step, stages)])
 
     d = q_ref.shape[-1]
+    if fp8:  # TMA fills fp8 slots; the one bf16 tile is written by wg 1 and read by both compute wgs
+        kv_tile = plgpu.SMEM((1, bn, d), dtype, transforms=(tiling, swizzle))
+        kv_bars = (plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=1))  # tile ready (wg 1), free (wg 0)
+        fp8_scratch = (
+            plgpu.SMEM((stages, bn, config.v_dim), latent_ref.dtype,
+                       transforms=(plgpu.TilingTransform((8, 128)), swizzle)),
+            plgpu.SMEM((stages, bn, d - config.v_dim), rope_ref.dtype, transforms=(tiling, swizzle)),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_barriers=stages),
+        )
+    else:
+        kv_tile = plgpu.SMEM((stages, bn, d), kv_ref.dtype, transforms=(tiling, swizzle))
+        kv_bars = (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_arrivals=2, num_barriers=stages))
+        fp8_scratch = ()
     pl.run_scoped(
         scoped,
         plgpu.SMEM((bm, d), dtype, transforms=(tiling, swizzle)),
-        plgpu.SMEM((stages, bn, d), kv_ref.dtype, transforms=(tiling, swizzle)),
+        kv_tile,
         plgpu.SMEM((bm, bn), dtype, transforms=(tiling, swizzle)),
         plgpu.SMEM((bm,), jnp.float32),
-        plgpu.Barrier(num_barriers=stages),
-        plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+        *kv_bars,
         plgpu.Barrier(num_barriers=1),
         plgpu.Barrier(num_barriers=1),
         plgpu.Barrier(num_barriers=1),
+        *fp8_scratch,
         collective_axes="wg",
     )
 
 
 def build(*, batch: int, rows: int, num_parts: int, max_splits: int, config: MlaTileConfig, scale: float,
-          causal: bool, q_len: int, heads: int, in_place_acc: bool = True):
-    """The kernel callable f(metadata arrays..., q [B, rows, 576], kv_cache, block_table, seq_lens) ->
-    (out partials [max_splits, rows, 512] f32, lse partials [max_splits, rows] f32)."""
-    config.check_smem()
+          causal: bool, q_len: int, heads: int, in_place_acc: bool = True, fp8: bool = False):
+    """The kernel callable f(metadata arrays..., q [B, rows, 576], kv_cache | (latent, scales, rope),
+    block_table, seq_lens) -> (out partials [max_splits, rows, 512] f32, lse partials [max_splits, rows] f32)."""
+    config.check_smem("float8_e4m3fn" if fp8 else "bfloat16")
     if rows % config.block_m:
         raise ValueError(f"rows={rows}: expected a multiple of block_m={config.block_m} (the wrapper pads)")
     body = functools.partial(_kernel, config=config, scale_log2=scale * LOG2E, causal=causal, q_len=q_len,
-                             heads=heads, in_place_acc=in_place_acc)
+                             heads=heads, in_place_acc=in_place_acc, fp8=fp8)
     return plgpu.kernel(
         body,
         out_type=(jax.ShapeDtypeStruct((max_splits, rows, config.v_dim), jnp.float32),
@@ -257,7 +342,12 @@ def build(*, batch: int, rows: int, num_parts: int, max_splits: int, config: Mla
 
 def mla_decode(q, kv_cache, block_table, seq_lens, metadata, *, softmax_scale: float, causal: bool,
                config: MlaTileConfig, interpret: bool = False):
-    """Validated inputs (runtime.mla.validate_mla_decode) -> out [B, q_len, H, 512] q.dtype, lse [B, H, q_len]."""
+    """Validated inputs (runtime.mla.validate_mla_decode) -> out [B, q_len, H, 512] q.dtype, lse [B, H, q_len].
+    `kv_cache`: the bf16 cache [pages, 64, 1, 576], or DeepSeek-V3.2's FP8 cache as a tuple (latent e4m3
+    [pages, 64, 1, 512], scales f32 [pages, 64, 1, 4], rope bf16 [pages, 64, 1, 64]), validated by
+    runtime.mla.mla_decode_fp8; the kernel dequantises each page in shared memory."""
+    fp8 = isinstance(kv_cache, tuple)
+    cache = kv_cache if fp8 else (kv_cache,)
     b, q_len, heads, d = q.shape
     rows = q_len * heads
     rows_p = -(-rows // config.block_m) * config.block_m
@@ -266,15 +356,15 @@ def mla_decode(q, kv_cache, block_table, seq_lens, metadata, *, softmax_scale: f
         qf = jnp.pad(qf, ((0, 0), (0, rows_p - rows), (0, 0)))                 # [B, rows_p, 576]
     kernel = build(batch=b, rows=rows_p, num_parts=metadata.num_parts, max_splits=metadata.max_splits,
                    config=config, scale=softmax_scale, causal=causal, q_len=q_len, heads=heads,
-                   in_place_acc=not interpret)
-    ctx = interpret_context() if interpret else contextlib.nullcontext()
-    with ctx:
+                   in_place_acc=not interpret, fp8=fp8)
+    ctx = interpret_context if interpret else contextlib.nullcontext  # a fresh context per kernel call
+    with ctx():
         out_p, lse_p = kernel(metadata.block_start, metadata.n_blocks, metadata.first_part, metadata.split_offsets,
-                              metadata.part_batches, metadata.payload, qf, kv_cache, block_table, seq_lens)
+                              metadata.part_batches, metadata.payload, qf, *cache, block_table, seq_lens)
     if config.combine == "kernel":
         from seekax.lowering.mosaic import mla_combine_sm90
 
-        with ctx:
+        with ctx():
             out, lse = mla_combine_sm90.combine(metadata.split_offsets, out_p, lse_p, out_dtype=q.dtype)
         out = out[:, :rows].reshape(b, q_len, heads, config.v_dim)                 # [B, q_len, H, 512]
         return out, jnp.transpose(lse[:, :rows].reshape(b, q_len, heads), (0, 2, 1))  # [B, H, q_len]
