@@ -27,6 +27,13 @@ def test_check_passes_and_fails(capsys):
     assert "shared memory" in err and "227 KiB" in err
 
 
+@pytest.mark.parametrize("op", ["mla_decode", "mla_decode_fp8"])
+def test_check_mla_decode(capsys, op):
+    assert main(["lower", op, "--batch", "8", "--seq-len", "1024", "--heads", "16", "--q-len", "2", "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "OK (2 kernel(s) fit 227 KiB; wgmma in 1)" in out and "m64n256k16" in out
+
+
 def test_kernel_report_rejects_non_kernel_text():
     with pytest.raises(ValueError, match="gpu.launch"):
         kernel_report("module {}")
