@@ -219,16 +219,22 @@ def mla_decode(q: jax.Array, kv_cache: jax.Array, block_table: jax.Array, seq_le
         from seekax.lowering.reference import mla_decode as ref
 
         return ref.mla_decode(q, kv_cache, block_table, seq_lens, v_dim=v_dim, softmax_scale=scale, causal=causal)
+    return _run_kernel(q, kv_cache, block_table, seq_lens, spec, metadata=metadata, config=config or MlaTileConfig(),
+                       softmax_scale=scale, causal=causal, backend=backend, num_sms=num_sms)
+
+
+def _run_kernel(q, cache, block_table, seq_lens, spec: MlaProblem, *, metadata, config: MlaTileConfig,
+                softmax_scale: float, causal: bool, backend: str, num_sms: int | None):
+    """The kernel path shared by the bf16 and FP8 caches: check or build the split metadata, then launch."""
     from seekax.lowering.mosaic import mla_decode_sm90
 
-    config = config or MlaTileConfig()
     if metadata is not None and (metadata.block != config.block_n or metadata.block_start.shape != (spec.batch,)):
         raise fail("metadata", f"MlaMetadata(block={metadata.block}, batch={metadata.block_start.shape[0]})",
                    f"block={config.block_n} and batch={spec.batch} (from mla_metadata(seq_lens))")
     if metadata is None:
         metadata = mla_metadata(seq_lens, num_sms or num_sms_for(backend), q_len=spec.q_len,
                                 num_heads=spec.q_heads, block=config.block_n)
-    return mla_decode_sm90.mla_decode(q, kv_cache, block_table, seq_lens, metadata, softmax_scale=scale,
+    return mla_decode_sm90.mla_decode(q, cache, block_table, seq_lens, metadata, softmax_scale=softmax_scale,
                                       causal=causal, config=config, interpret=backend == "interpret")
 
 
@@ -283,18 +289,9 @@ def mla_decode_fp8(q: jax.Array, latent_fp8: jax.Array, scales: jax.Array, rope:
     if backend == "xla" or not kernel_ok:
         kv = ref.dequantize_fp8_latent(latent_fp8, scales, rope)                   # [P, page, 1, v + rope] f32
         return ref.mla_decode(q, kv, block_table, seq_lens, v_dim=v, softmax_scale=scale, causal=causal)
-    from seekax.lowering.mosaic import mla_decode_sm90
-
     config = config or MlaTileConfig(stages=1)           # two fp8 slots + the bf16 tile exceed 227 KiB
-    if metadata is not None and (metadata.block != config.block_n or metadata.block_start.shape != (spec.batch,)):
-        raise fail("metadata", f"MlaMetadata(block={metadata.block}, batch={metadata.block_start.shape[0]})",
-                   f"block={config.block_n} and batch={spec.batch} (from mla_metadata(seq_lens))")
-    if metadata is None:
-        metadata = mla_metadata(seq_lens, num_sms or num_sms_for(backend), q_len=spec.q_len,
-                                num_heads=spec.q_heads, block=config.block_n)
-    return mla_decode_sm90.mla_decode(q, (latent_fp8, scales, rope), block_table, seq_lens, metadata,
-                                      softmax_scale=scale, causal=causal, config=config,
-                                      interpret=backend == "interpret")
+    return _run_kernel(q, (latent_fp8, scales, rope), block_table, seq_lens, spec, metadata=metadata, config=config,
+                       softmax_scale=scale, causal=causal, backend=backend, num_sms=num_sms)
 
 
 def mla_decode_sparse(q: jax.Array, kv_cache: jax.Array, indices: jax.Array, *, v_dim: int = 512,
