@@ -28,7 +28,7 @@ from seekax.storage.atomic import crc32
 
 DTYPES = ("bfloat16", "float16", "float32", "float8_e4m3fn", "uint8", "int8")
 HASH_BYTES = 16
-READ_CHUNK = 4  # pages per read in match_prefix (288 KiB at the default page)
+READ_CHUNK = 4  # fewest pages per read (288 KiB at the default page)
 IO_THREADS = 4  # concurrent chunk reads per match_prefix
 
 
@@ -171,21 +171,25 @@ class KVPageStore:
         return results
 
     def _read_verified(self, jobs: list[tuple[list[bytes], np.ndarray]]) -> list[int]:
-        """Read each job's pages into its `flat` [m, page_bytes], in chunks of READ_CHUNK pages on IO_THREADS
-        threads, each chunk checksummed by the thread that read it (preadv and zlib.crc32 release the GIL): a
-        32-page prefix becomes 8 concurrent reads. Returns per job the first bad page (m if none)."""
+        """Read each job's pages into its `flat` [m, page_bytes] on IO_THREADS threads, each chunk checksummed
+        by the thread that read it (preadv and zlib.crc32 release the GIL). Returns per job the first bad page
+        (m if none)."""
         crcs = [[self._lru[k] for k in keys] for keys, _ in jobs]
 
         def chunk(task: tuple[int, int]) -> tuple[int, int]:
             j, lo = task
             keys, flat = jobs[j]
-            hi = min(len(keys), lo + READ_CHUNK)
+            hi = min(len(keys), lo + per)
             self._backend.get(keys[lo:hi], flat[lo:hi])
             for i in range(lo, hi):
                 if crc32(flat[i]) != crcs[j][i]:
                     return j, i
             return j, len(keys)
-        tasks = [(j, lo) for j, (keys, _) in enumerate(jobs) for lo in range(0, len(keys), READ_CHUNK)]
+        # Chunks big enough that IO_THREADS of them cover the whole call: every byte is in flight at once (one
+        # 2.25 MiB prefix: 4 reads of 8 pages; a batch: whole prefixes), never smaller than READ_CHUNK pages.
+        total = sum(len(keys) for keys, _ in jobs)
+        per = max(READ_CHUNK, -(-total // IO_THREADS))
+        tasks = [(j, lo) for j, (keys, _) in enumerate(jobs) for lo in range(0, len(keys), per)]
         bad = [len(keys) for keys, _ in jobs]
         if len(tasks) == 1:
             done = [chunk(tasks[0])]
