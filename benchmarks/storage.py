@@ -8,7 +8,7 @@ ratios, which keeps a shared machine's load drifts out of it. Figures and target
     cold, 4x the data set; timed from the first batch)
   random 64 KiB records (SampleStore.read, batches of 16)     >= 0.7 x raw random 64 KiB preads
   4 KiB records, batched reader vs grain per-record map       >= 5 x (both warm: measures per-record overhead)
-  checkpoint save (TrainCheckpointer, 8 float32 arrays)       >= 0.8 x write + fsync; blocking time <= 50 ms
+  checkpoint save (TrainCheckpointer, 8 float32 arrays, 4x)   >= 0.8 x write + fsync; blocking time <= 50 ms
   KV store, 32-page (2.25 MiB) prefixes of 72 KiB MLA pages,  >= 0.8 x sequential read of the slot file
     cold: one request per match_prefix call, and 8 per match_prefixes call (a server admitting a batch)
 plus context rows: what the disk itself gives for the same access pattern (raw random reads of one block, of
@@ -63,8 +63,9 @@ def timed(fn, repeat: int = 3, before=None) -> float:
 
 def paired(figure, baseline, files, repeats: int = 3) -> tuple[float, float, float]:
     """Alternate cold runs of figure() and baseline() (the page cache dropped before each); each returns bytes
-    (or items) done, or (amount, seconds) when it times its own steady-state part. Returns (median figure rate, median baseline rate, median of the per-pair ratios): pairing
-    keeps a shared machine's load drifts out of the ratio."""
+    (or items) done, or (amount, seconds) when it times its own steady-state part. Returns (median figure rate,
+    median baseline rate, median of the per-pair ratios): pairing keeps a shared machine's load drifts out of
+    the ratio."""
     figs, bases = [], []
     for _ in range(repeats):
         for fn, acc in ((figure, figs), (baseline, bases)):
@@ -215,7 +216,10 @@ def checkpoint_rows(root: Path, total: int, rows: list) -> None:
 
     from seekax.storage.checkpoint import TrainCheckpointer
 
-    side = int(np.sqrt(total // 4 // 8))  # 8 float32 arrays: model 4 + optimizer 4, `total` bytes in all
+    # 8 float32 arrays (model 4 + optimizer 4), 4x `total` bytes in all: orbax's fixed cost per save (~0.1-0.3 s:
+    # metadata, OCDBT commit, directory fsyncs) would otherwise dominate a 256 MiB save on a fast disk; real
+    # training states are GBs to TBs.
+    side = int(np.sqrt(4 * total // 4 // 8))
     model = {f"w{i}": jnp.asarray(np.random.default_rng(i).standard_normal((side, side), np.float32))
              for i in range(4)}
     opt = {f"m{i}": model[f"w{i}"] * 0.5 for i in range(4)}
@@ -293,9 +297,9 @@ def main() -> int:
         kv_rows(root, total, rows)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print(f"{total // MiB} MiB per data set in {root.parent}; cold = page cache dropped (posix_fadvise DONTNEED) "
-          "before every run (block-shuffle set: 4x); ratios are medians of 3 (loader, KV: 5) alternating figure/baseline "
-          "pairs")
+    print(f"{total // MiB} MiB per data set in {root.parent} (block-shuffle, checkpoint and KV sets: 4x); cold = "
+          "page cache dropped (posix_fadvise DONTNEED) before every run; ratios are medians of 3 (loader, KV: 5) "
+          "alternating figure/baseline pairs")
     emit("storage", rows, args.json)
     return 0
 
