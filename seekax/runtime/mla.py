@@ -279,12 +279,13 @@ def mla_decode_fp8(q: jax.Array, latent_fp8: jax.Array, scales: jax.Array, rope:
     dequantised = jax.ShapeDtypeStruct((p, page, h, v + rope.shape[-1]), jnp.float32)  # what the kernel sees
     spec = validate_mla_decode(q, dequantised, block_table, seq_lens, v_dim=v, softmax_scale=softmax_scale,
                                causal=causal, kernel=strict, kv_dtypes=("float32",), same_dtype=False)
-    if strict and (scales.shape[-1] != KERNEL_V_DIM // 128 or spec.q_dtype != "bfloat16"):
-        raise fail("scales" if scales.shape[-1] != KERNEL_V_DIM // 128 else "q.dtype",
-                   scales.shape[-1] if scales.shape[-1] != KERNEL_V_DIM // 128 else spec.q_dtype,
-                   "one scale per 128 channels (4) and bfloat16 q for the kernel")
+    tiles_ok = scales.shape[-1] == KERNEL_V_DIM // 128
+    if strict and not tiles_ok:
+        raise fail("scales", scales.shape[-1], f"one scale per 128 channels ({KERNEL_V_DIM // 128}) for the kernel")
+    if strict and spec.q_dtype != "bfloat16":
+        raise fail("q.dtype", spec.q_dtype, "bfloat16 for the FP8-cache kernel (its rope and tile are bf16)")
     kernel_ok = ((spec.qk_dim, spec.v_dim, spec.page_size) == (KERNEL_QK_DIM, KERNEL_V_DIM, 64)
-                 and scales.shape[-1] == KERNEL_V_DIM // 128 and spec.q_dtype == "bfloat16")
+                 and tiles_ok and spec.q_dtype == "bfloat16")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(spec.qk_dim)
     if backend == "xla" or not kernel_ok:
         kv = ref.dequantize_fp8_latent(latent_fp8, scales, rope)                   # [P, page, 1, v + rope] f32

@@ -190,15 +190,10 @@ class KVPageStore:
         total = sum(len(keys) for keys, _ in jobs)
         per = max(READ_CHUNK, -(-total // IO_THREADS))
         tasks = [(j, lo) for j, (keys, _) in enumerate(jobs) for lo in range(0, len(keys), per)]
+        if len(tasks) > 1 and self._pool is None:
+            self._pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="kv-read")
+        done = list(self._pool.map(chunk, tasks)) if len(tasks) > 1 else [chunk(t) for t in tasks]
         bad = [len(keys) for keys, _ in jobs]
-        if len(tasks) == 1:
-            done = [chunk(tasks[0])]
-        elif tasks:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="kv-read")
-            done = list(self._pool.map(chunk, tasks))
-        else:
-            done = []
         for j, i in done:
             bad[j] = min(bad[j], i)
         return bad

@@ -72,16 +72,24 @@ def test_three_stages_overflow_is_a_typed_error():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("cache", ["bf16", "fp8"])
 @pytest.mark.parametrize("s_q", [1, 2])
-def test_on_hopper(rng, s_q):
+def test_on_hopper(rng, s_q, cache):
     lens = rng.integers(1, 1500, size=16).tolist() + [1, 64, 0]
     q, kv, table, seq = make_case(rng, lens=lens, s_q=s_q, heads=128)
-    out, lse = mla_decode(q, kv, table, seq, backend="mosaic")
-    out2, _ = mla_decode(q, kv, table, seq, backend="mosaic")
-    _check(out, lse, q, kv, table, seq)
+    if cache == "fp8":
+        fp8 = quantize_fp8_latent(kv)
+        decode = functools.partial(mla_decode_fp8, q, *fp8, table, seq)
+    else:
+        decode = functools.partial(mla_decode, q, kv, table, seq)
+    out, lse = decode(backend="mosaic")
+    out2, _ = decode(backend="mosaic")
     np.testing.assert_array_equal(np.asarray(out), np.asarray(out2))     # deterministic: no races
-    xo, _ = mla_decode(q, kv, table, seq, backend="xla")
-    assert rel_err(out, xo) < 1e-2
+    if cache == "fp8":
+        _check_fp8(out, lse, q, fp8, table, seq)                          # includes the XLA FP8 path
+    else:
+        _check(out, lse, q, kv, table, seq)
+        assert rel_err(out, decode(backend="xla")[0]) < 1e-2
 
 
 # ------------------------------------------------------------------------------------------------ FP8 cache
@@ -136,19 +144,6 @@ def test_fp8_two_slots_overflow_is_a_typed_error():
     with pytest.raises(SharedMemoryBudgetExceeded):
         cross_lower(functools.partial(mla_decode_fp8, backend="mosaic", config=MlaTileConfig(stages=2)),
                     *_fp8_bench_args(2, 256, 64, 1))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("s_q", [1, 2])
-def test_fp8_on_hopper(rng, s_q):
-    lens = rng.integers(1, 1500, size=16).tolist() + [1, 64, 0]
-    q, kv, table, seq = make_case(rng, lens=lens, s_q=s_q, heads=128)
-    cache = quantize_fp8_latent(kv)
-    out, lse = mla_decode_fp8(q, *cache, table, seq, backend="mosaic")
-    out2, _ = mla_decode_fp8(q, *cache, table, seq, backend="mosaic")
-    _check_fp8(out, lse, q, cache, table, seq)
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(out2))     # deterministic: no races
-
 
 
 def test_interpret_backend_without_an_outer_interpret_mode(rng):

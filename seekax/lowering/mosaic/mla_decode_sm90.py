@@ -227,19 +227,16 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
                     def kv_step(j, c):
                         acc, step = c
                         if fp8:
-                            dequantise(b, j, step)
-                            plgpu.barrier_wait(p_ready.at[0])
-                            alpha = plgpu.load(a_smem, layout=plgpu.Layout.WGMMA.reduce(1))
-                            acc = pv(acc, alpha, lax.rem(step, kv_slots), vh)   # slot 0, traced
-                            plgpu.barrier_arrive(p_free.at[0])
-                            return acc, step + 1
-                        slot = lax.rem(step, stages)
+                            dequantise(b, j, step)                    # fills and publishes the bf16 tile
+                        slot = lax.rem(step, kv_slots)
                         plgpu.barrier_wait(p_ready.at[0])
                         alpha = plgpu.load(a_smem, layout=plgpu.Layout.WGMMA.reduce(1))
-                        plgpu.barrier_wait(kv_ready.at[slot])
+                        if not fp8:                                   # fp8: this wg wrote the tile itself
+                            plgpu.barrier_wait(kv_ready.at[slot])
                         acc = pv(acc, alpha, slot, vh)
                         plgpu.barrier_arrive(p_free.at[0])
-                        plgpu.barrier_arrive(kv_consumed.at[slot])
+                        if not fp8:                                   # fp8: wg 0 alone releases the tile
+                            plgpu.barrier_arrive(kv_consumed.at[slot])
                         return acc, step + 1
 
                     acc, _ = lax.fori_loop(lo, hi, kv_step, (zeros_acc(), step))
@@ -260,6 +257,7 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
         @pl.when(wg == 2)
         def _memory_wg():
             plgpu.set_max_registers(40, action="decrease")
+            slot_free = fp8_free if fp8 else kv_consumed               # who releases a TMA slot
 
             def batch(b, step):
                 lo, hi = block_range(b)
@@ -267,11 +265,9 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
                 def load(j, step):
                     slot = lax.rem(step, stages)
 
-                    free = fp8_free if fp8 else kv_consumed
-
                     @pl.when(step >= stages)
                     def _():
-                        plgpu.barrier_wait(free.at[slot])
+                        plgpu.barrier_wait(slot_free.at[slot])
                     page = page_of(b, j)
                     if fp8:
                         plgpu.copy_gmem_to_smem(latent_ref.at[page, :, 0, :], lat_smem.at[slot], lat_ready.at[slot])
@@ -286,7 +282,7 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
 
             @pl.loop(jnp.maximum(steps - stages, 0), steps)
             def _drain(step):  # observe the last consumptions of every slot before the barriers go away
-                plgpu.barrier_wait((fp8_free if fp8 else kv_consumed).at[lax.rem(step, stages)])
+                plgpu.barrier_wait(slot_free.at[lax.rem(step, stages)])
 
     d = q_ref.shape[-1]
     if fp8:  # TMA fills fp8 slots; the one bf16 tile is written by wg 1 and read by both compute wgs
