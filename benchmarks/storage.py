@@ -277,6 +277,15 @@ def kv_rows(root: Path, total: int, rows: list) -> None:
     kv.close()
 
 
+FIGURES = {  # name -> rows(root, total, quick, rows)
+    "loader": lambda root, total, quick, rows: loader_rows(root, total, rows),
+    "random64": random64_rows,
+    "records4k": lambda root, total, quick, rows: records4k_rows(root, total, rows),
+    "checkpoint": lambda root, total, quick, rows: checkpoint_rows(root, total, rows),
+    "kv": lambda root, total, quick, rows: kv_rows(root, total, rows),
+}
+
+
 def row(name, value, unit, baseline, base_value, ratio, target, ok) -> dict:
     return {"figure": name, "value": value, "unit": unit, "baseline": baseline, "baseline_value": base_value,
             "ratio": ratio, "target": target, "ok": ok}
@@ -285,16 +294,19 @@ def row(name, value, unit, baseline, base_value, ratio, target, ok) -> dict:
 def main() -> int:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--dir", default=None, help="directory on the disk to measure (default: a temp dir)")
+    p.add_argument("--only", default=",".join(FIGURES), help=f"comma-separated subset of {','.join(FIGURES)}")
     args = p.parse_args()
+    only = [f.strip() for f in args.only.split(",") if f.strip()]
+    unknown = [f for f in only if f not in FIGURES]
+    if unknown or not only:
+        p.error(f"--only {args.only!r}: expected a comma-separated subset of {','.join(FIGURES)}")
     total = (32 if args.quick else 256) * MiB
     root = Path(tempfile.mkdtemp(prefix="seekax-bench-", dir=args.dir))
     rows: list[dict] = []
     try:
-        loader_rows(root, total, rows)
-        random64_rows(root, total, args.quick, rows)
-        records4k_rows(root, total, rows)
-        checkpoint_rows(root, total, rows)
-        kv_rows(root, total, rows)
+        for name in FIGURES:
+            if name in only:
+                FIGURES[name](root, total, args.quick, rows)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"{total // MiB} MiB per data set in {root.parent} (block-shuffle, checkpoint and KV sets: 4x); cold = "

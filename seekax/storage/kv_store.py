@@ -29,7 +29,7 @@ from seekax.storage.atomic import crc32
 DTYPES = ("bfloat16", "float16", "float32", "float8_e4m3fn", "uint8", "int8")
 HASH_BYTES = 16
 READ_CHUNK = 4  # fewest pages per read (288 KiB at the default page)
-IO_THREADS = 4  # concurrent chunk reads per match_prefix
+IO_THREADS = 8  # chunk reads in flight per match_prefixes call (a lone 32-page prefix: 8 reads of 4 pages)
 
 
 def chain_hashes(token_ids, page_tokens: int, *, root: bytes) -> list[bytes]:
@@ -172,7 +172,7 @@ class KVPageStore:
 
     def _read_verified(self, jobs: list[tuple[list[bytes], np.ndarray]]) -> list[int]:
         """Read each job's pages into its `flat` [m, page_bytes] on IO_THREADS threads, each chunk checksummed
-        by the thread that read it (preadv and zlib.crc32 release the GIL). Returns per job the first bad page
+        by the thread that read it (preadv and the CRC-32 release the GIL). Returns per job the first bad page
         (m if none)."""
         crcs = [[self._lru[k] for k in keys] for keys, _ in jobs]
 
@@ -186,7 +186,7 @@ class KVPageStore:
                     return j, i
             return j, len(keys)
         # Chunks big enough that IO_THREADS of them cover the whole call: every byte is in flight at once (one
-        # 2.25 MiB prefix: 4 reads of 8 pages; a batch: whole prefixes), never smaller than READ_CHUNK pages.
+        # 2.25 MiB prefix: 8 reads of 4 pages; a batch: whole prefixes), never smaller than READ_CHUNK pages.
         total = sum(len(keys) for keys, _ in jobs)
         per = max(READ_CHUNK, -(-total // IO_THREADS))
         tasks = [(j, lo) for j, (keys, _) in enumerate(jobs) for lo in range(0, len(keys), per)]
