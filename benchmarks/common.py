@@ -85,7 +85,7 @@ def parser(description: str) -> argparse.ArgumentParser:
 def emit(name: str, rows: list[dict[str, Any]], json_path: str | None) -> None:
     """Print rows as an aligned table and optionally write {meta, rows} JSON."""
     if rows:
-        cols = list(rows[0])
+        cols = list(dict.fromkeys(c for r in rows for c in r))  # every row's columns, first seen first
         fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
         widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in cols]
         print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))

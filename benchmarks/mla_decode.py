@@ -8,7 +8,8 @@ Timing (`common.device_time`): CUPTI kernel time on a GPU (the KV cache is far l
 a CPU. `err_out`/`err_lse`: the kernel against the XLA reference (a hardware correctness check).
 On a GPU also DeepSeek-V3.2's FP8 cache (656 bytes per token instead of 1152): `fp8_*` columns, the FP8 kernel's
 GB/s of its own bytes, its speedup over the bf16 kernel and over XLA's dequantise-then-attend path, its error
-against that path.
+against that path. Sparse (top-k) decode, DeepSeek-V3.2's shapes (top-2048 per query token): `sparse` rows,
+the kernel against XLA's gather-then-attend, GB/s of the gathered rows and TFLOPS.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from seekax.ir import H200, MlaDecodeSpec  # noqa: E402
 from seekax.ir.device import is_hopper  # noqa: E402
 from seekax.lowering.backend import num_sms_for  # noqa: E402
 from seekax.lowering.reference.mla_decode import quantize_fp8_latent  # noqa: E402
-from seekax.runtime.mla import mla_decode, mla_decode_fp8, mla_metadata  # noqa: E402
+from seekax.runtime.mla import mla_decode, mla_decode_fp8, mla_decode_sparse, mla_metadata  # noqa: E402
 
 
 def make_inputs(rng, b, mean_sk, h, s_q, page=64):
@@ -74,6 +75,34 @@ def fp8_columns(q, cache, table, lens, spec, meta, t_bf16, backend: str, timing:
                 fp8_err_out=rel_err(run8(q, *cache, table, lens)[0], xla8(q, *cache, table, lens)[0]))
 
 
+def sparse_row(rng, b, topk, h, s_q, backend, timing: dict, cache_tokens: int = 4096) -> dict:
+    """Top-k decode: each query token picks `topk` of its sequence's `cache_tokens` tokens (a per-sequence
+    slice of one shared cache). Bytes: the gathered rows (1152 B each) + q + out; flops: QK^T and P V."""
+    pages = b * cache_tokens // 64
+    key_q, key_kv = jax.random.split(jax.random.key(b + topk + h + s_q))
+    q = jax.random.normal(key_q, (b, s_q, h, 576), jnp.bfloat16)
+    kv = jax.random.normal(key_kv, (pages, 64, 1, 576), jnp.bfloat16)
+    base = (np.arange(b) * cache_tokens)[:, None, None]
+    idx = jnp.asarray(base + np.stack([np.stack([rng.choice(cache_tokens, topk, replace=False) for _ in range(s_q)])
+                                       for _ in range(b)]), jnp.int32)
+    rows = b * s_q * topk
+    nbytes = rows * 1152 + q.size * 2 + b * s_q * h * 512 * 2
+    flops = 2 * b * s_q * h * topk * (576 + 512)
+    xla = jax.jit(functools.partial(mla_decode_sparse, backend="xla"))
+    t_xla = device_time(xla, q, kv, idx, **timing)
+    row = {"sparse": True, "b": b, "topk": topk, "h": h, "s_q": s_q, "xla_us": t_xla * 1e6}
+    if backend:
+        try:
+            run = jax.jit(functools.partial(mla_decode_sparse, backend=backend))
+            t = device_time(run, q, kv, idx, **timing)
+            (out, lse), (rout, rlse) = run(q, kv, idx), xla(q, kv, idx)
+            row.update(mosaic_us=t * 1e6, gbps=nbytes / t / 1e9, tflops=flops / t / 1e12, speedup_vs_xla=t_xla / t,
+                       err_out=rel_err(out, rout), err_lse=rel_err(lse, rlse))
+        except Exception as e:  # noqa: BLE001 - keep the other rows
+            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    return row
+
+
 def main() -> None:
     args = parser(__doc__).parse_args()
     gpu = is_hopper()
@@ -110,6 +139,13 @@ def main() -> None:
         print(row, flush=True)
         rows.append(row)
         save_partial("mla_decode", rows, args.json)
+        if i == min(1, len(shapes) - 1):  # sparse decode after the two target regimes (a time limit may cut the rest)
+            sparse = [(2, 128, 16, 1)] if not gpu else [(128, 2048, 128, 1), (128, 2048, 64, 2)]
+            for b_, topk, h_, s_q_ in sparse:
+                srow = sparse_row(rng, b_, topk, h_, s_q_, backend, timing, cache_tokens=256 if not gpu else 4096)
+                print(srow, flush=True)
+                rows.append(srow)
+                save_partial("mla_decode", rows, args.json)
     emit("mla_decode", rows, args.json)
 
 

@@ -62,15 +62,23 @@ class MlaTileConfig:
     def v_per_wg(self) -> int:
         return self.v_dim // self.num_compute_wgs
 
-    def smem_bytes(self, kv_dtype: str = "bfloat16") -> int:
+    def smem_bytes(self, kv_dtype: str = "bfloat16", *, sparse: bool = False) -> int:
         """Q tile + KV slots + P tile + rescale vector + barriers (kv ready/consumed per slot, Q, P ready/free).
         "float8_e4m3fn" (DeepSeek-V3.2's cache): `stages` slots of e4m3 latent + bf16 rope written by TMA,
-        one bf16 tile they are dequantised into, and per slot latent/rope ready + slot free barriers."""
+        one bf16 tile they are dequantised into, and per slot latent/rope ready + slot free barriers.
+        `sparse` (top-k decode): `stages` untiled slots of 64 gathered rows, one bf16 tile they are copied
+        into, per slot rows ready + slot free barriers."""
         if kv_dtype not in ("bfloat16", "float16", "float8_e4m3fn"):
             raise fail("kv_dtype", kv_dtype, "bfloat16, float16 or float8_e4m3fn")
+        if sparse and kv_dtype == "float8_e4m3fn":
+            raise fail("kv_dtype", kv_dtype, "bfloat16 or float16 for the sparse kernel")
         q = _aligned(self.block_m * self.qk_dim * 2)
         p = _aligned(self.block_m * self.block_n * 2)
         rescale = _aligned(self.block_m * 4)
+        if sparse:
+            rows = _aligned(self.stages * self.block_n * self.qk_dim * 2)
+            tile = _aligned(self.block_n * self.qk_dim * 2)
+            return q + tile + p + rescale + rows + BARRIER_BYTES * (2 + 3 + 2 * self.stages)
         if kv_dtype == "float8_e4m3fn":
             latent = _aligned(self.stages * self.block_n * self.v_dim)
             rope = _aligned(self.stages * self.block_n * (self.qk_dim - self.v_dim) * 2)
@@ -80,8 +88,8 @@ class MlaTileConfig:
         barriers = BARRIER_BYTES * (2 * self.stages + 3)
         return q + kv + p + rescale + barriers
 
-    def check_smem(self, kv_dtype: str = "bfloat16", limit: int = SMEM_LIMIT_BYTES) -> int:
-        need = self.smem_bytes(kv_dtype)
+    def check_smem(self, kv_dtype: str = "bfloat16", limit: int = SMEM_LIMIT_BYTES, *, sparse: bool = False) -> int:
+        need = self.smem_bytes(kv_dtype, sparse=sparse)
         if need > limit:
             raise SharedMemoryBudgetExceeded(need, limit, what=repr(self))
         return need

@@ -52,11 +52,22 @@ def _mla(args, fp8: bool):
     return functools.partial(mla_decode, backend="mosaic"), (q, cache, table, lens)
 
 
+def _mla_sparse(args):
+    """Sparse (top-k) MLA decode: --topk token ids per query token out of --batch x --seq-len cached tokens."""
+    from seekax.runtime.mla import mla_decode_sparse
+
+    q = jax.ShapeDtypeStruct((args.batch, args.q_len, args.heads, 576), jnp.bfloat16)
+    cache = jax.ShapeDtypeStruct((args.batch * -(-args.seq_len // 64), 64, 1, 576), jnp.bfloat16)
+    indices = jax.ShapeDtypeStruct((args.batch, args.q_len, args.topk), jnp.int32)
+    return functools.partial(mla_decode_sparse, backend="mosaic"), (q, cache, indices)
+
+
 OPS: dict[str, Callable[[argparse.Namespace], tuple[Callable[..., Any], tuple]]] = {
     "matmul": _matmul,
     "fp8_gemm": _fp8_gemm,
     "mla_decode": functools.partial(_mla, fp8=False),
     "mla_decode_fp8": functools.partial(_mla, fp8=True),
+    "mla_decode_sparse": _mla_sparse,
 }
 
 
@@ -72,6 +83,7 @@ def register(sub) -> None:
     p.add_argument("--seq-len", type=int, default=4096, help="mla_decode*: context tokens per sequence")
     p.add_argument("--heads", type=int, default=128, help="mla_decode*: query heads")
     p.add_argument("--q-len", type=int, default=1, help="mla_decode*: query tokens per sequence (MTP: 2)")
+    p.add_argument("--topk", type=int, default=2048, help="mla_decode_sparse: token ids per query token")
     p.add_argument("--emit", choices=EMIT_STAGES, default="report", help="which stage to print")
     p.add_argument("--check", action="store_true",
                    help="report shared memory (limit 227 KiB) and wgmma use; exit 1 if a kernel overflows or lacks wgmma")

@@ -296,20 +296,46 @@ def mla_decode_fp8(q: jax.Array, latent_fp8: jax.Array, scales: jax.Array, rope:
 
 
 def mla_decode_sparse(q: jax.Array, kv_cache: jax.Array, indices: jax.Array, *, v_dim: int = 512,
-                      softmax_scale: float | None = None, backend: str = "auto") -> tuple[jax.Array, jax.Array]:
+                      softmax_scale: float | None = None, config: MlaTileConfig | None = None,
+                      backend: str = "auto", num_sms: int | None = None) -> tuple[jax.Array, jax.Array]:
     """Sparse MLA decode (DeepSeek-V3.2 DSA, FlashMLA's sparse decode): q [B, s_q, H, 576] attends only to
     its top-k cache tokens, indices [B, s_q, topk] int32 flat token ids (page * page_size + slot); -1 or
-    out of range entries are skipped. No causal mask (the indexer chose the tokens). XLA path only."""
+    out of range entries are skipped. No causal mask (the indexer chose the tokens). Same outputs as
+    `mla_decode`; a query with no valid index gets out = 0, lse = -inf.
+    "mosaic"/"interpret": the Hopper kernel with one "batch" per query token, its valid ids moved to the
+    front (a stable sort of [B, s_q, topk] ids, in XLA) and gathered row by row by TMA inside the kernel;
+    split-KV over the valid counts as for `mla_decode`. "xla": the reference (gather, then attend)."""
     from seekax.lowering.reference import mla_decode as ref
 
     if getattr(indices, "ndim", None) != 3 or indices.shape[:2] != tuple(getattr(q, "shape", (None, None))[:2]):
         raise fail("indices.shape", getattr(indices, "shape", None), "[batch, q_len, topk] matching q")
     if np.dtype(indices.dtype).name != "int32":
         raise fail("indices.dtype", np.dtype(indices.dtype).name, "int32")
-    b = q.shape[0]
-    validate_mla_decode(q, kv_cache, jnp.zeros((b, 1), jnp.int32), jnp.zeros((b,), jnp.int32), v_dim=v_dim,
-                        softmax_scale=softmax_scale, causal=False)
-    if resolve_backend(backend) != "xla" and backend != "auto":
-        raise NotImplementedError("mla_decode_sparse: only the XLA path exists (no sparse Mosaic kernel yet)")
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return ref.mla_decode_sparse(q, kv_cache, indices, v_dim=v_dim, softmax_scale=scale)
+    if indices.shape[2] < 1:
+        raise fail("indices.shape", tuple(indices.shape), "topk >= 1")
+    strict = backend in ("mosaic", "interpret")
+    backend = resolve_backend(backend)
+    b, s_q, heads = q.shape[:3]
+    spec = validate_mla_decode(q, kv_cache, jnp.zeros((b, 1), jnp.int32), jnp.zeros((b,), jnp.int32), v_dim=v_dim,
+                               softmax_scale=softmax_scale, causal=False, kernel=strict)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(spec.qk_dim)
+    if backend == "xla" or (spec.qk_dim, spec.v_dim) != (KERNEL_QK_DIM, KERNEL_V_DIM) or spec.q_dtype == "float32":
+        return ref.mla_decode_sparse(q, kv_cache, indices, v_dim=v_dim, softmax_scale=scale)
+    from seekax.lowering.mosaic import mla_decode_sm90
+
+    config = config or MlaTileConfig(stages=1)           # a second staging slot + the bf16 tile exceed 227 KiB
+    tokens = kv_cache.shape[0] * kv_cache.shape[1]
+    ids = indices.reshape(b * s_q, indices.shape[2])                                  # one "batch" per query
+    valid = (ids >= 0) & (ids < tokens)
+    order = jnp.argsort(~valid, axis=1, stable=True)                                  # valid ids first
+    ids = jnp.take_along_axis(jnp.where(valid, ids, 0), order, axis=1)
+    width = -(-ids.shape[1] // config.block_n) * config.block_n
+    ids = jnp.pad(ids, ((0, 0), (0, width - ids.shape[1])))                           # [B*s_q, topk_p]
+    counts = valid.sum(axis=1).astype(jnp.int32)                                      # [B*s_q]
+    metadata = mla_metadata(counts, num_sms or num_sms_for(backend), q_len=1, num_heads=heads,
+                            block=config.block_n)
+    out, lse = mla_decode_sm90.mla_decode(
+        q.reshape(b * s_q, 1, heads, spec.qk_dim), kv_cache.reshape(tokens, spec.qk_dim), ids, counts, metadata,
+        softmax_scale=scale, causal=False, config=config, interpret=backend == "interpret", sparse=True)
+    out = out.reshape(b, s_q, heads, spec.v_dim)                                      # [B, s_q, H, 512]
+    return out, jnp.transpose(lse.reshape(b, s_q, heads), (0, 2, 1))                 # [B, H, s_q]

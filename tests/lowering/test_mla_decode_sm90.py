@@ -13,11 +13,11 @@ import pytest
 from seekax.ir.mla_tiling import MlaTileConfig
 from seekax.ir.tiling import SharedMemoryBudgetExceeded
 from seekax.lowering.reference.mla_decode import dequantize_fp8_latent, quantize_fp8_latent
-from seekax.runtime.mla import mla_decode, mla_decode_fp8, mla_metadata
+from seekax.runtime.mla import mla_decode, mla_decode_fp8, mla_decode_sparse, mla_metadata
 from seekax.testing import assert_close, cross_lower, interpret_mode, rel_err
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "runtime"))
-from test_mla_cases import make_case, numpy_mla  # noqa: E402
+from test_mla_cases import make_case, numpy_mla, numpy_sparse_mla  # noqa: E402
 
 
 def _check(out, lse, q, kv, table, seq, causal=True):
@@ -72,11 +72,21 @@ def test_three_stages_overflow_is_a_typed_error():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cache", ["bf16", "fp8"])
+@pytest.mark.parametrize("cache", ["bf16", "fp8", "sparse"])
 @pytest.mark.parametrize("s_q", [1, 2])
 def test_on_hopper(rng, s_q, cache):
     lens = rng.integers(1, 1500, size=16).tolist() + [1, 64, 0]
     q, kv, table, seq = make_case(rng, lens=lens, s_q=s_q, heads=128)
+    if cache == "sparse":
+        kv = jnp.nan_to_num(kv)                                              # every token may be picked
+        idx = rng.integers(-1, kv.shape[0] * 64, size=(len(lens), s_q, 2048)).astype(np.int32)
+        idx[-1] = -1                                                         # nothing valid
+        decode = functools.partial(mla_decode_sparse, q, kv, jnp.asarray(idx))
+        out, lse = decode(backend="mosaic")
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(decode(backend="mosaic")[0]))
+        _check_sparse(out, lse, q, kv, idx)
+        assert rel_err(out, decode(backend="xla")[0]) < 1e-2
+        return
     if cache == "fp8":
         fp8 = quantize_fp8_latent(kv)
         decode = functools.partial(mla_decode_fp8, q, *fp8, table, seq)
@@ -144,6 +154,65 @@ def test_fp8_two_slots_overflow_is_a_typed_error():
     with pytest.raises(SharedMemoryBudgetExceeded):
         cross_lower(functools.partial(mla_decode_fp8, backend="mosaic", config=MlaTileConfig(stages=2)),
                     *_fp8_bench_args(2, 256, 64, 1))
+
+
+# ------------------------------------------------------------------------------------------------ sparse (top-k)
+def _sparse_case(rng, b, s_q, heads, topk, pages=6):
+    kv = jnp.asarray(rng.standard_normal((pages, 64, 1, 576)), jnp.bfloat16)
+    q = jnp.asarray(rng.standard_normal((b, s_q, heads, 576)), jnp.bfloat16)
+    idx = rng.integers(0, pages * 64, size=(b, s_q, topk)).astype(np.int32)
+    return q, kv, idx
+
+
+def _check_sparse(out, lse, q, kv, idx):
+    ref_out, ref_lse = numpy_sparse_mla(q, kv, idx)
+    assert out.dtype == jnp.bfloat16 and lse.dtype == jnp.float32
+    assert_close(lse, ref_lse, rtol=1e-3, atol=1e-3, name="lse")
+    assert_close(out, ref_out, rtol=2 / 128, atol=2 / 128, name="out")
+
+
+@pytest.mark.parametrize("b, s_q, heads, topk, parts", [
+    (2, 2, 16, 100, 3),     # topk not a multiple of 64 (a partial last step), splits across query tokens
+    (1, 1, 64, 200, 2),     # one full row tile, four steps split over two parts
+    (1, 2, 128, 70, 4),     # two row tiles (128 heads) x two parts
+])
+def test_sparse_interpret_matches_float64(rng, b, s_q, heads, topk, parts):
+    q, kv, idx = _sparse_case(rng, b, s_q, heads, topk)
+    idx[0, 0, 3:9] = -1                          # skipped: the valid ids behind them move up
+    idx[0, 0, 20] = kv.shape[0] * 64 + 5         # out of range: skipped
+    idx[0, 0, 21] = idx[0, 0, 22]                # a repeated token counts twice, as in the reference
+    if s_q > 1:
+        idx[-1, 1, :] = -1                       # nothing valid: out 0, lse -inf
+    flat = np.asarray(kv, np.float32).reshape(-1, 576)
+    flat[np.setdiff1d(np.arange(len(flat)), idx[(idx >= 0) & (idx < len(flat))])] = np.nan  # never picked
+    kv = jnp.asarray(flat.reshape(kv.shape), jnp.bfloat16)
+    with interpret_mode(detect_races=True):
+        out, lse = mla_decode_sparse(q, kv, jnp.asarray(idx), backend="interpret", num_sms=parts)
+        out.block_until_ready()
+    _check_sparse(out, lse, q, kv, idx)
+
+
+@pytest.mark.parametrize("h, s_q", [(128, 1), (64, 2)])
+def test_sparse_cross_lowers_at_v32_shapes(h, s_q):
+    """DeepSeek-V3.2's decode: top-2048 tokens per query out of a 32 K-token cache per sequence."""
+    b, topk, tokens = 64, 2048, 64 * 32768
+    args = (jax.ShapeDtypeStruct((b, s_q, h, 576), jnp.bfloat16),
+            jax.ShapeDtypeStruct((tokens // 64, 64, 1, 576), jnp.bfloat16),
+            jax.ShapeDtypeStruct((b, s_q, topk), jnp.int32))
+    lowered = cross_lower(functools.partial(mla_decode_sparse, backend="mosaic"), *args)
+    report, _ = lowered.reports
+    assert report.fits_smem and report.tma and report.threads == (384, 1, 1)
+    assert report.smem_bytes == MlaTileConfig(stages=1).smem_bytes(sparse=True)     # the account is exact
+    assert "m64n64k16.f32.bf16.bf16" in report.wgmma and "m64n256k16.f32.bf16.bf16" in report.wgmma
+
+
+def test_sparse_two_slots_overflow_is_a_typed_error():
+    assert MlaTileConfig(stages=2).smem_bytes(sparse=True) > 227 * 1024
+    with pytest.raises(SharedMemoryBudgetExceeded):
+        cross_lower(functools.partial(mla_decode_sparse, backend="mosaic", config=MlaTileConfig(stages=2)),
+                    jax.ShapeDtypeStruct((1, 1, 64, 576), jnp.bfloat16),
+                    jax.ShapeDtypeStruct((4, 64, 1, 576), jnp.bfloat16),
+                    jax.ShapeDtypeStruct((1, 1, 128), jnp.int32))
 
 
 def test_interpret_backend_without_an_outer_interpret_mode(rng):

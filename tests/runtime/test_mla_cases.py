@@ -58,3 +58,25 @@ def numpy_mla(q, kv, table, lens, *, v_dim=512, scale=None, causal=True):
             lse[i, :, t] = (m[:, 0] + np.log(e.sum(-1)))
             out[i, t] = (e / e.sum(-1, keepdims=True)) @ k[:, :v_dim]
     return out, lse
+
+
+def numpy_sparse_mla(q, kv, indices, *, v_dim=512, scale=None):
+    """float64 oracle of sparse decode: query (i, t) attends to the cache tokens indices[i, t] (flat ids,
+    -1 or out of range skipped, repeats counted). out [B, s_q, H, v], lse [B, H, s_q] (-inf: nothing valid)."""
+    q = np.asarray(q, np.float64)
+    flat = np.asarray(kv, np.float64).reshape(-1, q.shape[-1])
+    idx = np.asarray(indices)
+    b, s_q, h, d = q.shape
+    scale = d ** -0.5 if scale is None else scale
+    out, lse = np.zeros((b, s_q, h, v_dim)), np.full((b, h, s_q), -np.inf)
+    for i in range(b):
+        for t in range(s_q):
+            keys = flat[[j for j in idx[i, t] if 0 <= j < len(flat)]]
+            if not len(keys):
+                continue
+            s = q[i, t] @ keys.T * scale                  # [H, k]
+            m = s.max(-1, keepdims=True)
+            e = np.exp(s - m)
+            lse[i, :, t] = m[:, 0] + np.log(e.sum(-1))
+            out[i, t] = e / e.sum(-1, keepdims=True) @ keys[:, :v_dim]
+    return out, lse

@@ -8,7 +8,7 @@ from seekax.lowering.reference.mla_decode import dequantize_fp8_latent, quantize
 from seekax.runtime.mla import mla_decode, mla_decode_fp8, mla_decode_sparse
 from seekax.testing import assert_close, calc_diff, rel_err
 
-from test_mla_cases import make_case, numpy_mla
+from test_mla_cases import make_case, numpy_mla, numpy_sparse_mla
 
 
 def test_fp8_quantisation_layout_and_error(rng):
@@ -46,31 +46,22 @@ def test_sparse_decode_matches_float64(rng):
     idx[0, 1, 3] = pages * 64 + 7             # out of range: skipped
     idx[1, 1, :] = -1                         # nothing to attend: out 0, lse -inf
     out, lse = mla_decode_sparse(q, kv, jnp.asarray(idx))
-    qf, kvf = np.asarray(q, np.float64), np.asarray(kv, np.float64).reshape(-1, 576)
-    ref_out, ref_lse = np.zeros((b, s_q, h, 512)), np.full((b, h, s_q), -np.inf)
-    for i in range(b):
-        for t in range(s_q):
-            keys = kvf[[j for j in idx[i, t] if 0 <= j < len(kvf)]]
-            if not len(keys):
-                continue
-            s = qf[i, t] @ keys.T / np.sqrt(576)
-            m = s.max(-1, keepdims=True)
-            e = np.exp(s - m)
-            ref_lse[i, :, t] = m[:, 0] + np.log(e.sum(-1))
-            ref_out[i, t] = e / e.sum(-1, keepdims=True) @ keys[:, :512]
+    ref_out, ref_lse = numpy_sparse_mla(q, kv, idx)
     assert_close(out, ref_out, name="out")
     assert_close(lse, ref_lse, rtol=1e-4, atol=1e-4, name="lse")
 
 
-def test_variants_check_inputs_and_say_what_has_no_kernel(rng):
+def test_variants_check_inputs(rng):
     q, kv, table, seq = make_case(rng, lens=[3], heads=4, nan_unused=False)
     lat, scales, rope = quantize_fp8_latent(kv)
     with pytest.raises(ValueError, match="scales=.*one scale per 128 channels"):
         mla_decode_fp8(q, lat, scales[..., :2], rope, table, seq, backend="interpret")  # 256-channel tiles
     with pytest.raises(ValueError, match="q.dtype='float32'"):
         mla_decode_fp8(q.astype(jnp.float32), lat, scales, rope, table, seq, backend="interpret")
-    with pytest.raises(NotImplementedError):
-        mla_decode_sparse(q, kv, jnp.zeros((1, 1, 4), jnp.int32), backend="mosaic")
+    with pytest.raises(ValueError, match="qk_dim 576"):                   # the kernel's contract, by name
+        mla_decode_sparse(q[..., :64], kv[..., :64], jnp.zeros((1, 1, 4), jnp.int32), v_dim=32, backend="mosaic")
+    with pytest.raises(ValueError, match="topk >= 1"):
+        mla_decode_sparse(q, kv, jnp.zeros((1, 1, 0), jnp.int32))
     with pytest.raises(ValueError, match="latent_fp8"):
         mla_decode_fp8(q, kv[..., :512], scales, rope, table, seq)
     with pytest.raises(ValueError, match="scales"):

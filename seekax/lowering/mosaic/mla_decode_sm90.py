@@ -18,6 +18,14 @@ instead of 1152 bytes per token): wg 2 TMA-copies a page's latent and rope into 
 it (x * scale, scales read from global memory as WGMMA row vectors; tail keys zeroed on the way) into a single
 bf16 tile and then does its P V as above; wg 0 runs unchanged on that tile. Two fp8 slots next to the bf16
 tile would need 234 KiB, so the TMA of page j+1 overlaps the compute of page j through the one slot.
+
+Sparse (DeepSeek-V3.2's top-k attention, FlashMLA's sparse decode): every query token is a "batch" of its own,
+its table holds token ids (valid ones first, compacted by the wrapper) instead of page ids, and its length is
+the number of valid ids. wg 2 gathers a step's 64 tokens with one single-row TMA each (ids past the length
+are 0: one row, from L2) into an untiled staging slot; a swizzled tile cannot take single rows, so wg 1 copies the slot
+into the bf16 tile (WGMMA-layout loads, tail rows zeroed), as it dequantises in the FP8 mode; wg 0 again runs
+unchanged. Those loads hit one bank per 8 rows (1152 B rows; a padded row stride does not lower), a cost
+to measure on hardware.
 """
 
 from __future__ import annotations
@@ -36,16 +44,20 @@ from seekax.ir.mla_tiling import MlaTileConfig
 from seekax.lowering.backend import interpret_context
 from seekax.lowering.reference.mla_decode import combine_splits
 
+CACHES = ("bf16", "fp8", "sparse")
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 
 
 def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, part_batches_ref, payload_ref,
             q_ref, *refs, config: MlaTileConfig, scale_log2: float, causal: bool, q_len: int, heads: int,
-            in_place_acc: bool, fp8: bool):
-    """q_ref [B, R, 576]; then the cache: kv_ref [pages, 64, 1, 576] (bf16), or with `fp8` latent_ref
-    [pages, 64, 1, 512] e4m3, scales_ref [pages, 64, 1, 4] f32, rope_ref [pages, 64, 1, 64] bf16; then
-    table_ref [B, max_pages]; lens_ref [B]; out_ref [T, R, 512] f32 partials; lse_ref [T, R] f32 (natural log)."""
+            in_place_acc: bool, cache: str):
+    """q_ref [B, R, 576]; then the cache: kv_ref [pages, 64, 1, 576] (bf16), or for "fp8" latent_ref
+    [pages, 64, 1, 512] e4m3, scales_ref [pages, 64, 1, 4] f32, rope_ref [pages, 64, 1, 64] bf16, or for
+    "sparse" kv_ref [tokens, 576]; then table_ref [B, max_pages] (sparse: [B, max_tokens] token ids); lens_ref
+    [B]; out_ref [T, R, 512] f32 partials; lse_ref [T, R] f32 (natural log)."""
+    fp8, sparse = cache == "fp8", cache == "sparse"
+    staged = fp8 or sparse                        # TMA fills staging slots, wg 1 writes the one bf16 tile
     if fp8:
         latent_ref, scales_ref, rope_ref, table_ref, lens_ref, out_ref, lse_ref = refs
         kv_ref = latent_ref
@@ -66,14 +78,18 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
 
     tiling, swizzle = plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)
 
-    def scoped(q_smem, kv_smem, p_smem, a_smem, kv_ready, kv_consumed, q_bar, p_ready, p_free, *fp8_scratch):
-        """bf16: kv_smem [stages, 64, 576] holds the pages as TMA wrote them. fp8: the TMA writes the latent
-        and rope of a page into fp8 slots, wg 1 dequantises them into kv_smem [1, 64, 576] (bf16), which
-        both compute warpgroups then read exactly as in the bf16 kernel; kv_ready/kv_consumed are then the
-        dequantised tile's handshakes (wg 1 -> wg 0, wg 0 -> wg 1)."""
+    def scoped(q_smem, kv_smem, p_smem, a_smem, kv_ready, kv_consumed, q_bar, p_ready, p_free, *staging):
+        """bf16: kv_smem [stages, 64, 576] holds the pages as TMA wrote them. fp8 / sparse: the TMA writes
+        staging slots (fp8 latent + rope of a page / 64 gathered bf16 rows), wg 1 turns a slot into kv_smem
+        [1, 64, 576] (bf16), which both compute warpgroups then read exactly as in the bf16 kernel;
+        kv_ready/kv_consumed are then that tile's handshakes (wg 1 -> wg 0, wg 0 -> wg 1)."""
         if fp8:
-            lat_smem, rope_smem, lat_ready, rope_ready, fp8_free = fp8_scratch
-        kv_slots = 1 if fp8 else stages
+            lat_smem, rope_smem, lat_ready, rope_ready, slot_free_bar = staging
+            slot_ready = (lat_ready, rope_ready)
+        elif sparse:
+            rows_smem, rows_ready, slot_free_bar = staging
+            slot_ready = (rows_ready,)
+        kv_slots = 1 if staged else stages
         def pv(acc, alpha, slot, col: int):
             """acc * alpha + P V[:, this wg's channels]; in place on hardware, via a fresh accumulator when
             interpreting (the CPU interpreter does not run `run_state` over wgmma accumulators)."""
@@ -111,34 +127,40 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
         def page_of(b, j):
             return jnp.clip(table_ref[b, jnp.minimum(j, max_pages - 1)], 0, num_pages - 1)
 
-        def dequantise(b, j, step):
-            """fp8 (wg 1): page j of batch b from its fp8 slot into kv_smem[0] as bf16, latent x per-token
-            scale per 128 channels, rope copied; keys at or past seq_len become 0 (the scrub, folded in)."""
+        def fill_tile(b, j, step):
+            """fp8 / sparse (wg 1): step j of batch b from its staging slot into kv_smem[0] as bf16 (fp8: latent
+            x per-token scale per 128 channels, rope copied; sparse: the gathered rows copied); keys at or past
+            the length become 0 (the scrub, folded in). Then the slot is free and the tile ready for wg 0."""
             slot = lax.rem(step, stages)
 
             @pl.when(step > 0)
             def _():
                 plgpu.barrier_wait(kv_consumed.at[0])                 # wg 0 is done with the previous tile
-            plgpu.barrier_wait(lat_ready.at[slot])
-            plgpu.barrier_wait(rope_ready.at[slot])
-            page = page_of(b, j)
+            for bar in slot_ready:
+                plgpu.barrier_wait(bar.at[slot])
             valid = lens_ref[b] - j * bn
-            key = plgpu.broadcasted_iota(jnp.int32, (bn, 128), 0, layout=plgpu.Layout.WGMMA)
-            keep = key < valid
-            for g in range(config.v_dim // 128):
-                x = plgpu.load(lat_smem.at[slot, :, pl.ds(g * 128, 128)], layout=plgpu.Layout.WGMMA)
-                sc = plgpu.load(scales_ref.at[page, :, 0, g], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
-                y = x.astype(jnp.float32) * lax.broadcast_in_dim(sc, x.shape, [0])
-                y = jnp.where(keep, y, jnp.zeros_like(y)).astype(dtype)
-                for h in range(2):
-                    kv_smem.at[0, :, pl.ds(g * 128 + h * 64, 64)][...] = y[:, h * 64:(h + 1) * 64]
             key64 = plgpu.broadcasted_iota(jnp.int32, (bn, 64), 0, layout=plgpu.Layout.WGMMA)
-            for c in range((config.qk_dim - config.v_dim) // 64):
-                r = plgpu.load(rope_smem.at[slot, :, pl.ds(c * 64, 64)], layout=plgpu.Layout.WGMMA)
-                kv_smem.at[0, :, pl.ds(config.v_dim + c * 64, 64)][...] = jnp.where(key64 < valid, r,
-                                                                                   jnp.zeros_like(r))
+            if fp8:
+                page = page_of(b, j)
+                key = plgpu.broadcasted_iota(jnp.int32, (bn, 128), 0, layout=plgpu.Layout.WGMMA)
+                keep = key < valid
+                for g in range(config.v_dim // 128):
+                    x = plgpu.load(lat_smem.at[slot, :, pl.ds(g * 128, 128)], layout=plgpu.Layout.WGMMA)
+                    sc = plgpu.load(scales_ref.at[page, :, 0, g], layout=plgpu.Layout.WGMMA.reduce(1),
+                                    optimized=False)
+                    y = x.astype(jnp.float32) * lax.broadcast_in_dim(sc, x.shape, [0])
+                    y = jnp.where(keep, y, jnp.zeros_like(y)).astype(dtype)
+                    for h in range(2):
+                        kv_smem.at[0, :, pl.ds(g * 128 + h * 64, 64)][...] = y[:, h * 64:(h + 1) * 64]
+                copied = [(rope_smem.at[slot, :, pl.ds(c * 64, 64)], config.v_dim + c * 64)
+                          for c in range((config.qk_dim - config.v_dim) // 64)]
+            else:
+                copied = [(rows_smem.at[slot, :, pl.ds(c * 64, 64)], c * 64) for c in range(config.qk_dim // 64)]
+            for src, col in copied:
+                r = plgpu.load(src, layout=plgpu.Layout.WGMMA, optimized=not sparse)  # sparse: untiled slot
+                kv_smem.at[0, :, pl.ds(col, 64)][...] = jnp.where(key64 < valid, r, jnp.zeros_like(r))
             plgpu.commit_smem()                                       # generic-proxy writes -> wgmma reads
-            plgpu.barrier_arrive(fp8_free.at[slot])
+            plgpu.barrier_arrive(slot_free_bar.at[slot])
             plgpu.barrier_arrive(kv_ready.at[0])
 
         @pl.when(wg == 0)
@@ -180,7 +202,7 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
                         alpha = jnp.exp2(m_i - m_safe)
                         p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
                         l_i = l_i * alpha + p.sum(axis=1)
-                        if not fp8:                                    # fp8: wg 1 zeroed the tail already
+                        if not staged:                                 # staged: wg 1 zeroed the tail already
                             scrub_tail(slot, seq_len - j * bn)
 
                         @pl.when(msgs > 0)
@@ -226,16 +248,16 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
                 def _():
                     def kv_step(j, c):
                         acc, step = c
-                        if fp8:
-                            dequantise(b, j, step)                    # fills and publishes the bf16 tile
+                        if staged:
+                            fill_tile(b, j, step)                     # fills and publishes the bf16 tile
                         slot = lax.rem(step, kv_slots)
                         plgpu.barrier_wait(p_ready.at[0])
                         alpha = plgpu.load(a_smem, layout=plgpu.Layout.WGMMA.reduce(1))
-                        if not fp8:                                   # fp8: this wg wrote the tile itself
+                        if not staged:                                # staged: this wg wrote the tile itself
                             plgpu.barrier_wait(kv_ready.at[slot])
                         acc = pv(acc, alpha, slot, vh)
                         plgpu.barrier_arrive(p_free.at[0])
-                        if not fp8:                                   # fp8: wg 0 alone releases the tile
+                        if not staged:                                # staged: wg 0 alone releases the tile
                             plgpu.barrier_arrive(kv_consumed.at[slot])
                         return acc, step + 1
 
@@ -249,7 +271,7 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
                 return step + (hi - lo)
 
             steps = lax.fori_loop(b_begin, b_end, batch, jnp.int32(0))
-            if fp8:
+            if staged:
                 @pl.when(steps > 0)
                 def _():
                     plgpu.barrier_wait(kv_consumed.at[0])  # observe wg 0's last release before the barrier goes away
@@ -257,7 +279,7 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
         @pl.when(wg == 2)
         def _memory_wg():
             plgpu.set_max_registers(40, action="decrease")
-            slot_free = fp8_free if fp8 else kv_consumed               # who releases a TMA slot
+            slot_free = slot_free_bar if staged else kv_consumed       # who releases a TMA slot
 
             def batch(b, step):
                 lo, hi = block_range(b)
@@ -268,6 +290,13 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
                     @pl.when(step >= stages)
                     def _():
                         plgpu.barrier_wait(slot_free.at[slot])
+                    if sparse:  # one single-row TMA per token; ids past the length are 0 (one row, from L2)
+                        @pl.loop(0, bn)
+                        def _gather(r):
+                            token = jnp.clip(table_ref[b, j * bn + r], 0, num_pages - 1)
+                            plgpu.copy_gmem_to_smem(kv_ref.at[pl.ds(token, 1)], rows_smem.at[slot, pl.ds(r, 1)],
+                                                    rows_ready.at[slot])
+                        return step + 1
                     page = page_of(b, j)
                     if fp8:
                         plgpu.copy_gmem_to_smem(latent_ref.at[page, :, 0, :], lat_smem.at[slot], lat_ready.at[slot])
@@ -285,10 +314,15 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
                 plgpu.barrier_wait(slot_free.at[lax.rem(step, stages)])
 
     d = q_ref.shape[-1]
-    if fp8:  # TMA fills fp8 slots; the one bf16 tile is written by wg 1 and read by both compute wgs
+    if staged:  # TMA fills staging slots; the one bf16 tile is written by wg 1 and read by both compute wgs
         kv_tile = plgpu.SMEM((1, bn, d), dtype, transforms=(tiling, swizzle))
         kv_bars = (plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=1))  # tile ready (wg 1), free (wg 0)
-        fp8_scratch = (
+    if sparse:  # untiled rows: a single-row TMA cannot write into an 8-row swizzled tile
+        staging = (plgpu.SMEM((stages, bn, d), kv_ref.dtype),
+                   plgpu.Barrier(num_arrivals=bn, num_barriers=stages),        # one arrival per row copy
+                   plgpu.Barrier(num_barriers=stages))
+    elif fp8:
+        staging = (
             plgpu.SMEM((stages, bn, config.v_dim), latent_ref.dtype,
                        transforms=(plgpu.TilingTransform((8, 128)), swizzle)),
             plgpu.SMEM((stages, bn, d - config.v_dim), rope_ref.dtype, transforms=(tiling, swizzle)),
@@ -299,7 +333,7 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
     else:
         kv_tile = plgpu.SMEM((stages, bn, d), kv_ref.dtype, transforms=(tiling, swizzle))
         kv_bars = (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_arrivals=2, num_barriers=stages))
-        fp8_scratch = ()
+        staging = ()
     pl.run_scoped(
         scoped,
         plgpu.SMEM((bm, d), dtype, transforms=(tiling, swizzle)),
@@ -310,20 +344,23 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
         plgpu.Barrier(num_barriers=1),
         plgpu.Barrier(num_barriers=1),
         plgpu.Barrier(num_barriers=1),
-        *fp8_scratch,
+        *staging,
         collective_axes="wg",
     )
 
 
 def build(*, batch: int, rows: int, num_parts: int, max_splits: int, config: MlaTileConfig, scale: float,
-          causal: bool, q_len: int, heads: int, in_place_acc: bool = True, fp8: bool = False):
-    """The kernel callable f(metadata arrays..., q [B, rows, 576], kv_cache | (latent, scales, rope),
-    block_table, seq_lens) -> (out partials [max_splits, rows, 512] f32, lse partials [max_splits, rows] f32)."""
-    config.check_smem("float8_e4m3fn" if fp8 else "bfloat16")
+          causal: bool, q_len: int, heads: int, in_place_acc: bool = True, cache: str = "bf16"):
+    """The kernel callable f(metadata arrays..., q [B, rows, 576], kv_cache | (latent, scales, rope) | flat
+    tokens, block_table | token table, seq_lens) -> (out partials [max_splits, rows, 512] f32, lse partials
+    [max_splits, rows] f32). `cache`: "bf16", "fp8" or "sparse"."""
+    if cache not in CACHES:
+        raise ValueError(f"cache={cache!r}: expected one of {CACHES}")
+    config.check_smem("float8_e4m3fn" if cache == "fp8" else "bfloat16", sparse=cache == "sparse")
     if rows % config.block_m:
         raise ValueError(f"rows={rows}: expected a multiple of block_m={config.block_m} (the wrapper pads)")
     body = functools.partial(_kernel, config=config, scale_log2=scale * LOG2E, causal=causal, q_len=q_len,
-                             heads=heads, in_place_acc=in_place_acc, fp8=fp8)
+                             heads=heads, in_place_acc=in_place_acc, cache=cache)
     return plgpu.kernel(
         body,
         out_type=(jax.ShapeDtypeStruct((max_splits, rows, config.v_dim), jnp.float32),
@@ -337,13 +374,15 @@ def build(*, batch: int, rows: int, num_parts: int, max_splits: int, config: Mla
 
 
 def mla_decode(q, kv_cache, block_table, seq_lens, metadata, *, softmax_scale: float, causal: bool,
-               config: MlaTileConfig, interpret: bool = False):
+               config: MlaTileConfig, interpret: bool = False, sparse: bool = False):
     """Validated inputs (runtime.mla.validate_mla_decode) -> out [B, q_len, H, 512] q.dtype, lse [B, H, q_len].
     `kv_cache`: the bf16 cache [pages, 64, 1, 576], or DeepSeek-V3.2's FP8 cache as a tuple (latent e4m3
     [pages, 64, 1, 512], scales f32 [pages, 64, 1, 4], rope bf16 [pages, 64, 1, 64]), validated by
-    runtime.mla.mla_decode_fp8; the kernel dequantises each page in shared memory."""
-    fp8 = isinstance(kv_cache, tuple)
-    cache = kv_cache if fp8 else (kv_cache,)
+    runtime.mla.mla_decode_fp8; the kernel dequantises each page in shared memory. `sparse`: kv_cache is the
+    flat bf16 cache [tokens, 576], block_table [B, max_tokens] token ids with the valid ones first and
+    seq_lens [B] their count (runtime.mla.mla_decode_sparse builds these, one "batch" per query token)."""
+    mode = "sparse" if sparse else "fp8" if isinstance(kv_cache, tuple) else "bf16"
+    cache = kv_cache if mode == "fp8" else (kv_cache,)
     b, q_len, heads, d = q.shape
     rows = q_len * heads
     rows_p = -(-rows // config.block_m) * config.block_m
@@ -352,7 +391,7 @@ def mla_decode(q, kv_cache, block_table, seq_lens, metadata, *, softmax_scale: f
         qf = jnp.pad(qf, ((0, 0), (0, rows_p - rows), (0, 0)))                 # [B, rows_p, 576]
     kernel = build(batch=b, rows=rows_p, num_parts=metadata.num_parts, max_splits=metadata.max_splits,
                    config=config, scale=softmax_scale, causal=causal, q_len=q_len, heads=heads,
-                   in_place_acc=not interpret, fp8=fp8)
+                   in_place_acc=not interpret, cache=mode)
     ctx = interpret_context if interpret else contextlib.nullcontext  # a fresh context per kernel call
     with ctx():
         out_p, lse_p = kernel(metadata.block_start, metadata.n_blocks, metadata.first_part, metadata.split_offsets,
