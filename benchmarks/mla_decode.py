@@ -9,7 +9,8 @@ a CPU. `err_out`/`err_lse`: the kernel against the XLA reference (a hardware cor
 On a GPU also DeepSeek-V3.2's FP8 cache (656 bytes per token instead of 1152): `fp8_*` columns, the FP8 kernel's
 GB/s of its own bytes, its speedup over the bf16 kernel and over XLA's dequantise-then-attend path, its error
 against that path. Sparse (top-k) decode, DeepSeek-V3.2's shapes (top-2048 per query token): `sparse` rows,
-the kernel against XLA's gather-then-attend, GB/s of the gathered rows and TFLOPS.
+the kernel against XLA's gather-then-attend, GB/s of the gathered rows and TFLOPS; `fp8_*` the same over the
+FP8 cache (656 bytes per gathered token), with its speedup over the bf16 sparse kernel.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from seekax.ir import H200, MlaDecodeSpec  # noqa: E402
 from seekax.ir.device import is_hopper  # noqa: E402
 from seekax.lowering.backend import num_sms_for  # noqa: E402
 from seekax.lowering.reference.mla_decode import quantize_fp8_latent  # noqa: E402
-from seekax.runtime.mla import mla_decode, mla_decode_fp8, mla_decode_sparse, mla_metadata  # noqa: E402
+from seekax.runtime.mla import (mla_decode, mla_decode_fp8, mla_decode_sparse, mla_decode_sparse_fp8,  # noqa: E402
+                                mla_metadata)
 
 
 def make_inputs(rng, b, mean_sk, h, s_q, page=64):
@@ -98,6 +100,14 @@ def sparse_row(rng, b, topk, h, s_q, backend, timing: dict, cache_tokens: int = 
             (out, lse), (rout, rlse) = run(q, kv, idx), xla(q, kv, idx)
             row.update(mosaic_us=t * 1e6, gbps=nbytes / t / 1e9, tflops=flops / t / 1e12, speedup_vs_xla=t_xla / t,
                        err_out=rel_err(out, rout), err_lse=rel_err(lse, rlse))
+            cache = jax.jit(quantize_fp8_latent)(kv)
+            del kv                                                            # room for the fp8 copies
+            xla8 = jax.jit(functools.partial(mla_decode_sparse_fp8, backend="xla"))
+            run8 = jax.jit(functools.partial(mla_decode_sparse_fp8, backend=backend))
+            t8, t8_xla = device_time(run8, q, *cache, idx, **timing), device_time(xla8, q, *cache, idx, **timing)
+            err8 = rel_err(run8(q, *cache, idx)[0], xla8(q, *cache, idx)[0])
+            row.update(fp8_us=t8 * 1e6, fp8_gbps=(nbytes - rows * (1152 - 656)) / t8 / 1e9, fp8_speedup_vs_bf16=t / t8,
+                       fp8_speedup_vs_xla=t8_xla / t8, fp8_err_out=err8)
         except Exception as e:  # noqa: BLE001 - keep the other rows
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
     return row

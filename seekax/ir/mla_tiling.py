@@ -67,15 +67,14 @@ class MlaTileConfig:
         "float8_e4m3fn" (DeepSeek-V3.2's cache): `stages` slots of e4m3 latent + bf16 rope written by TMA,
         one bf16 tile they are dequantised into, and per slot latent/rope ready + slot free barriers.
         `sparse` (top-k decode): `stages` untiled slots of 64 gathered rows, one bf16 tile they are copied
-        into, per slot rows ready + slot free barriers."""
+        into, per slot rows ready + slot free barriers; over the FP8 cache the same bytes as "float8_e4m3fn"
+        (its slots are untiled, not smaller)."""
         if kv_dtype not in ("bfloat16", "float16", "float8_e4m3fn"):
             raise fail("kv_dtype", kv_dtype, "bfloat16, float16 or float8_e4m3fn")
-        if sparse and kv_dtype == "float8_e4m3fn":
-            raise fail("kv_dtype", kv_dtype, "bfloat16 or float16 for the sparse kernel")
         q = _aligned(self.block_m * self.qk_dim * 2)
         p = _aligned(self.block_m * self.block_n * 2)
         rescale = _aligned(self.block_m * 4)
-        if sparse:
+        if sparse and kv_dtype != "float8_e4m3fn":
             rows = _aligned(self.stages * self.block_n * self.qk_dim * 2)
             tile = _aligned(self.block_n * self.qk_dim * 2)
             return q + tile + p + rescale + rows + BARRIER_BYTES * (2 + 3 + 2 * self.stages)

@@ -35,6 +35,13 @@ def _fp8_gemm(args):
     return lowering_example(args.m, args.n, args.k)
 
 
+def _fp8_cache(pages: int) -> tuple:
+    """DeepSeek-V3.2's FP8 cache as shapes: latent e4m3, a scale per token and 128 channels, bf16 rope."""
+    return (jax.ShapeDtypeStruct((pages, 64, 1, 512), jnp.float8_e4m3fn),
+            jax.ShapeDtypeStruct((pages, 64, 1, 4), jnp.float32),
+            jax.ShapeDtypeStruct((pages, 64, 1, 64), jnp.bfloat16))
+
+
 def _mla(args, fp8: bool):
     """MLA decode at FlashMLA's shapes: --batch, --seq-len (context tokens), --heads, --q-len; 64-token pages."""
     from seekax.runtime.mla import mla_decode, mla_decode_fp8
@@ -44,21 +51,23 @@ def _mla(args, fp8: bool):
     table = jax.ShapeDtypeStruct((args.batch, -(-args.seq_len // 64)), jnp.int32)
     lens = jax.ShapeDtypeStruct((args.batch,), jnp.int32)
     if fp8:
-        cache = (jax.ShapeDtypeStruct((pages, 64, 1, 512), jnp.float8_e4m3fn),
-                 jax.ShapeDtypeStruct((pages, 64, 1, 4), jnp.float32),
-                 jax.ShapeDtypeStruct((pages, 64, 1, 64), jnp.bfloat16))
+        cache = _fp8_cache(pages)
         return functools.partial(mla_decode_fp8, backend="mosaic"), (q, *cache, table, lens)
     cache = jax.ShapeDtypeStruct((pages, 64, 1, 576), jnp.bfloat16)
     return functools.partial(mla_decode, backend="mosaic"), (q, cache, table, lens)
 
 
-def _mla_sparse(args):
+def _mla_sparse(args, fp8: bool):
     """Sparse (top-k) MLA decode: --topk token ids per query token out of --batch x --seq-len cached tokens."""
-    from seekax.runtime.mla import mla_decode_sparse
+    from seekax.runtime.mla import mla_decode_sparse, mla_decode_sparse_fp8
 
+    pages = args.batch * -(-args.seq_len // 64)
     q = jax.ShapeDtypeStruct((args.batch, args.q_len, args.heads, 576), jnp.bfloat16)
-    cache = jax.ShapeDtypeStruct((args.batch * -(-args.seq_len // 64), 64, 1, 576), jnp.bfloat16)
     indices = jax.ShapeDtypeStruct((args.batch, args.q_len, args.topk), jnp.int32)
+    if fp8:
+        cache = _fp8_cache(pages)
+        return functools.partial(mla_decode_sparse_fp8, backend="mosaic"), (q, *cache, indices)
+    cache = jax.ShapeDtypeStruct((pages, 64, 1, 576), jnp.bfloat16)
     return functools.partial(mla_decode_sparse, backend="mosaic"), (q, cache, indices)
 
 
@@ -67,7 +76,8 @@ OPS: dict[str, Callable[[argparse.Namespace], tuple[Callable[..., Any], tuple]]]
     "fp8_gemm": _fp8_gemm,
     "mla_decode": functools.partial(_mla, fp8=False),
     "mla_decode_fp8": functools.partial(_mla, fp8=True),
-    "mla_decode_sparse": _mla_sparse,
+    "mla_decode_sparse": functools.partial(_mla_sparse, fp8=False),
+    "mla_decode_sparse_fp8": functools.partial(_mla_sparse, fp8=True),
 }
 
 

@@ -265,6 +265,25 @@ def mla_decode_fp8(q: jax.Array, latent_fp8: jax.Array, scales: jax.Array, rope:
     the bf16 wgmma rounded to bf16; "xla": dequantise to float32, then the reference."""
     from seekax.lowering.reference import mla_decode as ref
 
+    strict = backend in ("mosaic", "interpret")
+    backend = resolve_backend(backend)
+    dequantised = _fp8_cache_shape(latent_fp8, scales, rope)                  # what the kernel sees
+    spec = validate_mla_decode(q, dequantised, block_table, seq_lens, v_dim=latent_fp8.shape[-1],
+                               softmax_scale=softmax_scale, causal=causal, kernel=strict, kv_dtypes=("float32",),
+                               same_dtype=False)
+    kernel_ok = _fp8_kernel_ok(spec, scales, strict) and spec.page_size == 64
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(spec.qk_dim)
+    v = spec.v_dim
+    if backend == "xla" or not kernel_ok:
+        kv = ref.dequantize_fp8_latent(latent_fp8, scales, rope)                   # [P, page, 1, v + rope] f32
+        return ref.mla_decode(q, kv, block_table, seq_lens, v_dim=v, softmax_scale=scale, causal=causal)
+    config = config or MlaTileConfig(stages=1)           # two fp8 slots + the bf16 tile exceed 227 KiB
+    return _run_kernel(q, (latent_fp8, scales, rope), block_table, seq_lens, spec, metadata=metadata, config=config,
+                       softmax_scale=scale, causal=causal, backend=backend, num_sms=num_sms)
+
+
+def _fp8_cache_shape(latent_fp8, scales, rope) -> jax.ShapeDtypeStruct:
+    """Check DeepSeek-V3.2's FP8 cache arrays against each other; the dequantised cache's shape (float32)."""
     if getattr(latent_fp8, "ndim", None) != 4 or np.dtype(latent_fp8.dtype).name != "float8_e4m3fn":
         raise fail("latent_fp8", (getattr(latent_fp8, "shape", None), str(getattr(latent_fp8, "dtype", None))),
                    "a float8_e4m3fn array [num_pages, page_size, 1, v_dim]")
@@ -274,25 +293,17 @@ def mla_decode_fp8(q: jax.Array, latent_fp8: jax.Array, scales: jax.Array, rope:
         raise fail("scales", getattr(scales, "shape", None), f"float32 [{p}, {page}, {h}, tiles] with tiles dividing {v}")
     if getattr(rope, "ndim", None) != 4 or rope.shape[:3] != (p, page, h) or np.dtype(rope.dtype).name != "bfloat16":
         raise fail("rope", getattr(rope, "shape", None), f"bfloat16 [{p}, {page}, {h}, rope_dim]")
-    strict = backend in ("mosaic", "interpret")
-    backend = resolve_backend(backend)
-    dequantised = jax.ShapeDtypeStruct((p, page, h, v + rope.shape[-1]), jnp.float32)  # what the kernel sees
-    spec = validate_mla_decode(q, dequantised, block_table, seq_lens, v_dim=v, softmax_scale=softmax_scale,
-                               causal=causal, kernel=strict, kv_dtypes=("float32",), same_dtype=False)
+    return jax.ShapeDtypeStruct((p, page, h, v + rope.shape[-1]), jnp.float32)
+
+
+def _fp8_kernel_ok(spec: MlaProblem, scales, strict: bool) -> bool:
+    """Whether the FP8-cache kernel takes this problem; asked for by name (`strict`), a clear error if not."""
     tiles_ok = scales.shape[-1] == KERNEL_V_DIM // 128
     if strict and not tiles_ok:
         raise fail("scales", scales.shape[-1], f"one scale per 128 channels ({KERNEL_V_DIM // 128}) for the kernel")
     if strict and spec.q_dtype != "bfloat16":
         raise fail("q.dtype", spec.q_dtype, "bfloat16 for the FP8-cache kernel (its rope and tile are bf16)")
-    kernel_ok = ((spec.qk_dim, spec.v_dim, spec.page_size) == (KERNEL_QK_DIM, KERNEL_V_DIM, 64)
-                 and tiles_ok and spec.q_dtype == "bfloat16")
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(spec.qk_dim)
-    if backend == "xla" or not kernel_ok:
-        kv = ref.dequantize_fp8_latent(latent_fp8, scales, rope)                   # [P, page, 1, v + rope] f32
-        return ref.mla_decode(q, kv, block_table, seq_lens, v_dim=v, softmax_scale=scale, causal=causal)
-    config = config or MlaTileConfig(stages=1)           # two fp8 slots + the bf16 tile exceed 227 KiB
-    return _run_kernel(q, (latent_fp8, scales, rope), block_table, seq_lens, spec, metadata=metadata, config=config,
-                       softmax_scale=scale, causal=causal, backend=backend, num_sms=num_sms)
+    return (spec.qk_dim, spec.v_dim) == (KERNEL_QK_DIM, KERNEL_V_DIM) and tiles_ok and spec.q_dtype == "bfloat16"
 
 
 def mla_decode_sparse(q: jax.Array, kv_cache: jax.Array, indices: jax.Array, *, v_dim: int = 512,
@@ -307,24 +318,65 @@ def mla_decode_sparse(q: jax.Array, kv_cache: jax.Array, indices: jax.Array, *, 
     split-KV over the valid counts as for `mla_decode`. "xla": the reference (gather, then attend)."""
     from seekax.lowering.reference import mla_decode as ref
 
+    _check_indices(q, indices)
+    strict = backend in ("mosaic", "interpret")
+    backend = resolve_backend(backend)
+    b = q.shape[0]
+    spec = validate_mla_decode(q, kv_cache, jnp.zeros((b, 1), jnp.int32), jnp.zeros((b,), jnp.int32), v_dim=v_dim,
+                               softmax_scale=softmax_scale, causal=False, kernel=strict)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(spec.qk_dim)
+    if backend == "xla" or (spec.qk_dim, spec.v_dim) != (KERNEL_QK_DIM, KERNEL_V_DIM) or spec.q_dtype == "float32":
+        return ref.mla_decode_sparse(q, kv_cache, indices, v_dim=v_dim, softmax_scale=scale)
+    flat = kv_cache.reshape(-1, spec.qk_dim)
+    return _run_sparse_kernel(q, lambda ids: flat, flat.shape[0], indices, spec, softmax_scale=scale,
+                              config=config, backend=backend, num_sms=num_sms)
+
+
+def mla_decode_sparse_fp8(q: jax.Array, latent_fp8: jax.Array, scales: jax.Array, rope: jax.Array,
+                          indices: jax.Array, *, softmax_scale: float | None = None,
+                          config: MlaTileConfig | None = None, backend: str = "auto",
+                          num_sms: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """`mla_decode_sparse` over DeepSeek-V3.2's FP8 cache (as `mla_decode_fp8` takes it), the combination
+    FlashMLA's sparse decode serves. "mosaic"/"interpret": the kernel gathers latent and rope rows by TMA and
+    dequantises them in shared memory; each query token's scales are gathered in XLA first (16 B per token,
+    too small for a TMA row copy). "xla": dequantise to float32, then the sparse reference."""
+    from seekax.lowering.reference import mla_decode as ref
+
+    _check_indices(q, indices)
+    strict = backend in ("mosaic", "interpret")
+    backend = resolve_backend(backend)
+    b = q.shape[0]
+    dequantised = _fp8_cache_shape(latent_fp8, scales, rope)
+    spec = validate_mla_decode(q, dequantised, jnp.zeros((b, 1), jnp.int32), jnp.zeros((b,), jnp.int32),
+                               v_dim=latent_fp8.shape[-1], softmax_scale=softmax_scale, causal=False, kernel=strict,
+                               kv_dtypes=("float32",), same_dtype=False)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(spec.qk_dim)
+    if backend == "xla" or not _fp8_kernel_ok(spec, scales, strict):
+        kv = ref.dequantize_fp8_latent(latent_fp8, scales, rope)
+        return ref.mla_decode_sparse(q, kv, indices, v_dim=spec.v_dim, softmax_scale=scale)
+    lat, sc, rp = (x.reshape(-1, x.shape[-1]) for x in (latent_fp8, scales, rope))    # [tokens, ...]
+    return _run_sparse_kernel(q, lambda ids: (lat, jnp.take(sc, ids, axis=0), rp), lat.shape[0], indices, spec,
+                              softmax_scale=scale, config=config, backend=backend, num_sms=num_sms)
+
+
+def _check_indices(q, indices) -> None:
     if getattr(indices, "ndim", None) != 3 or indices.shape[:2] != tuple(getattr(q, "shape", (None, None))[:2]):
         raise fail("indices.shape", getattr(indices, "shape", None), "[batch, q_len, topk] matching q")
     if np.dtype(indices.dtype).name != "int32":
         raise fail("indices.dtype", np.dtype(indices.dtype).name, "int32")
     if indices.shape[2] < 1:
         raise fail("indices.shape", tuple(indices.shape), "topk >= 1")
-    strict = backend in ("mosaic", "interpret")
-    backend = resolve_backend(backend)
-    b, s_q, heads = q.shape[:3]
-    spec = validate_mla_decode(q, kv_cache, jnp.zeros((b, 1), jnp.int32), jnp.zeros((b,), jnp.int32), v_dim=v_dim,
-                               softmax_scale=softmax_scale, causal=False, kernel=strict)
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(spec.qk_dim)
-    if backend == "xla" or (spec.qk_dim, spec.v_dim) != (KERNEL_QK_DIM, KERNEL_V_DIM) or spec.q_dtype == "float32":
-        return ref.mla_decode_sparse(q, kv_cache, indices, v_dim=v_dim, softmax_scale=scale)
+
+
+def _run_sparse_kernel(q, cache_for, tokens: int, indices, spec: MlaProblem, *, softmax_scale: float,
+                       config: MlaTileConfig | None, backend: str, num_sms: int | None):
+    """Sparse decode as dense decode over a token table: one "batch" per query token, its valid ids first
+    (a stable sort), padded to whole 64-token steps, their count as its length. `cache_for(ids)` gives the
+    kernel's cache arguments (the FP8 cache gathers its scales by the ids)."""
     from seekax.lowering.mosaic import mla_decode_sm90
 
     config = config or MlaTileConfig(stages=1)           # a second staging slot + the bf16 tile exceed 227 KiB
-    tokens = kv_cache.shape[0] * kv_cache.shape[1]
+    b, s_q, heads = spec.batch, spec.q_len, spec.q_heads
     ids = indices.reshape(b * s_q, indices.shape[2])                                  # one "batch" per query
     valid = (ids >= 0) & (ids < tokens)
     order = jnp.argsort(~valid, axis=1, stable=True)                                  # valid ids first
@@ -335,7 +387,7 @@ def mla_decode_sparse(q: jax.Array, kv_cache: jax.Array, indices: jax.Array, *, 
     metadata = mla_metadata(counts, num_sms or num_sms_for(backend), q_len=1, num_heads=heads,
                             block=config.block_n)
     out, lse = mla_decode_sm90.mla_decode(
-        q.reshape(b * s_q, 1, heads, spec.qk_dim), kv_cache.reshape(tokens, spec.qk_dim), ids, counts, metadata,
-        softmax_scale=scale, causal=False, config=config, interpret=backend == "interpret", sparse=True)
+        q.reshape(b * s_q, 1, heads, spec.qk_dim), cache_for(ids), ids, counts, metadata,
+        softmax_scale=softmax_scale, causal=False, config=config, interpret=backend == "interpret", sparse=True)
     out = out.reshape(b, s_q, heads, spec.v_dim)                                      # [B, s_q, H, 512]
     return out, jnp.transpose(lse.reshape(b, s_q, heads), (0, 2, 1))                 # [B, H, s_q]

@@ -27,7 +27,8 @@ def test_check_passes_and_fails(capsys):
     assert "shared memory" in err and "227 KiB" in err
 
 
-@pytest.mark.parametrize("op", ["mla_decode", "mla_decode_fp8", "mla_decode_sparse"])
+@pytest.mark.parametrize("op", ["mla_decode", "mla_decode_fp8", "mla_decode_sparse",
+                                "mla_decode_sparse_fp8"])
 def test_check_mla_decode(capsys, op):
     assert main(["lower", op, "--batch", "8", "--seq-len", "1024", "--heads", "16", "--q-len", "2", "--check"]) == 0
     out = capsys.readouterr().out

@@ -13,7 +13,7 @@ import pytest
 from seekax.ir.mla_tiling import MlaTileConfig
 from seekax.ir.tiling import SharedMemoryBudgetExceeded
 from seekax.lowering.reference.mla_decode import dequantize_fp8_latent, quantize_fp8_latent
-from seekax.runtime.mla import mla_decode, mla_decode_fp8, mla_decode_sparse, mla_metadata
+from seekax.runtime.mla import mla_decode, mla_decode_fp8, mla_decode_sparse, mla_decode_sparse_fp8, mla_metadata
 from seekax.testing import assert_close, cross_lower, interpret_mode, rel_err
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "runtime"))
@@ -72,16 +72,21 @@ def test_three_stages_overflow_is_a_typed_error():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cache", ["bf16", "fp8", "sparse"])
+@pytest.mark.parametrize("cache", ["bf16", "fp8", "sparse", "sparse_fp8"])
 @pytest.mark.parametrize("s_q", [1, 2])
 def test_on_hopper(rng, s_q, cache):
     lens = rng.integers(1, 1500, size=16).tolist() + [1, 64, 0]
     q, kv, table, seq = make_case(rng, lens=lens, s_q=s_q, heads=128)
-    if cache == "sparse":
+    if cache.startswith("sparse"):
         kv = jnp.nan_to_num(kv)                                              # every token may be picked
         idx = rng.integers(-1, kv.shape[0] * 64, size=(len(lens), s_q, 2048)).astype(np.int32)
         idx[-1] = -1                                                         # nothing valid
-        decode = functools.partial(mla_decode_sparse, q, kv, jnp.asarray(idx))
+        if cache == "sparse_fp8":
+            fp8 = quantize_fp8_latent(kv)
+            decode = functools.partial(mla_decode_sparse_fp8, q, *fp8, jnp.asarray(idx))
+            kv = dequantize_fp8_latent(*fp8).astype(jnp.bfloat16)           # the kernel's exact inputs
+        else:
+            decode = functools.partial(mla_decode_sparse, q, kv, jnp.asarray(idx))
         out, lse = decode(backend="mosaic")
         np.testing.assert_array_equal(np.asarray(out), np.asarray(decode(backend="mosaic")[0]))
         _check_sparse(out, lse, q, kv, idx)
@@ -171,6 +176,19 @@ def _check_sparse(out, lse, q, kv, idx):
     assert_close(out, ref_out, rtol=2 / 128, atol=2 / 128, name="out")
 
 
+def _sparse_edges(idx, kv):
+    """Skipped ids (-1, out of range), a repeated id, a query with none valid (s_q > 1), and every token no
+    query picks set to NaN (so reading one would show)."""
+    idx[0, 0, 3:9] = -1                          # skipped: the valid ids behind them move up
+    idx[0, 0, 20] = kv.shape[0] * 64 + 5         # out of range: skipped
+    idx[0, 0, 21] = idx[0, 0, 22]                # a repeated token counts twice, as in the reference
+    if idx.shape[1] > 1:
+        idx[-1, 1, :] = -1                       # nothing valid: out 0, lse -inf
+    flat = np.asarray(kv, np.float32).reshape(-1, 576)
+    flat[np.setdiff1d(np.arange(len(flat)), idx[(idx >= 0) & (idx < len(flat))])] = np.nan  # never picked
+    return idx, jnp.asarray(flat.reshape(kv.shape), jnp.bfloat16)
+
+
 @pytest.mark.parametrize("b, s_q, heads, topk, parts", [
     (2, 2, 16, 100, 3),     # topk not a multiple of 64 (a partial last step), splits across query tokens
     (1, 1, 64, 200, 2),     # one full row tile, four steps split over two parts
@@ -178,18 +196,28 @@ def _check_sparse(out, lse, q, kv, idx):
 ])
 def test_sparse_interpret_matches_float64(rng, b, s_q, heads, topk, parts):
     q, kv, idx = _sparse_case(rng, b, s_q, heads, topk)
-    idx[0, 0, 3:9] = -1                          # skipped: the valid ids behind them move up
-    idx[0, 0, 20] = kv.shape[0] * 64 + 5         # out of range: skipped
-    idx[0, 0, 21] = idx[0, 0, 22]                # a repeated token counts twice, as in the reference
-    if s_q > 1:
-        idx[-1, 1, :] = -1                       # nothing valid: out 0, lse -inf
-    flat = np.asarray(kv, np.float32).reshape(-1, 576)
-    flat[np.setdiff1d(np.arange(len(flat)), idx[(idx >= 0) & (idx < len(flat))])] = np.nan  # never picked
-    kv = jnp.asarray(flat.reshape(kv.shape), jnp.bfloat16)
+    idx, kv = _sparse_edges(idx, kv)
     with interpret_mode(detect_races=True):
         out, lse = mla_decode_sparse(q, kv, jnp.asarray(idx), backend="interpret", num_sms=parts)
         out.block_until_ready()
     _check_sparse(out, lse, q, kv, idx)
+
+
+@pytest.mark.parametrize("b, s_q, heads, topk, parts", [
+    (2, 2, 16, 100, 3),     # partial last step, splits across query tokens, a query with nothing valid
+    (1, 1, 128, 130, 4),    # two row tiles x two parts, three steps
+])
+def test_sparse_fp8_interpret_matches_float64(rng, b, s_q, heads, topk, parts):
+    q, kv, idx = _sparse_case(rng, b, s_q, heads, topk)
+    idx, kv = _sparse_edges(idx, kv)
+    cache = quantize_fp8_latent(kv)                                  # never-picked tokens: NaN latents and scales
+    with interpret_mode(detect_races=True):
+        out, lse = mla_decode_sparse_fp8(q, *cache, jnp.asarray(idx), backend="interpret", num_sms=parts)
+        out.block_until_ready()
+    _check_sparse(out, lse, q, dequantize_fp8_latent(*cache).astype(jnp.bfloat16), idx)  # the kernel's exact inputs
+    xo, xl = mla_decode_sparse_fp8(q, *cache, jnp.asarray(idx), backend="xla")
+    seen = np.isfinite(xl)
+    assert rel_err(out, xo) < 1e-2 and rel_err(np.where(seen, lse, 0), np.where(seen, xl, 0)) < 1e-3
 
 
 @pytest.mark.parametrize("h, s_q", [(128, 1), (64, 2)])
@@ -204,6 +232,11 @@ def test_sparse_cross_lowers_at_v32_shapes(h, s_q):
     assert report.fits_smem and report.tma and report.threads == (384, 1, 1)
     assert report.smem_bytes == MlaTileConfig(stages=1).smem_bytes(sparse=True)     # the account is exact
     assert "m64n64k16.f32.bf16.bf16" in report.wgmma and "m64n256k16.f32.bf16.bf16" in report.wgmma
+    fp8_args = _fp8_bench_args(b, tokens // b, h, s_q)[:4] + (args[2],)        # q, latent, scales, rope, indices
+    report8, _ = cross_lower(functools.partial(mla_decode_sparse_fp8, backend="mosaic"), *fp8_args).reports
+    assert report8.fits_smem and report8.tma and report8.threads == (384, 1, 1)
+    assert report8.smem_bytes == MlaTileConfig(stages=1).smem_bytes("float8_e4m3fn", sparse=True)
+    assert "m64n64k16.f32.bf16.bf16" in report8.wgmma and "m64n256k16.f32.bf16.bf16" in report8.wgmma
 
 
 def test_sparse_two_slots_overflow_is_a_typed_error():

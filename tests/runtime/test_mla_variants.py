@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from seekax.lowering.reference.mla_decode import dequantize_fp8_latent, quantize_fp8_latent
-from seekax.runtime.mla import mla_decode, mla_decode_fp8, mla_decode_sparse
+from seekax.runtime.mla import mla_decode, mla_decode_fp8, mla_decode_sparse, mla_decode_sparse_fp8
 from seekax.testing import assert_close, calc_diff, rel_err
 
 from test_mla_cases import make_case, numpy_mla, numpy_sparse_mla
@@ -51,6 +51,18 @@ def test_sparse_decode_matches_float64(rng):
     assert_close(lse, ref_lse, rtol=1e-4, atol=1e-4, name="lse")
 
 
+def test_sparse_fp8_decode_matches_float64_on_the_dequantised_cache(rng):
+    _, kv, _, _ = make_case(rng, lens=[1], heads=8, spare_pages=3, nan_unused=False)
+    q = jnp.asarray(rng.standard_normal((2, 2, 8, 576)), jnp.bfloat16)
+    idx = rng.integers(-1, kv.shape[0] * 64, size=(2, 2, 40)).astype(np.int32)
+    cache = quantize_fp8_latent(kv)
+    out, lse = mla_decode_sparse_fp8(q, *cache, jnp.asarray(idx))
+    ref_out, ref_lse = numpy_sparse_mla(q, dequantize_fp8_latent(*cache), idx)
+    assert_close(out, ref_out, name="out")
+    assert_close(lse, ref_lse, rtol=1e-4, atol=1e-4, name="lse")
+    assert calc_diff(out, mla_decode_sparse(q, kv, jnp.asarray(idx))[0]) < 1e-3     # FP8 vs bf16 cache: close
+
+
 def test_variants_check_inputs(rng):
     q, kv, table, seq = make_case(rng, lens=[3], heads=4, nan_unused=False)
     lat, scales, rope = quantize_fp8_latent(kv)
@@ -62,6 +74,13 @@ def test_variants_check_inputs(rng):
         mla_decode_sparse(q[..., :64], kv[..., :64], jnp.zeros((1, 1, 4), jnp.int32), v_dim=32, backend="mosaic")
     with pytest.raises(ValueError, match="topk >= 1"):
         mla_decode_sparse(q, kv, jnp.zeros((1, 1, 0), jnp.int32))
+    with pytest.raises(ValueError, match="scales"):
+        mla_decode_sparse_fp8(q, lat, scales[..., :3], rope, jnp.zeros((1, 1, 4), jnp.int32))
+    with pytest.raises(ValueError, match="indices.dtype"):
+        mla_decode_sparse_fp8(q, lat, scales, rope, jnp.zeros((1, 1, 4), jnp.float32))
+    with pytest.raises(ValueError, match="q.dtype='float32'"):
+        mla_decode_sparse_fp8(q.astype(jnp.float32), lat, scales, rope, jnp.zeros((1, 1, 4), jnp.int32),
+                              backend="interpret")
     with pytest.raises(ValueError, match="latent_fp8"):
         mla_decode_fp8(q, kv[..., :512], scales, rope, table, seq)
     with pytest.raises(ValueError, match="scales"):

@@ -25,7 +25,9 @@ the number of valid ids. wg 2 gathers a step's 64 tokens with one single-row TMA
 are 0: one row, from L2) into an untiled staging slot; a swizzled tile cannot take single rows, so wg 1 copies the slot
 into the bf16 tile (WGMMA-layout loads, tail rows zeroed), as it dequantises in the FP8 mode; wg 0 again runs
 unchanged. Those loads hit one bank per 8 rows (1152 B rows; a padded row stride does not lower), a cost
-to measure on hardware.
+to measure on hardware. Sparse over the FP8 cache ("sparse_fp8"): the same gathers of latent (512 B) and rope
+(128 B) rows into untiled fp8 slots, dequantised as in the FP8 mode; a token's scales (16 B, below what a
+warpgroup's TMA may move) come pre-gathered per query token by the wrapper ([B, topk, 4] f32, 2.4 % of the bytes).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from seekax.ir.mla_tiling import MlaTileConfig
 from seekax.lowering.backend import interpret_context
 from seekax.lowering.reference.mla_decode import combine_splits
 
-CACHES = ("bf16", "fp8", "sparse")
+CACHES = ("bf16", "fp8", "sparse", "sparse_fp8")
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 
@@ -54,9 +56,10 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
             in_place_acc: bool, cache: str):
     """q_ref [B, R, 576]; then the cache: kv_ref [pages, 64, 1, 576] (bf16), or for "fp8" latent_ref
     [pages, 64, 1, 512] e4m3, scales_ref [pages, 64, 1, 4] f32, rope_ref [pages, 64, 1, 64] bf16, or for
-    "sparse" kv_ref [tokens, 576]; then table_ref [B, max_pages] (sparse: [B, max_tokens] token ids); lens_ref
-    [B]; out_ref [T, R, 512] f32 partials; lse_ref [T, R] f32 (natural log)."""
-    fp8, sparse = cache == "fp8", cache == "sparse"
+    "sparse" kv_ref [tokens, 576], or for "sparse_fp8" latent_ref [tokens, 512], scales_ref [B, max_tokens, 4]
+    (gathered), rope_ref [tokens, 64]; then table_ref [B, max_pages] (sparse: [B, max_tokens] token ids);
+    lens_ref [B]; out_ref [T, R, 512] f32 partials; lse_ref [T, R] f32 (natural log)."""
+    fp8, sparse = cache in ("fp8", "sparse_fp8"), cache in ("sparse", "sparse_fp8")
     staged = fp8 or sparse                        # TMA fills staging slots, wg 1 writes the one bf16 tile
     if fp8:
         latent_ref, scales_ref, rope_ref, table_ref, lens_ref, out_ref, lse_ref = refs
@@ -141,13 +144,13 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
             valid = lens_ref[b] - j * bn
             key64 = plgpu.broadcasted_iota(jnp.int32, (bn, 64), 0, layout=plgpu.Layout.WGMMA)
             if fp8:
-                page = page_of(b, j)
                 key = plgpu.broadcasted_iota(jnp.int32, (bn, 128), 0, layout=plgpu.Layout.WGMMA)
                 keep = key < valid
                 for g in range(config.v_dim // 128):
-                    x = plgpu.load(lat_smem.at[slot, :, pl.ds(g * 128, 128)], layout=plgpu.Layout.WGMMA)
-                    sc = plgpu.load(scales_ref.at[page, :, 0, g], layout=plgpu.Layout.WGMMA.reduce(1),
-                                    optimized=False)
+                    x = plgpu.load(lat_smem.at[slot, :, pl.ds(g * 128, 128)], layout=plgpu.Layout.WGMMA,
+                                   optimized=not sparse)
+                    row = scales_ref.at[b, pl.ds(j * bn, bn), g] if sparse else scales_ref.at[page_of(b, j), :, 0, g]
+                    sc = plgpu.load(row, layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
                     y = x.astype(jnp.float32) * lax.broadcast_in_dim(sc, x.shape, [0])
                     y = jnp.where(keep, y, jnp.zeros_like(y)).astype(dtype)
                     for h in range(2):
@@ -294,8 +297,14 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
                         @pl.loop(0, bn)
                         def _gather(r):
                             token = jnp.clip(table_ref[b, j * bn + r], 0, num_pages - 1)
-                            plgpu.copy_gmem_to_smem(kv_ref.at[pl.ds(token, 1)], rows_smem.at[slot, pl.ds(r, 1)],
-                                                    rows_ready.at[slot])
+                            if fp8:
+                                plgpu.copy_gmem_to_smem(latent_ref.at[pl.ds(token, 1)], lat_smem.at[slot, pl.ds(r, 1)],
+                                                        lat_ready.at[slot])
+                                plgpu.copy_gmem_to_smem(rope_ref.at[pl.ds(token, 1)], rope_smem.at[slot, pl.ds(r, 1)],
+                                                        rope_ready.at[slot])
+                            else:
+                                plgpu.copy_gmem_to_smem(kv_ref.at[pl.ds(token, 1)], rows_smem.at[slot, pl.ds(r, 1)],
+                                                        rows_ready.at[slot])
                         return step + 1
                     page = page_of(b, j)
                     if fp8:
@@ -317,19 +326,21 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
     if staged:  # TMA fills staging slots; the one bf16 tile is written by wg 1 and read by both compute wgs
         kv_tile = plgpu.SMEM((1, bn, d), dtype, transforms=(tiling, swizzle))
         kv_bars = (plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=1))  # tile ready (wg 1), free (wg 0)
-    if sparse:  # untiled rows: a single-row TMA cannot write into an 8-row swizzled tile
-        staging = (plgpu.SMEM((stages, bn, d), kv_ref.dtype),
-                   plgpu.Barrier(num_arrivals=bn, num_barriers=stages),        # one arrival per row copy
-                   plgpu.Barrier(num_barriers=stages))
-    elif fp8:
+    # sparse: untiled rows (a single-row TMA cannot write into an 8-row swizzled tile), one arrival per row copy
+    arrivals = bn if sparse else 1
+    if fp8:
         staging = (
             plgpu.SMEM((stages, bn, config.v_dim), latent_ref.dtype,
-                       transforms=(plgpu.TilingTransform((8, 128)), swizzle)),
-            plgpu.SMEM((stages, bn, d - config.v_dim), rope_ref.dtype, transforms=(tiling, swizzle)),
-            plgpu.Barrier(num_barriers=stages),
-            plgpu.Barrier(num_barriers=stages),
+                       transforms=() if sparse else (plgpu.TilingTransform((8, 128)), swizzle)),
+            plgpu.SMEM((stages, bn, d - config.v_dim), rope_ref.dtype, transforms=() if sparse else (tiling, swizzle)),
+            plgpu.Barrier(num_arrivals=arrivals, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=arrivals, num_barriers=stages),
             plgpu.Barrier(num_barriers=stages),
         )
+    elif sparse:
+        staging = (plgpu.SMEM((stages, bn, d), kv_ref.dtype),
+                   plgpu.Barrier(num_arrivals=arrivals, num_barriers=stages),
+                   plgpu.Barrier(num_barriers=stages))
     else:
         kv_tile = plgpu.SMEM((stages, bn, d), kv_ref.dtype, transforms=(tiling, swizzle))
         kv_bars = (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_arrivals=2, num_barriers=stages))
@@ -353,10 +364,10 @@ def build(*, batch: int, rows: int, num_parts: int, max_splits: int, config: Mla
           causal: bool, q_len: int, heads: int, in_place_acc: bool = True, cache: str = "bf16"):
     """The kernel callable f(metadata arrays..., q [B, rows, 576], kv_cache | (latent, scales, rope) | flat
     tokens, block_table | token table, seq_lens) -> (out partials [max_splits, rows, 512] f32, lse partials
-    [max_splits, rows] f32). `cache`: "bf16", "fp8" or "sparse"."""
+    [max_splits, rows] f32). `cache`: one of CACHES."""
     if cache not in CACHES:
         raise ValueError(f"cache={cache!r}: expected one of {CACHES}")
-    config.check_smem("float8_e4m3fn" if cache == "fp8" else "bfloat16", sparse=cache == "sparse")
+    config.check_smem("float8_e4m3fn" if "fp8" in cache else "bfloat16", sparse=cache.startswith("sparse"))
     if rows % config.block_m:
         raise ValueError(f"rows={rows}: expected a multiple of block_m={config.block_m} (the wrapper pads)")
     body = functools.partial(_kernel, config=config, scale_log2=scale * LOG2E, causal=causal, q_len=q_len,
@@ -379,10 +390,12 @@ def mla_decode(q, kv_cache, block_table, seq_lens, metadata, *, softmax_scale: f
     `kv_cache`: the bf16 cache [pages, 64, 1, 576], or DeepSeek-V3.2's FP8 cache as a tuple (latent e4m3
     [pages, 64, 1, 512], scales f32 [pages, 64, 1, 4], rope bf16 [pages, 64, 1, 64]), validated by
     runtime.mla.mla_decode_fp8; the kernel dequantises each page in shared memory. `sparse`: kv_cache is the
-    flat bf16 cache [tokens, 576], block_table [B, max_tokens] token ids with the valid ones first and
-    seq_lens [B] their count (runtime.mla.mla_decode_sparse builds these, one "batch" per query token)."""
-    mode = "sparse" if sparse else "fp8" if isinstance(kv_cache, tuple) else "bf16"
-    cache = kv_cache if mode == "fp8" else (kv_cache,)
+    flat bf16 cache [tokens, 576] or the flat FP8 cache (latent [tokens, 512], scales gathered per batch
+    [B, max_tokens, 4], rope [tokens, 64]), block_table [B, max_tokens] token ids with the valid ones first
+    and seq_lens [B] their count (runtime.mla.mla_decode_sparse[_fp8] builds these, one "batch" per query)."""
+    fp8 = isinstance(kv_cache, tuple)
+    mode = ("sparse_fp8" if fp8 else "sparse") if sparse else ("fp8" if fp8 else "bf16")
+    cache = kv_cache if fp8 else (kv_cache,)
     b, q_len, heads, d = q.shape
     rows = q_len * heads
     rows_p = -(-rows // config.block_m) * config.block_m
