@@ -1,6 +1,9 @@
 """Checksums: ISA-L's CRC-32 (when installed) gives zlib's values, so stores written with either one verify."""
 
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,3 +32,12 @@ def test_file_crc32_over_chunks(tmp_path, monkeypatch):
     (tmp_path / "f").write_bytes(data)
     assert atomic.file_crc32(tmp_path / "f") == zlib.crc32(data)
     assert atomic.file_crc32(tmp_path / "f", length=2500) == zlib.crc32(data[:2500])
+
+
+def test_falls_back_to_zlib_without_isal():
+    """The GPU image has no isal: the module must import and checksum with zlib (same values)."""
+    code = ("import sys, zlib; sys.modules['isal'] = None; sys.modules['isal.isal_zlib'] = None\n"
+            "from seekax.storage import atomic\n"
+            "assert atomic._crc32 is zlib.crc32, atomic._crc32\n"
+            "assert atomic.crc32(b'seekax') == zlib.crc32(b'seekax')\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
