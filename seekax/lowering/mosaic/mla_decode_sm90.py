@@ -22,9 +22,9 @@ tile would need 234 KiB, so the TMA of page j+1 overlaps the compute of page j t
 Sparse (DeepSeek-V3.2's top-k attention, FlashMLA's sparse decode): every query token is a "batch" of its own,
 its table holds token ids (valid ones first, compacted by the wrapper) instead of page ids, and its length is
 the number of valid ids. wg 2 gathers a step's 64 tokens with one single-row TMA each (ids past the length
-are 0: one row, from L2) into an untiled staging slot; a swizzled tile cannot take single rows, so wg 1 copies the slot
-into the bf16 tile (WGMMA-layout loads, tail rows zeroed), as it dequantises in the FP8 mode; wg 0 again runs
-unchanged. Those loads hit one bank per 8 rows (1152 B rows; a padded row stride does not lower), a cost
+are 0: one row, from L2) into an untiled staging slot; a swizzled tile cannot take single rows, so wg 1
+copies the slot into the bf16 tile (WGMMA-layout loads, tail rows zeroed), as it dequantises in the FP8 mode;
+wg 0 again runs unchanged. Those loads hit one bank per 8 rows (1152 B rows; a padded row stride does not lower), a cost
 to measure on hardware. Sparse over the FP8 cache ("sparse_fp8"): the same gathers of latent (512 B) and rope
 (128 B) rows into untiled fp8 slots, dequantised as in the FP8 mode; a token's scales (16 B, below what a
 warpgroup's TMA may move) come pre-gathered per query token by the wrapper ([B, topk, 4] f32, 2.4 % of the bytes).
@@ -68,7 +68,7 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
         kv_ref, table_ref, lens_ref, out_ref, lse_ref = refs
     bm, bn, stages, vh = config.block_m, config.block_n, config.stages, config.v_per_wg
     dtype = q_ref.dtype
-    num_pages, max_pages = kv_ref.shape[0], table_ref.shape[1]
+    num_pages, max_pages = kv_ref.shape[0], table_ref.shape[1]         # sparse: tokens, ids per batch
     rt, part, wg = lax.axis_index("rt"), lax.axis_index("part"), lax.axis_index("wg")
     payload = payload_ref[0]
     b_begin, b_end = part_batches_ref[part, 0], part_batches_ref[part, 1]
