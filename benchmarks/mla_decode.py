@@ -79,7 +79,8 @@ def fp8_columns(q, cache, table, lens, spec, meta, t_bf16, backend: str, timing:
 
 def sparse_row(rng, b, topk, h, s_q, backend, timing: dict, cache_tokens: int = 4096) -> dict:
     """Top-k decode: each query token picks `topk` of its sequence's `cache_tokens` tokens (a per-sequence
-    slice of one shared cache). Bytes: the gathered rows (1152 B each) + q + out; flops: QK^T and P V."""
+    slice of one shared cache). Bytes and flops: those of dense decode with one sequence of `topk` tokens per
+    query token (the gathered rows, q, out, lse; QK^T and P V), for each cache's bytes per token."""
     pages = b * cache_tokens // 64
     key_q, key_kv = jax.random.split(jax.random.key(b + topk + h + s_q))
     q = jax.random.normal(key_q, (b, s_q, h, 576), jnp.bfloat16)
@@ -87,9 +88,8 @@ def sparse_row(rng, b, topk, h, s_q, backend, timing: dict, cache_tokens: int = 
     base = (np.arange(b) * cache_tokens)[:, None, None]
     idx = jnp.asarray(base + np.stack([np.stack([rng.choice(cache_tokens, topk, replace=False) for _ in range(s_q)])
                                        for _ in range(b)]), jnp.int32)
-    rows = b * s_q * topk
-    nbytes = rows * 1152 + q.size * 2 + b * s_q * h * 512 * 2
-    flops = 2 * b * s_q * h * topk * (576 + 512)
+    spec, spec8 = (MlaDecodeSpec(batch=b * s_q, seq_len=topk, q_len=1, q_heads=h, kv_dtype=d)
+                   for d in ("bfloat16", "float8_e4m3fn"))
     xla = jax.jit(functools.partial(mla_decode_sparse, backend="xla"))
     t_xla = device_time(xla, q, kv, idx, **timing)
     row = {"sparse": True, "b": b, "topk": topk, "h": h, "s_q": s_q, "xla_us": t_xla * 1e6}
@@ -98,15 +98,15 @@ def sparse_row(rng, b, topk, h, s_q, backend, timing: dict, cache_tokens: int = 
             run = jax.jit(functools.partial(mla_decode_sparse, backend=backend))
             t = device_time(run, q, kv, idx, **timing)
             (out, lse), (rout, rlse) = run(q, kv, idx), xla(q, kv, idx)
-            row.update(mosaic_us=t * 1e6, gbps=nbytes / t / 1e9, tflops=flops / t / 1e12, speedup_vs_xla=t_xla / t,
-                       err_out=rel_err(out, rout), err_lse=rel_err(lse, rlse))
+            row.update(mosaic_us=t * 1e6, gbps=spec.min_bytes() / t / 1e9, tflops=spec.flops() / t / 1e12,
+                       speedup_vs_xla=t_xla / t, err_out=rel_err(out, rout), err_lse=rel_err(lse, rlse))
             cache = jax.jit(quantize_fp8_latent)(kv)
             del kv                                                            # room for the fp8 copies
             xla8 = jax.jit(functools.partial(mla_decode_sparse_fp8, backend="xla"))
             run8 = jax.jit(functools.partial(mla_decode_sparse_fp8, backend=backend))
             t8, t8_xla = device_time(run8, q, *cache, idx, **timing), device_time(xla8, q, *cache, idx, **timing)
             err8 = rel_err(run8(q, *cache, idx)[0], xla8(q, *cache, idx)[0])
-            row.update(fp8_us=t8 * 1e6, fp8_gbps=(nbytes - rows * (1152 - 656)) / t8 / 1e9, fp8_speedup_vs_bf16=t / t8,
+            row.update(fp8_us=t8 * 1e6, fp8_gbps=spec8.min_bytes() / t8 / 1e9, fp8_speedup_vs_bf16=t / t8,
                        fp8_speedup_vs_xla=t8_xla / t8, fp8_err_out=err8)
         except Exception as e:  # noqa: BLE001 - keep the other rows
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"

@@ -155,13 +155,13 @@ def loader_rows(root: Path, total: int, rows: list) -> None:
                         "seq read of the shard", b2 / MiB, r2, "-", "-"))
 
 
-def random64_rows(root: Path, total: int, quick: bool, rows: list) -> None:
+def random64_rows(root: Path, total: int, rows: list) -> None:
     from seekax.storage.sample_store import SampleStore, write_token_store
 
     rng = np.random.default_rng(2)
     n64 = total // 65536
     write_token_store(root / "r64", rng.integers(0, 256, size=(n64, 65536), dtype=np.uint8), shard_bytes=total)
-    count = min(n64, 512 if quick else 2048)
+    count = min(n64, 2048)  # all 512 records of a --quick set
     order = rng.permutation(n64)[:count]
     with SampleStore(root / "r64") as store:
         def read64():
@@ -277,13 +277,8 @@ def kv_rows(root: Path, total: int, rows: list) -> None:
     kv.close()
 
 
-FIGURES = {  # name -> rows(root, total, quick, rows)
-    "loader": lambda root, total, quick, rows: loader_rows(root, total, rows),
-    "random64": random64_rows,
-    "records4k": lambda root, total, quick, rows: records4k_rows(root, total, rows),
-    "checkpoint": lambda root, total, quick, rows: checkpoint_rows(root, total, rows),
-    "kv": lambda root, total, quick, rows: kv_rows(root, total, rows),
-}
+FIGURES = {"loader": loader_rows, "random64": random64_rows, "records4k": records4k_rows,  # fn(root, total, rows)
+           "checkpoint": checkpoint_rows, "kv": kv_rows}
 
 
 def row(name, value, unit, baseline, base_value, ratio, target, ok) -> dict:
@@ -306,7 +301,7 @@ def main() -> int:
     try:
         for name in FIGURES:
             if name in only:
-                FIGURES[name](root, total, args.quick, rows)
+                FIGURES[name](root, total, rows)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"{total // MiB} MiB per data set in {root.parent} (block-shuffle, checkpoint and KV sets: 4x); cold = "

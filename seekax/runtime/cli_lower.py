@@ -42,42 +42,30 @@ def _fp8_cache(pages: int) -> tuple:
             jax.ShapeDtypeStruct((pages, 64, 1, 64), jnp.bfloat16))
 
 
-def _mla(args, fp8: bool):
-    """MLA decode at FlashMLA's shapes: --batch, --seq-len (context tokens), --heads, --q-len; 64-token pages."""
-    from seekax.runtime.mla import mla_decode, mla_decode_fp8
+def _mla(args, *, fp8: bool, sparse: bool):
+    """MLA decode at FlashMLA's shapes: --batch, --seq-len (context tokens), --heads, --q-len; 64-token pages.
+    Sparse: --topk token ids per query token out of the --batch x --seq-len cached tokens."""
+    from seekax.runtime import mla
 
     pages = args.batch * -(-args.seq_len // 64)
     q = jax.ShapeDtypeStruct((args.batch, args.q_len, args.heads, 576), jnp.bfloat16)
-    table = jax.ShapeDtypeStruct((args.batch, -(-args.seq_len // 64)), jnp.int32)
-    lens = jax.ShapeDtypeStruct((args.batch,), jnp.int32)
-    if fp8:
-        cache = _fp8_cache(pages)
-        return functools.partial(mla_decode_fp8, backend="mosaic"), (q, *cache, table, lens)
-    cache = jax.ShapeDtypeStruct((pages, 64, 1, 576), jnp.bfloat16)
-    return functools.partial(mla_decode, backend="mosaic"), (q, cache, table, lens)
-
-
-def _mla_sparse(args, fp8: bool):
-    """Sparse (top-k) MLA decode: --topk token ids per query token out of --batch x --seq-len cached tokens."""
-    from seekax.runtime.mla import mla_decode_sparse, mla_decode_sparse_fp8
-
-    pages = args.batch * -(-args.seq_len // 64)
-    q = jax.ShapeDtypeStruct((args.batch, args.q_len, args.heads, 576), jnp.bfloat16)
-    indices = jax.ShapeDtypeStruct((args.batch, args.q_len, args.topk), jnp.int32)
-    if fp8:
-        cache = _fp8_cache(pages)
-        return functools.partial(mla_decode_sparse_fp8, backend="mosaic"), (q, *cache, indices)
-    cache = jax.ShapeDtypeStruct((pages, 64, 1, 576), jnp.bfloat16)
-    return functools.partial(mla_decode_sparse, backend="mosaic"), (q, cache, indices)
+    cache = _fp8_cache(pages) if fp8 else (jax.ShapeDtypeStruct((pages, 64, 1, 576), jnp.bfloat16),)
+    if sparse:
+        rest = (jax.ShapeDtypeStruct((args.batch, args.q_len, args.topk), jnp.int32),)
+    else:
+        rest = (jax.ShapeDtypeStruct((args.batch, -(-args.seq_len // 64)), jnp.int32),     # block table
+                jax.ShapeDtypeStruct((args.batch,), jnp.int32))                          # lengths
+    fn = getattr(mla, "mla_decode" + ("_sparse" if sparse else "") + ("_fp8" if fp8 else ""))
+    return functools.partial(fn, backend="mosaic"), (q, *cache, *rest)
 
 
 OPS: dict[str, Callable[[argparse.Namespace], tuple[Callable[..., Any], tuple]]] = {
     "matmul": _matmul,
     "fp8_gemm": _fp8_gemm,
-    "mla_decode": functools.partial(_mla, fp8=False),
-    "mla_decode_fp8": functools.partial(_mla, fp8=True),
-    "mla_decode_sparse": functools.partial(_mla_sparse, fp8=False),
-    "mla_decode_sparse_fp8": functools.partial(_mla_sparse, fp8=True),
+    "mla_decode": functools.partial(_mla, fp8=False, sparse=False),
+    "mla_decode_fp8": functools.partial(_mla, fp8=True, sparse=False),
+    "mla_decode_sparse": functools.partial(_mla, fp8=False, sparse=True),
+    "mla_decode_sparse_fp8": functools.partial(_mla, fp8=True, sparse=True),
 }
 
 

@@ -87,23 +87,19 @@ def test_on_hopper(rng, s_q, cache):
             kv = dequantize_fp8_latent(*fp8).astype(jnp.bfloat16)           # the kernel's exact inputs
         else:
             decode = functools.partial(mla_decode_sparse, q, kv, jnp.asarray(idx))
-        out, lse = decode(backend="mosaic")
-        np.testing.assert_array_equal(np.asarray(out), np.asarray(decode(backend="mosaic")[0]))
-        _check_sparse(out, lse, q, kv, idx)
-        assert rel_err(out, decode(backend="xla")[0]) < 1e-2
-        return
-    if cache == "fp8":
+        check = functools.partial(_check_sparse, q=q, kv=kv, idx=idx)
+    elif cache == "fp8":
         fp8 = quantize_fp8_latent(kv)
         decode = functools.partial(mla_decode_fp8, q, *fp8, table, seq)
+        check = functools.partial(_check_fp8, q=q, cache=fp8, table=table, seq=seq)  # includes the XLA FP8 path
     else:
         decode = functools.partial(mla_decode, q, kv, table, seq)
+        check = functools.partial(_check, q=q, kv=kv, table=table, seq=seq)
     out, lse = decode(backend="mosaic")
     out2, _ = decode(backend="mosaic")
     np.testing.assert_array_equal(np.asarray(out), np.asarray(out2))     # deterministic: no races
-    if cache == "fp8":
-        _check_fp8(out, lse, q, fp8, table, seq)                          # includes the XLA FP8 path
-    else:
-        _check(out, lse, q, kv, table, seq)
+    check(out, lse)
+    if cache != "fp8":                                                   # _check_fp8 compared with XLA already
         assert rel_err(out, decode(backend="xla")[0]) < 1e-2
 
 
