@@ -24,7 +24,7 @@ from common import emit, parser  # noqa: E402
 from seekax.runtime.eplb_runtime import rebalance  # noqa: E402
 from seekax.schedules.eplb import policy, rebalance_experts, rebalance_experts_tuple  # noqa: E402
 
-REFERENCE = Path("/work/shared/reference/eplb_cases.jsonl")
+REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "data" / "eplb_cases.jsonl"  # see tests/data/README.md
 ORIGINAL_SECONDS = {"hierarchical": (0.34, 0.49), "global": (1.66, 1.66)}  # published, 61 x 256, 2 cores
 
 # (replicas, groups, nodes, gpus): DeepSeek-V3 has 256 routed experts in 8 groups.

@@ -176,7 +176,7 @@ class Schedule:
 
     # --- trace format --------------------------------------------------------------------------------------
     def to_trace(self) -> dict[str, Any]:
-        """The JSON object of ../shared/reference/dualpipe/ (a WAIT closes each run of point-to-point ops)."""
+        """The JSON object of the original DualPipe traces (tests/data/dualpipe/; a WAIT closes each run of P2P ops)."""
         ranks = []
         for r, ops in enumerate(self.ranks):
             trace: list[dict[str, Any]] = []

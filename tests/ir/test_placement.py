@@ -1,13 +1,14 @@
 """ExpertPlacement: validation on construction, helpers, JSON round trip."""
 
 import json
+import pathlib
 
 import numpy as np
 import pytest
 
 from seekax.ir.placement import ExpertPlacement
 
-CASES = "/work/shared/reference/eplb_cases.jsonl"
+CASES = pathlib.Path(__file__).resolve().parents[1] / "data" / "eplb_cases.jsonl"
 
 
 def _reference_cases():

@@ -1,6 +1,7 @@
 """`seekax eplb`: text and JSON output, file formats, clear failures."""
 
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import pytest
 from seekax.ir.placement import ExpertPlacement
 from seekax.runtime.cli import main
 
-with open("/work/shared/reference/eplb_cases.jsonl") as _f:
+with open(pathlib.Path(__file__).resolve().parents[1] / "data" / "eplb_cases.jsonl") as _f:
     README_CASE = json.loads(_f.readline())
 
 

@@ -10,16 +10,11 @@ from seekax.schedules.dualpipe import dualpipe
 from seekax.schedules.dualpipev import dualpipev
 from seekax.schedules.passes import add_p2p
 
-REF = pathlib.Path("/work/shared/reference/dualpipe")
-if not REF.exists():
-    REF = pathlib.Path(__file__).resolve().parents[3] / "shared" / "reference" / "dualpipe"
+REF = pathlib.Path(__file__).resolve().parents[1] / "data" / "dualpipe"  # see tests/data/README.md
 
 
 def _reference(name):
-    path = REF / f"{name}.json"
-    if not path.exists():
-        pytest.skip(f"reference trace {path} not present")
-    return Schedule.from_trace(path.read_text())
+    return Schedule.from_trace((REF / f"{name}.json").read_text())
 
 
 @pytest.mark.parametrize("name, gen", [("dualpipe_pp4_mb8", dualpipe), ("dualpipev_pp4_mb8", dualpipev)])

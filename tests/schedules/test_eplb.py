@@ -1,6 +1,7 @@
 """rebalance_experts: exact on the original's reference cases, invariants on random inputs, clear errors."""
 
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from seekax.ir.placement import ExpertPlacement
 from seekax.schedules.eplb import (balanced_packing, policy, rebalance_experts, rebalance_experts_tuple,
                                    replicate_experts)
 
-with open("/work/shared/reference/eplb_cases.jsonl") as _f:
+with open(pathlib.Path(__file__).resolve().parents[1] / "data" / "eplb_cases.jsonl") as _f:
     CASES = [json.loads(line) for line in _f]
 
 
