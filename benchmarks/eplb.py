@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, parser  # noqa: E402
 
-from seekax.runtime.eplb_runtime import rebalance  # noqa: E402
+from seekax.layers.eplb import rebalance  # noqa: E402
 from seekax.schedules.eplb import policy, rebalance_experts, rebalance_experts_tuple  # noqa: E402
 
 REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "data" / "eplb_cases.jsonl"  # see tests/data/README.md

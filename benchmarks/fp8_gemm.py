@@ -22,7 +22,7 @@ from common import cold_l2_time, emit, parser, rel_err, save_partial  # noqa: E4
 
 from seekax.ir.device import H200, is_hopper  # noqa: E402
 from seekax.ir.gemm import GemmSpec, GroupedGemmSpec  # noqa: E402
-from seekax.runtime import fp8  # noqa: E402
+from seekax.ops import fp8  # noqa: E402
 
 NK = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
 DENSE = [(m, n, k) for m in (4096, 64, 128) for n, k in NK]   # large M first: ordered for a timed GPU run

@@ -18,13 +18,14 @@ from common import device_time, emit, parser, rel_err  # noqa: E402
 
 from seekax.ir import H200, GemmSpec  # noqa: E402
 from seekax.ir.device import is_hopper  # noqa: E402
-from seekax.runtime.matmul import matmul_nt  # noqa: E402
+from seekax.ops.matmul import matmul_nt  # noqa: E402
 
 
 def main() -> None:
     args = parser(__doc__).parse_args()
     gpu = is_hopper()
-    shapes = [(256, 256, 256)] if args.quick or not gpu else [(4096, 4096, 4096), (8192, 8192, 8192), (4096, 7168, 2048)]
+    big = [(4096, 4096, 4096), (8192, 8192, 8192), (4096, 7168, 2048)]
+    shapes = [(256, 256, 256)] if args.quick or not gpu else big
     rows = []
     for m, n, k in shapes:
         spec = GemmSpec(m=m, n=n, k=k)

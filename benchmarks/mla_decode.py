@@ -30,7 +30,7 @@ from seekax.ir import H200, MlaDecodeSpec  # noqa: E402
 from seekax.ir.device import is_hopper  # noqa: E402
 from seekax.lowering.backend import num_sms_for  # noqa: E402
 from seekax.lowering.reference.mla_decode import quantize_fp8_latent  # noqa: E402
-from seekax.runtime.mla import (mla_decode, mla_decode_fp8, mla_decode_sparse, mla_decode_sparse_fp8,  # noqa: E402
+from seekax.ops.mla import (mla_decode, mla_decode_fp8, mla_decode_sparse, mla_decode_sparse_fp8,  # noqa: E402
                                 mla_metadata)
 
 
@@ -122,7 +122,7 @@ def main() -> None:
     if args.quick or not gpu:
         shapes = [(4, 256, 16, 1), (4, 256, 16, 2)]
     else:
-        # FlashMLA's grid, the two regimes first (a time limit keeps what finished): memory-bound
+        # FlashMLA's grid, the two target regimes first (a time limit keeps what finished): memory-bound
         # (16 heads, s_q 1) and compute-bound (128 heads, s_q 2), then the rest.
         first = [(128, 4096, 16, 1), (128, 4096, 128, 2), (128, 8192, 128, 1), (128, 8192, 16, 2)]
         shapes = first + [(128, sk, h, s_q) for sk in (4096, 8192) for h in (16, 32, 64, 128) for s_q in (1, 2)

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, parser  # noqa: E402
 
 from seekax.lowering.pipeline import plan_pipeline  # noqa: E402
-from seekax.runtime.pipeline_step import make_pipeline_train_step  # noqa: E402
+from seekax.layers.pipeline import make_pipeline_train_step  # noqa: E402
 from seekax.schedules.passes import split_all_backward  # noqa: E402
 from seekax.schedules.registry import make_schedule  # noqa: E402
 

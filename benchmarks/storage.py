@@ -3,7 +3,7 @@
 Baselines are plain os calls on the same files: sequential read in 8 MiB preadv calls, random preads of the
 record size, write + fsync. "Cold" runs drop the files from the page cache first (fsync, then posix_fadvise
 DONTNEED). Figure and baseline runs alternate three times; the ratio reported is the median of the per-pair
-ratios, which keeps a shared machine's load drifts out of it. Figures and targets (issue 8):
+ratios, which keeps a shared machine's load drifts out of it. Figures and targets:
   block-shuffle loading (Loader defaults, 8 KiB token rows,  >= 0.8 x sequential read of the same shards
     cold, 4x the data set; timed from the first batch)
   random 64 KiB records (SampleStore.read, batches of 16)     >= 0.7 x raw random 64 KiB preads

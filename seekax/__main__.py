@@ -1,6 +1,6 @@
 """`python -m seekax ...` is the `seekax` command."""
 
-from seekax.runtime.cli import main
+from seekax.cli.main import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

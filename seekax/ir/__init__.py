@@ -1,5 +1,5 @@
-"""What to compute: kernel specs, tile configs, device ceilings (and, from their issues, the schedule IR
-and expert placement). Depends on nothing else in seekax."""
+"""What to compute: kernel specs, tile configs, device ceilings, the schedule IR and expert placement.
+Depends on nothing else in seekax."""
 
 from seekax.ir.config_cache import ConfigCache as ConfigCache
 from seekax.ir.device import DEVICES as DEVICES
@@ -21,3 +21,8 @@ from seekax.ir.schedule import UNIT_COSTS as UNIT_COSTS
 from seekax.ir.schedule import Op as Op
 from seekax.ir.schedule import Schedule as Schedule
 from seekax.ir.schedule import SimResult as SimResult
+
+__all__ = ["ConfigCache", "DEVICES", "DeviceSpec", "DispatchSpec", "ExpertPlacement", "Fp8TileConfig", "GemmSpec",
+           "GemmTileConfig", "GroupedGemmSpec", "H100", "H200", "MlaDecodeSpec", "Op", "Schedule",
+           "SharedMemoryBudgetExceeded", "SimResult", "UNIT_COSTS", "choose_fp8_config", "choose_gemm_config",
+           "get_device"]

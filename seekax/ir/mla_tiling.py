@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 
 from seekax.ir.tiling import SMEM_LIMIT_BYTES, SharedMemoryBudgetExceeded
 from seekax.ir.validate import check_int, fail

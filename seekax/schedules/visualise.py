@@ -68,7 +68,7 @@ def to_svg(schedule: Schedule, costs: Mapping[str, float] | None = None, *, titl
                       f"{sim.makespan:g}, bubble per rank {max(sim.bubble):g}")
     o = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
          f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="Helvetica, Arial, sans-serif" font-size="11">',
-         f'<rect width="100%" height="100%" fill="#ffffff"/>',
+         '<rect width="100%" height="100%" fill="#ffffff"/>',
          f'<text x="{left}" y="20" font-size="14" font-weight="bold">{html.escape(title)}</text>']
     for r in range(n):
         y = top + r * lane

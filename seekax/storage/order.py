@@ -67,7 +67,7 @@ class BatchPlan:
         epochs = self.num_epochs if self.num_epochs is not None else (1 << 40) // self.batches_per_epoch
         return epochs * self.batches_per_epoch
 
-    @functools.lru_cache(maxsize=2)
+    @functools.lru_cache(maxsize=2)  # noqa: B019 - two epochs' orders, bounded; the sampler lives for the run
     def _order(self, epoch: int) -> np.ndarray:
         return epoch_order(self.num_records, seed=self.seed, epoch=epoch, mode=self.mode,
                            block_records=self.block_records)

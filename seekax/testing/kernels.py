@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 from typing import Any, Callable, Iterator
 
-import jax
 
 
 def seed_from(name: str) -> int:

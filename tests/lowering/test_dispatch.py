@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from seekax.lowering import dispatch as ep
+from seekax.ops import ep as ep
 from seekax.lowering.reference import dispatch as ref
 from seekax.testing.compare import calc_diff
 

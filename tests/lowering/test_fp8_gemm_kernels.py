@@ -19,7 +19,7 @@ import pytest
 from seekax.ir.fp8_tiling import Fp8TileConfig
 from seekax.ir.tiling import SharedMemoryBudgetExceeded, WgSplit
 from seekax.lowering.reference.fp8_gemm import np_dequantize, np_gemm_nt, np_grouped_contiguous
-from seekax.runtime import fp8
+from seekax.ops import fp8
 from seekax.testing.compare import assert_close, calc_diff
 from seekax.testing.kernels import interpret_mode
 

@@ -15,7 +15,7 @@ import pytest
 from seekax.ir.fp8_tiling import choose_fp8_config
 from seekax.ir.gemm import GemmSpec
 from seekax.lowering.inspect import lower_for_hopper
-from seekax.runtime import fp8
+from seekax.ops import fp8
 from seekax.testing.compare import calc_diff
 
 S, F8, F32 = jax.ShapeDtypeStruct, jnp.float8_e4m3fn, jnp.float32

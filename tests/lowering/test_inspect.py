@@ -3,7 +3,7 @@
 import pytest
 
 from seekax.lowering.inspect import kernel_report
-from seekax.runtime.cli import main
+from seekax.cli.main import main
 
 
 def test_emit_mosaic_shows_wgmma(capsys):

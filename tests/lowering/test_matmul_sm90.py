@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from seekax.ir.tiling import GemmTileConfig, SharedMemoryBudgetExceeded
-from seekax.runtime.matmul import matmul_nt
+from seekax.ops.matmul import matmul_nt
 from seekax.testing import assert_close, cross_lower, interpret_mode, rel_err
 
 SMALL = [

@@ -2,8 +2,6 @@
 detector on) against the float64 oracle, Hopper cross-lowering at FlashMLA's benchmark shapes, on-GPU checks."""
 
 import functools
-import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,11 +11,10 @@ import pytest
 from seekax.ir.mla_tiling import MlaTileConfig
 from seekax.ir.tiling import SharedMemoryBudgetExceeded
 from seekax.lowering.reference.mla_decode import dequantize_fp8_latent, quantize_fp8_latent
-from seekax.runtime.mla import mla_decode, mla_decode_fp8, mla_decode_sparse, mla_decode_sparse_fp8, mla_metadata
+from seekax.ops.mla import mla_decode, mla_decode_fp8, mla_decode_sparse, mla_decode_sparse_fp8, mla_metadata
 from seekax.testing import assert_close, cross_lower, interpret_mode, rel_err
 
-sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "runtime"))
-from test_mla_cases import make_case, numpy_mla, numpy_sparse_mla  # noqa: E402
+from seekax.testing.mla_cases import make_case, numpy_mla, numpy_sparse_mla  # noqa: E402
 
 
 def _check(out, lse, q, kv, table, seq, causal=True):

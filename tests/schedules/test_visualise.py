@@ -4,7 +4,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from seekax.runtime.cli import main
+from seekax.cli.main import main
 from seekax.schedules.dualpipe import dualpipe
 from seekax.schedules.visualise import default_costs, to_html, to_png, to_svg, to_text
 

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from seekax.runtime.cli import main
+from seekax.cli.main import main
 from seekax.storage.sample_store import SampleStore
 from seekax.storage.tokens import EOS
 

@@ -201,7 +201,7 @@ def test_match_prefixes_corrupt_page_cuts_only_its_request(tmp_path, rng):
 def test_log_compaction(tmp_path, rng):
     path = tmp_path / "kv"
     with _open(path, cap=2) as kv:
-        for i in range(60):
+        for _ in range(60):
             kv.put_pages(rng.integers(0, 1000, size=PT), _pages(rng, 1))
         last_tokens, last = rng.integers(0, 1000, size=PT), _pages(rng, 1)
         kv.put_pages(last_tokens, last)

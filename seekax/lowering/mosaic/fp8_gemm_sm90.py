@@ -2,7 +2,7 @@
 
 out[M, N] = sum_kb (A[:, kb] @ B[:, kb]^T) * a_scale[:, kb] * b_scale[n // 128, kb], kb over 128-wide K blocks.
 
-Structure (the lead's `matmul_sm90.py` template plus scale promotion):
+Structure (`matmul_sm90.py`'s warp-specialised pipeline plus scale promotion):
 - persistent grid: one CTA per SM walks output tiles in a planar snake;
 - warp-specialised TMA pipeline: one memory warpgroup streams, per 128-wide K block, the e4m3 A tile
   [cta_m, 128], the e4m3 B tile [cta_n, 128] (K-major) and the a_scale row slice [cta_m] into `stages` slots;

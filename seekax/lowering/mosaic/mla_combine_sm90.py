@@ -44,7 +44,8 @@ def _kernel(split_offsets_ref, out_p_ref, lse_p_ref, out_ref, lse_ref):
 
 
 def build(*, batch: int, rows: int, v_dim: int, out_dtype):
-    """f(split_offsets [B+1] int32, out_p [T, rows, v] f32, lse_p [T, rows] f32) -> (out [B, rows, v], lse [B, rows])."""
+    """f(split_offsets [B+1] int32, out_p [T, rows, v] f32, lse_p [T, rows] f32)
+    -> (out [B, rows, v], lse [B, rows])."""
     if rows % ROWS_PER_CTA:
         raise ValueError(f"rows={rows}: expected a multiple of {ROWS_PER_CTA}")
     if v_dim % (4 * 128):

@@ -1,7 +1,7 @@
 """MLA decode for Hopper in Pallas Mosaic GPU (FlashMLA's dense bf16 decode kernel, split-KV).
 
 Grid (row_tiles, parts): a CTA owns 64 query rows (rows = q_len x heads, flattened) and one part of the
-balanced split schedule (`runtime.mla.MlaMetadata`); it walks the batches its part touches, and for each
+balanced split schedule (`lowering.mla_split.MlaMetadata`); it walks the batches its part touches, and for each
 writes one fp32 partial (out, lse) that the combine (`mla_combine_sm90.py`, or XLA) merges. Three warpgroups:
   wg 0: loads the Q tile (TMA), S = Q K^T over 576 channels (wgmma), mask, online softmax in fp32
         (row statistics as WGMMA.reduce(1) vectors), hands P (bf16) and the row rescale to wg 1 through
@@ -227,7 +227,8 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
                     plgpu.commit_smem()
                     plgpu.barrier_arrive(p_ready.at[0])
                     t = split_row(b)
-                    out_ref.at[t, pl.ds(rt * bm, bm), pl.ds(0, vh)][...] = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
+                    inv_b = lax.broadcast_in_dim(inv, acc.shape, [0])
+                    out_ref.at[t, pl.ds(rt * bm, bm), pl.ds(0, vh)][...] = acc * inv_b
                     lse = jnp.where(l_i > 0, m_i * LN2 + jnp.log(jnp.where(l_i > 0, l_i, 1.0)), -jnp.inf)
                     lse_ref.at[t, pl.ds(rt * bm, bm)][...] = lse
 
@@ -380,19 +381,20 @@ def build(*, batch: int, rows: int, num_parts: int, max_splits: int, config: Mla
         grid_names=("rt", "part"),
         num_threads=config.num_compute_wgs + 1,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),  # row reductions stay in registers
+        # reduction_scratch_bytes=0: row reductions stay in registers
+        compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
     )
 
 
 def mla_decode(q, kv_cache, block_table, seq_lens, metadata, *, softmax_scale: float, causal: bool,
                config: MlaTileConfig, interpret: bool = False, sparse: bool = False):
-    """Validated inputs (runtime.mla.validate_mla_decode) -> out [B, q_len, H, 512] q.dtype, lse [B, H, q_len].
+    """Validated inputs (ops.mla.validate_mla_decode) -> out [B, q_len, H, 512] q.dtype, lse [B, H, q_len].
     `kv_cache`: the bf16 cache [pages, 64, 1, 576], or DeepSeek-V3.2's FP8 cache as a tuple (latent e4m3
     [pages, 64, 1, 512], scales f32 [pages, 64, 1, 4], rope bf16 [pages, 64, 1, 64]), validated by
-    runtime.mla.mla_decode_fp8; the kernel dequantises each page in shared memory. `sparse`: kv_cache is the
+    ops.mla.mla_decode_fp8; the kernel dequantises each page in shared memory. `sparse`: kv_cache is the
     flat bf16 cache [tokens, 576] or the flat FP8 cache (latent [tokens, 512], scales gathered per batch
     [B, max_tokens, 4], rope [tokens, 64]), block_table [B, max_tokens] token ids with the valid ones first
-    and seq_lens [B] their count (runtime.mla.mla_decode_sparse[_fp8] builds these, one "batch" per query)."""
+    and seq_lens [B] their count (ops.mla.mla_decode_sparse[_fp8] builds these, one "batch" per query)."""
     fp8 = isinstance(kv_cache, tuple)
     mode = ("sparse_fp8" if fp8 else "sparse") if sparse else ("fp8" if fp8 else "bf16")
     cache = kv_cache if fp8 else (kv_cache,)

@@ -3,7 +3,7 @@
 Conventions (DeepGEMM / DeepEP): e4m3 operands; a scale per block of (1, 128) for activations and
 (128, 128) for weights; scale = max(amax, 1e-4) / 448 so that x ~= x_fp8 * scale; K zero-padded to 128.
 These functions are the test oracle and the "xla" backend. No argument checks here: the public ops in
-`seekax.runtime.fp8` validate once before any backend.
+`seekax.ops.fp8` validate once before any backend.
 """
 
 from __future__ import annotations

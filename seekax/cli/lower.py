@@ -1,0 +1,115 @@
+"""`seekax lower OP ...`: print an op's IR at a named stage, or `--check` its kernel against Hopper limits.
+
+Cross-lowers for CUDA on any machine (no GPU needed), so a GPU failure can be reproduced on a laptop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from seekax.ir.tiling import GemmTileConfig, SharedMemoryBudgetExceeded
+from seekax.lowering.inspect import EMIT_STAGES, lower_for_hopper
+
+
+def _matmul(args) -> tuple[Callable[..., Any], tuple]:
+    from seekax.ops.matmul import matmul_nt
+
+    config = None
+    if any(v is not None for v in (args.block_m, args.block_n, args.block_k, args.stages)):
+        config = GemmTileConfig(block_m=args.block_m or 128, block_n=args.block_n or 128,
+                                block_k=args.block_k or 64, stages=args.stages or 4)
+    dtype = jnp.dtype(args.dtype)
+    fn = functools.partial(matmul_nt, backend="mosaic", config=config)
+    return fn, (jax.ShapeDtypeStruct((args.m, args.k), dtype), jax.ShapeDtypeStruct((args.n, args.k), dtype))
+
+
+def _fp8_gemm(args):
+    from seekax.ops.fp8 import lowering_example
+
+    return lowering_example(args.m, args.n, args.k)
+
+
+def _fp8_cache(pages: int) -> tuple:
+    """DeepSeek-V3.2's FP8 cache as shapes: latent e4m3, a scale per token and 128 channels, bf16 rope."""
+    return (jax.ShapeDtypeStruct((pages, 64, 1, 512), jnp.float8_e4m3fn),
+            jax.ShapeDtypeStruct((pages, 64, 1, 4), jnp.float32),
+            jax.ShapeDtypeStruct((pages, 64, 1, 64), jnp.bfloat16))
+
+
+def _mla(args, *, fp8: bool, sparse: bool):
+    """MLA decode at FlashMLA's shapes: --batch, --seq-len (context tokens), --heads, --q-len; 64-token pages.
+    Sparse: --topk token ids per query token out of the --batch x --seq-len cached tokens."""
+    from seekax.ops import mla
+
+    pages = args.batch * -(-args.seq_len // 64)
+    q = jax.ShapeDtypeStruct((args.batch, args.q_len, args.heads, 576), jnp.bfloat16)
+    cache = _fp8_cache(pages) if fp8 else (jax.ShapeDtypeStruct((pages, 64, 1, 576), jnp.bfloat16),)
+    if sparse:
+        rest = (jax.ShapeDtypeStruct((args.batch, args.q_len, args.topk), jnp.int32),)
+    else:
+        rest = (jax.ShapeDtypeStruct((args.batch, -(-args.seq_len // 64)), jnp.int32),     # block table
+                jax.ShapeDtypeStruct((args.batch,), jnp.int32))                          # lengths
+    fn = getattr(mla, "mla_decode" + ("_sparse" if sparse else "") + ("_fp8" if fp8 else ""))
+    return functools.partial(fn, backend="mosaic"), (q, *cache, *rest)
+
+
+OPS: dict[str, Callable[[argparse.Namespace], tuple[Callable[..., Any], tuple]]] = {
+    "matmul": _matmul,
+    "fp8_gemm": _fp8_gemm,
+    "mla_decode": functools.partial(_mla, fp8=False, sparse=False),
+    "mla_decode_fp8": functools.partial(_mla, fp8=True, sparse=False),
+    "mla_decode_sparse": functools.partial(_mla, fp8=False, sparse=True),
+    "mla_decode_sparse_fp8": functools.partial(_mla, fp8=True, sparse=True),
+}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("lower", help="print an op's IR (jaxpr, StableHLO, Mosaic GPU MLIR) or check it for Hopper",
+                       description=__doc__)
+    p.add_argument("op", choices=sorted(OPS))
+    p.add_argument("--m", type=int, default=1024)
+    p.add_argument("--n", type=int, default=1024)
+    p.add_argument("--k", type=int, default=1024)
+    p.add_argument("--dtype", default="bfloat16", help="operand dtype (matmul: bfloat16 or float16)")
+    p.add_argument("--batch", type=int, default=128, help="mla_decode*: sequences")
+    p.add_argument("--seq-len", type=int, default=4096, help="mla_decode*: context tokens per sequence")
+    p.add_argument("--heads", type=int, default=128, help="mla_decode*: query heads")
+    p.add_argument("--q-len", type=int, default=1, help="mla_decode*: query tokens per sequence (MTP: 2)")
+    p.add_argument("--topk", type=int, default=2048, help="mla_decode_sparse: token ids per query token")
+    p.add_argument("--emit", choices=EMIT_STAGES, default="report", help="which stage to print")
+    p.add_argument("--check", action="store_true",
+                   help="report shared memory (limit 227 KiB) and wgmma use; "
+                        "exit 1 if a kernel overflows or lacks wgmma")
+    for name in ("block-m", "block-n", "block-k", "stages"):
+        p.add_argument(f"--{name}", type=int, default=None, help="tile config override (matmul)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    try:
+        fn, avals = OPS[args.op](args)
+        lowered = lower_for_hopper(fn, *avals)
+        text = lowered.emit("report" if args.check else args.emit)
+    except SharedMemoryBudgetExceeded as e:
+        print(f"seekax lower {args.op}: FAIL shared memory: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"seekax lower {args.op}: FAIL {e}", file=sys.stderr)
+        return 1
+    print(text)
+    if args.check:
+        reports = lowered.reports
+        bad = [i for i, r in enumerate(reports) if not r.fits_smem]
+        if not reports or bad or not any(r.has_wgmma for r in reports):
+            print(f"seekax lower {args.op}: FAIL kernels {bad or 'none found'} overflow shared memory, or no kernel "
+                  "uses wgmma", file=sys.stderr)
+            return 1
+        print(f"seekax lower {args.op}: OK ({len(reports)} kernel(s) fit 227 KiB; wgmma in "
+              f"{sum(r.has_wgmma for r in reports)})")
+    return 0

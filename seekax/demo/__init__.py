@@ -1,0 +1,1 @@
+"""`seekax demo`: a tiny DeepSeek-V3 trained and served with every seekax part (`main.main`)."""

@@ -1,0 +1,49 @@
+"""`matmul_nt`: the bf16/f16 Hopper matmul (Mosaic GPU) behind one validated call, with an XLA fallback."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from seekax.ir.gemm import GemmSpec
+from seekax.ir.tiling import GemmTileConfig, choose_gemm_config
+from seekax.ir.validate import fail
+from seekax.lowering.backend import num_sms_for, resolve_backend, run_kernel
+
+
+def validate_matmul_nt(a, b, out_dtype) -> GemmSpec:
+    """The one validation point for every backend: ranks, K-major B, matching K and dtypes."""
+    if getattr(a, "ndim", None) != 2:
+        raise fail("a.shape", getattr(a, "shape", None), "[M, K]")
+    if getattr(b, "ndim", None) != 2:
+        raise fail("b.shape", getattr(b, "shape", None), "[N, K] (K-major)")
+    if a.shape[1] != b.shape[1]:
+        raise fail("b.shape", tuple(b.shape), f"[N, K] with K={a.shape[1]} matching a.shape={tuple(a.shape)}")
+    out = a.dtype if out_dtype is None else out_dtype
+    return GemmSpec(m=a.shape[0], n=b.shape[0], k=a.shape[1], a_dtype=np.dtype(a.dtype).name,
+                    b_dtype=np.dtype(b.dtype).name, out_dtype=np.dtype(out).name)
+
+
+def matmul_nt(a: jax.Array, b: jax.Array, *, out_dtype=None, config: GemmTileConfig | None = None,
+              backend: str = "auto", num_sms: int | None = None) -> jax.Array:
+    """out[M, N] = a[M, K] @ b[N, K]^T with fp32 accumulation.
+
+    backend: "mosaic" (Hopper), "interpret" (the same kernel on the CPU interpreter), "xla" (reference),
+    "auto" (mosaic on sm_90, xla elsewhere). config: explicit tile config, else the heuristic's.
+    """
+    spec = validate_matmul_nt(a, b, out_dtype)
+    backend = resolve_backend(backend)
+    out_dtype = jnp.dtype(spec.out_dtype)
+    if backend == "xla":
+        from seekax.lowering.reference.matmul import matmul_nt as ref
+
+        return ref(a, b, out_dtype=out_dtype)
+    if spec.a_dtype not in ("bfloat16", "float16"):
+        raise NotImplementedError(f"a.dtype={spec.a_dtype}: the Mosaic matmul takes bfloat16/float16 "
+                                  "(FP8: seekax.ops.fp8)")
+    from seekax.lowering.mosaic import matmul_sm90
+
+    config = config or choose_gemm_config(spec.m, spec.n, spec.k, spec.a_dtype, spec.out_dtype)
+    kernel = matmul_sm90.build(spec.m, spec.n, spec.k, a.dtype, out_dtype, config, num_sms or num_sms_for(backend))
+    return run_kernel(kernel, a, b, backend=backend)
