@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from seekax.ir.fp8 import FP8_DTYPE, SCALE_BLOCK
 from seekax.ir.spec import KernelSpec
 from seekax.ir.validate import canonical_dtype, check_int, fail
 
@@ -35,7 +36,7 @@ class DispatchSpec(KernelSpec):
             raise fail("top_k", self.top_k, f"<= num_experts={self.num_experts}")
         if self.num_experts % self.ep_size:
             raise fail("num_experts", self.num_experts, f"a multiple of ep_size={self.ep_size}")
-        set_("dtype", canonical_dtype("dtype", self.dtype, ("bfloat16", "float16", "float32", "float8_e4m3fn")))
+        set_("dtype", canonical_dtype("dtype", self.dtype, ("bfloat16", "float16", "float32", FP8_DTYPE)))
         if self.capacity is not None:
             set_("capacity", check_int("capacity", self.capacity))
 
@@ -52,7 +53,7 @@ class DispatchSpec(KernelSpec):
 
     def payload_bytes_per_token(self) -> int:
         item = np.dtype(self.dtype).itemsize
-        scales = 4 * ((self.hidden + 127) // 128) if item == 1 else 0
+        scales = 4 * -(-self.hidden // SCALE_BLOCK) if item == 1 else 0
         return self.hidden * item + scales
 
     def min_bytes(self) -> float:

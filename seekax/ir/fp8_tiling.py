@@ -12,11 +12,11 @@ import dataclasses
 import math
 from typing import Any
 
+from seekax.ir.fp8 import SCALE_BLOCK
 from seekax.ir.tiling import SMEM_LIMIT_BYTES, SharedMemoryBudgetExceeded, WgSplit
 from seekax.ir.validate import check_int, fail
 
-FP8_BLOCK_K = 128   # one scale block per pipeline step; also one 128-byte swizzle row of e4m3
-SCALE_BLOCK = 128
+FP8_BLOCK_K = SCALE_BLOCK   # one scale block per pipeline step; also one 128-byte swizzle row of e4m3
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

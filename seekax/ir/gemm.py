@@ -8,13 +8,13 @@ from typing import ClassVar
 
 import numpy as np
 
+from seekax.ir.fp8 import ACT_BLOCK, SCALE_BLOCK, WEIGHT_BLOCK
 from seekax.ir.spec import KernelSpec
 from seekax.ir.validate import canonical_dtype, check_choice, check_int, fail
 
 FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
 IN_DTYPES = ("bfloat16", "float16") + FP8_DTYPES
 OUT_DTYPES = ("bfloat16", "float16", "float32")
-SCALE_BLOCK = 128  # DeepGEMM's quantisation granularity along K (and N for weights)
 
 
 def _itemsize(dtype: str) -> int:
@@ -27,10 +27,10 @@ def _check_scale(name: str, value, is_fp8: bool) -> tuple[int, int] | None:
             raise fail(name, value, "None for non-FP8 operands")
         return None
     if value is None:
-        raise fail(name, value, "a (rows, cols) block shape for FP8 operands, e.g. (1, 128) or (128, 128)")
+        raise fail(name, value, f"a (rows, cols) block shape for FP8 operands, e.g. {ACT_BLOCK} or {WEIGHT_BLOCK}")
     value = tuple(value)
-    if value not in ((1, 128), (128, 128)):
-        raise fail(name, value, "(1, 128) or (128, 128)")
+    if value not in (ACT_BLOCK, WEIGHT_BLOCK):
+        raise fail(name, value, f"{ACT_BLOCK} or {WEIGHT_BLOCK}")
     return value
 
 

@@ -7,10 +7,11 @@ from typing import ClassVar
 
 import numpy as np
 
+from seekax.ir.fp8 import FP8_DTYPE, SCALE_BLOCK
 from seekax.ir.spec import KernelSpec
 from seekax.ir.validate import canonical_dtype, check_int, fail
 
-KV_DTYPES = ("bfloat16", "float16", "float32", "float8_e4m3fn")  # float32: the XLA path (tests, tiny models)
+KV_DTYPES = ("bfloat16", "float16", "float32", FP8_DTYPE)  # float32: the XLA path (tests, tiny models)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -61,8 +62,8 @@ class MlaDecodeSpec(KernelSpec):
     def kv_bytes_per_token(self) -> int:
         """Bytes of cache per token and KV head. float8_e4m3fn is DeepSeek-V3.2's layout: the v_dim latent
         in e4m3, one float32 scale per 128 of its channels, the rope channels kept in bf16 (656 B at 576/512)."""
-        if self.kv_dtype == "float8_e4m3fn":
-            return self.v_dim + 4 * -(-self.v_dim // 128) + 2 * (self.qk_dim - self.v_dim)
+        if self.kv_dtype == FP8_DTYPE:
+            return self.v_dim + 4 * -(-self.v_dim // SCALE_BLOCK) + 2 * (self.qk_dim - self.v_dim)
         return self.qk_dim * np.dtype(self.kv_dtype).itemsize
 
     def min_bytes(self) -> float:

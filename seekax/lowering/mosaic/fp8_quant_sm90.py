@@ -15,10 +15,10 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
 
+from seekax.ir.fp8 import AMAX_FLOOR, FP8_MAX
+from seekax.ir.fp8 import SCALE_BLOCK as BLOCK_K   # the quantisation group
+
 BLOCK_M = 64       # rows per CTA: one warpgroup's WGMMA-layout tile
-BLOCK_K = 128      # the quantisation group
-FP8_MAX = 448.0
-AMAX_FLOOR = 1e-4
 
 
 def _kernel(x_gmem, q_gmem, s_gmem, x_smem, q_smem, s_smem, barrier):

@@ -1,9 +1,10 @@
 """Plain-jnp oracles for DeepGEMM's FP8 GEMMs: block quantisation and float32-accumulating NT GEMMs.
 
-Conventions (DeepGEMM / DeepEP): e4m3 operands; a scale per block of (1, 128) for activations and
-(128, 128) for weights; scale = max(amax, 1e-4) / 448 so that x ~= x_fp8 * scale; K zero-padded to 128.
-These functions are the test oracle and the "xla" backend. No argument checks here: the public ops in
-`seekax.ops.fp8` validate once before any backend.
+Conventions (DeepGEMM / DeepEP, `seekax.ir.fp8`): e4m3 operands; a scale per block of (1, 128) for activations
+and (128, 128) for weights; scale = max(amax, 1e-4) / 448 so that x ~= x_fp8 * scale (an all-zero block gets
+scale 1e-4 / 448 and zeros); K zero-padded to 128. `quantize_fp8` is the one quantiser: DeepEP's FP8 payload
+and the FP8 MLA cache use it too. These functions are the test oracle and the "xla" backend. No argument checks
+here: the public ops in `seekax.ops.fp8` validate once before any backend.
 """
 
 from __future__ import annotations
@@ -12,10 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-FP8_DTYPE = jnp.float8_e4m3fn
-FP8_MAX = 448.0          # largest finite e4m3fn value
-AMAX_FLOOR = 1e-4        # DeepGEMM's clamp: an all-zero block still gets a usable scale
-SCALE_BLOCK = 128        # quantisation granularity along K
+from seekax.ir.fp8 import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, SCALE_BLOCK
+
 _HI = lax.Precision.HIGHEST
 
 
