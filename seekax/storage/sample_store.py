@@ -1,270 +1,88 @@
-"""Sample store: record shards (data file + uint64 offsets index) published by a manifest written last.
-
-Layout of a store directory:
-  shard-00000.data   records back to back
-  shard-00000.index  uint64 little-endian offsets, records + 1 entries (offsets[i]..offsets[i+1] is record i)
-  manifest.json      kind, dtype, seq_len, and per shard: records, data_bytes, CRC-32 of data and index
+"""Sample store reader: record shards published by a manifest (format in `sample_format.py`), read in batches.
 
 Two kinds: "tokens" (fixed-size records of `seq_len` elements of `dtype`, e.g. packed int32 token sequences;
 batches come back as one [batch, seq_len] array read with scatter `os.preadv` straight into it) and "bytes"
 (variable-size records, batches come back as a list of bytes). A store without a manifest is incomplete and
 never opens; a manifest whose shard sizes disagree with the files names the torn shard.
+
+Every read checks what it returns against the per-record checksum table (`verify_reads=True`, the default): a
+record, or a whole group of records inside one contiguous read. A mismatch raises `CorruptStoreError` naming
+the shard and record; wrong values never come back. `verify_reads=False` skips the checks for callers that
+check elsewhere. A store is also a grain `RandomAccessDataSource` (`len(store)`, `store[i]`, batched
+`_getitems`), picklable for grain's worker processes (each reopens the files).
+
+Thread-safe for reads (grain's threads share one store): `preadv` has no file position, and the per-shard
+tables load once under a lock.
 """
 
 from __future__ import annotations
 
+import operator
 import os
-import re
-from dataclasses import asdict, dataclass
+import threading
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
-from seekax.ir.validate import canonical_dtype, check_choice, check_int, fail
-from seekax.storage.atomic import (TMP_MARK, StorageFullError, atomic_write_json, close_quietly, crc32, ensure_dir,
-                                   file_crc32, fsync_dir, full_error, is_full_error, read_json, remove_tmp_files,
-                                   tmp_name)
+from seekax.ir.validate import check_int, fail
+from seekax.storage.atomic import TMP_MARK, crc32, file_crc32, read_json
+from seekax.storage.sample_format import (FORMAT, MANIFEST, READABLE_VERSIONS, SHARD_RE, CorruptStoreError,
+                                          IncompleteStoreError, ShardInfo, table_entries)
+from seekax.storage.sample_writer import SampleStoreWriter, write_token_store
 
-FORMAT = "seekax.sample_store"
-VERSION = 1
-MANIFEST = "manifest.json"
-KINDS = ("tokens", "bytes")
-DTYPES = ("int32", "uint32", "int16", "uint16", "uint8", "int8", "int64", "float32", "bfloat16", "float16")
+__all__ = ["MANIFEST", "CorruptStoreError", "IncompleteStoreError", "SampleStore", "SampleStoreWriter",
+           "write_token_store"]
+
 IOV_MAX = 1024  # Linux limit on buffers per preadv call
-_SHARD_RE = re.compile(r"^shard-(\d{5})\.(data|index)$")
-
-
-class IncompleteStoreError(ValueError):
-    """The directory holds no manifest: a writer did not finish (or it is not a store)."""
-
-
-class CorruptStoreError(ValueError):
-    """A published shard does not match its manifest entry (torn file, flipped byte)."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class ShardInfo:
-    name: str
-    records: int
-    data_bytes: int
-    data_crc32: int
-    index_crc32: int
-
-
-def shard_name(i: int) -> str:
-    return f"shard-{i:05d}"
-
-
-class SampleStoreWriter:
-    """Writes a store atomically: shards are sealed (fsync + rename) as they fill, the manifest comes last.
-
-    Use as a context manager; an exception inside aborts (temp files removed, no manifest written).
-    `write(records)`: tokens kind: an array [n, seq_len] (or [seq_len]) of exactly `dtype`;
-    bytes kind: one bytes-like record. `write_many(iterable)` for many bytes records.
-    """
-
-    def __init__(self, path: str | os.PathLike, *, kind: str = "tokens", seq_len: int | None = None,
-                 dtype: str = "int32", shard_bytes: int = 256 << 20, overwrite: bool = False,
-                 metadata: dict | None = None):
-        self.kind = check_choice("kind", kind, KINDS)
-        if kind == "tokens":
-            self.seq_len = check_int("seq_len", seq_len, min_value=1)
-            self.dtype = canonical_dtype("dtype", dtype, DTYPES)
-            self.record_bytes = self.seq_len * np.dtype(self.dtype).itemsize
-        else:
-            if seq_len is not None:
-                raise fail("seq_len", seq_len, "None for kind='bytes' (records have any size)")
-            self.seq_len, self.dtype, self.record_bytes = None, "uint8", None
-        self.shard_bytes = check_int("shard_bytes", shard_bytes, min_value=1)
-        self.metadata = dict(metadata or {})
-        self.path = ensure_dir("path", path)
-        manifest = self.path / MANIFEST
-        if manifest.exists():
-            if not overwrite:
-                raise fail("path", str(self.path), "a directory without a published store (pass overwrite=True)")
-            manifest.unlink()  # unpublish first: from here on readers see an incomplete store
-            fsync_dir(self.path)
-        for p in self.path.iterdir():
-            if _SHARD_RE.match(p.name) or TMP_MARK in p.name:
-                p.unlink()
-        self._shards: list[ShardInfo] = []
-        self._open = None  # (data file, data tmp path, offsets list, running crc)
-        self._closed = False
-
-    # -- writing -------------------------------------------------------------------------------------------
-    def write(self, records) -> None:
-        if self.kind == "tokens":
-            arr = np.asarray(records)
-            if arr.ndim == 1:
-                arr = arr[None]
-            if arr.ndim != 2 or arr.shape[1] != self.seq_len:
-                raise fail("records.shape", tuple(arr.shape), f"(n, {self.seq_len}) for seq_len={self.seq_len}")
-            if np.dtype(arr.dtype).name != self.dtype:
-                raise fail("records.dtype", np.dtype(arr.dtype).name, f"{self.dtype} (the store's dtype)")
-            arr = np.ascontiguousarray(arr)
-            per_shard = max(1, self.shard_bytes // self.record_bytes)
-            start = 0
-            while start < len(arr):
-                self._ensure_open()
-                room = per_shard - (len(self._open[2]) - 1)
-                chunk = arr[start:start + room]
-                self._append(memoryview(chunk.reshape(-1).view(np.uint8)), [self.record_bytes] * len(chunk))
-                start += len(chunk)
-                if len(self._open[2]) - 1 >= per_shard:
-                    self._seal()
-        else:
-            if not isinstance(records, (bytes, bytearray, memoryview)):
-                raise fail("record", type(records).__name__, "a bytes-like record for kind='bytes'")
-            self._ensure_open()
-            self._append(memoryview(records).cast("B"), [memoryview(records).nbytes])
-            if self._open[2][-1] >= self.shard_bytes:
-                self._seal()
-
-    def write_many(self, records: Iterable) -> None:
-        for r in records:
-            self.write(r)
-
-    def _ensure_open(self) -> None:
-        if self._closed:
-            raise fail("writer", "closed", "an open writer")
-        if self._open is None:
-            final = self.path / f"{shard_name(len(self._shards))}.data"
-            tmp = tmp_name(final)
-            self._open = [open(tmp, "wb", buffering=1 << 20), tmp, [0], 0]
-
-    def _append(self, data: memoryview, sizes: Sequence[int]) -> None:
-        f, tmp, offsets, running = self._open
-        try:
-            f.write(data)
-        except OSError as e:
-            self._fail(e, tmp)
-        self._open[3] = crc32(data, running)
-        last = offsets[-1]
-        for s in sizes:
-            last += s
-            offsets.append(last)
-
-    def _seal(self) -> None:
-        """fsync the open shard's data, write its index, rename both into place (data first, index second)."""
-        f, tmp, offsets, data_crc = self._open
-        name = shard_name(len(self._shards))
-        index = np.asarray(offsets, dtype="<u8").tobytes()
-        index_tmp = tmp_name(self.path / f"{name}.index")
-        try:
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
-            with open(index_tmp, "wb") as g:
-                g.write(index)
-                g.flush()
-                os.fsync(g.fileno())
-            os.replace(tmp, self.path / f"{name}.data")
-            os.replace(index_tmp, self.path / f"{name}.index")
-        except OSError as e:
-            index_tmp.unlink(missing_ok=True)
-            self._fail(e, tmp)
-        self._shards.append(ShardInfo(name=name, records=len(offsets) - 1, data_bytes=offsets[-1],
-                                      data_crc32=data_crc, index_crc32=crc32(index)))
-        self._open = None
-
-    def _fail(self, e: OSError, tmp: Path):
-        self.abort()
-        if is_full_error(e):
-            raise full_error(tmp, e) from e
-        raise e
-
-    # -- finishing -----------------------------------------------------------------------------------------
-    def close(self) -> dict:
-        """Seal the last shard, fsync the directory, then publish the manifest. Returns the manifest."""
-        if self._closed:
-            raise fail("writer", "closed", "an open writer")
-        if self._open is not None and len(self._open[2]) > 1:
-            self._seal()
-        elif self._open is not None:
-            self._open[0].close()
-            self._open[1].unlink(missing_ok=True)
-            self._open = None
-        fsync_dir(self.path)
-        manifest = {
-            "format": FORMAT, "version": VERSION, "kind": self.kind, "dtype": self.dtype, "seq_len": self.seq_len,
-            "num_records": sum(s.records for s in self._shards), "shards": [asdict(s) for s in self._shards],
-            "metadata": self.metadata,
-        }
-        try:
-            atomic_write_json(self.path / MANIFEST, manifest)
-        except StorageFullError:
-            self._closed = True
-            raise
-        self._closed = True
-        return manifest
-
-    def abort(self) -> None:
-        """Drop everything written so far; the directory reads as incomplete."""
-        if self._open is not None:
-            close_quietly(self._open[0])
-            self._open[1].unlink(missing_ok=True)
-            self._open = None
-        remove_tmp_files(self.path)
-        self._closed = True
-
-    def __enter__(self) -> "SampleStoreWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        elif not self._closed:
-            self.abort()
-
-
-def write_token_store(path: str | os.PathLike, sequences: np.ndarray, **kwargs) -> dict:
-    """One-call writer for a [n, seq_len] token array. Returns the manifest."""
-    sequences = np.asarray(sequences)
-    if sequences.ndim != 2:
-        raise fail("sequences.shape", tuple(sequences.shape), "(n, seq_len)")
-    kwargs.setdefault("dtype", np.dtype(sequences.dtype).name)
-    with SampleStoreWriter(path, kind="tokens", seq_len=sequences.shape[1], **kwargs) as w:
-        w.write(sequences)
-    return read_json(Path(path) / MANIFEST)
 
 
 class SampleStore:
     """Reads a published store. `read(indices)` serves a whole batch with sorted, coalesced reads.
 
-    Opening checks the manifest and every shard's file sizes (cheap); `verify()` recomputes the checksums.
+    Opening checks the manifest and every shard's file sizes (cheap); `verify()` recomputes the whole-file
+    checksums; every read checks its records unless `verify_reads=False`.
     """
 
-    def __init__(self, path: str | os.PathLike, *, verify: bool = False, max_gap_bytes: int = 16 << 10):
+    def __init__(self, path: str | os.PathLike, *, verify: bool = False, verify_reads: bool = True,
+                 max_gap_bytes: int = 16 << 10):
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise fail("path", str(path), "a sample store directory (it is a file)")
         if not path.is_dir():
             raise fail("path", str(path), "an existing sample store directory")
         if not (path / MANIFEST).exists():
-            found = sorted(p.name for p in path.iterdir() if _SHARD_RE.match(p.name) or TMP_MARK in p.name)
+            found = sorted(p.name for p in path.iterdir() if SHARD_RE.match(p.name) or TMP_MARK in p.name)
             raise IncompleteStoreError(f"path={str(path)!r}: no {MANIFEST}, the store is incomplete (a writer did "
                                        f"not finish); unpublished files: {found}")
+        if not isinstance(verify_reads, bool):
+            raise fail("verify_reads", verify_reads, "True or False")
         m = read_json(path / MANIFEST, "manifest")
-        if m.get("format") != FORMAT or m.get("version") != VERSION:
-            raise fail("manifest", f"{m.get('format')} v{m.get('version')}", f"{FORMAT} v{VERSION}")
-        self.path, self.manifest = path, m
+        if m.get("format") != FORMAT or m.get("version") not in READABLE_VERSIONS:
+            raise fail("manifest", f"{m.get('format')} v{m.get('version')}", f"{FORMAT} v{READABLE_VERSIONS}")
+        if m["version"] == 1 and verify_reads:
+            raise fail("verify_reads", True, f"False for {path} (a version-1 store has no per-record checksums; "
+                                             "rewrite it to have every read checked)")
+        self.path, self.manifest, self.verify_reads = path, m, verify_reads
         self.kind, self.dtype, self.seq_len = m["kind"], np.dtype(m["dtype"]), m["seq_len"]
         self.max_gap_bytes = check_int("max_gap_bytes", max_gap_bytes)
         self.shards = [ShardInfo(**s) for s in m["shards"]]
         self.record_bytes = self.seq_len * self.dtype.itemsize if self.kind == "tokens" else None
+        self.group = int(m.get("group_records", 0))
         self._fds: list[int] = []
-        self._offsets: list[np.ndarray] = []
+        self._tables: list[tuple | None] = [None] * len(self.shards)  # (offsets or None, record crcs, group crcs)
+        self._lock = threading.Lock()
         for s in self.shards:
-            data, index = path / f"{s.name}.data", path / f"{s.name}.index"
-            for p, want in ((data, s.data_bytes), (index, 8 * (s.records + 1))):
+            sizes = [("data", s.data_bytes), ("index", 8 * (s.records + 1))]
+            if m["version"] >= 2:
+                sizes.append(("crc", 4 * table_entries(s.records, self.group)))
+            for suffix, want in sizes:
+                p = path / f"{s.name}.{suffix}"
                 size = p.stat().st_size if p.exists() else None
                 if size != want:
                     self.close()
                     raise CorruptStoreError(f"shard {s.name}: {p.name} has {size} bytes, manifest says {want} "
                                             "(torn or missing shard)")
-            self._offsets.append(np.fromfile(index, dtype="<u8").astype(np.int64))
-            self._fds.append(os.open(data, os.O_RDONLY))
+            self._fds.append(os.open(path / f"{s.name}.data", os.O_RDONLY))
         counts = np.asarray([s.records for s in self.shards], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(counts)])
         self.num_records = int(self._starts[-1])
@@ -274,23 +92,103 @@ class SampleStore:
                 self.close()
                 raise CorruptStoreError("; ".join(problems))
 
+    # -- grain RandomAccessDataSource -----------------------------------------------------------------------
     def __len__(self) -> int:
         return self.num_records
 
+    def __getitem__(self, record_key) -> np.ndarray | bytes:
+        """One record: tokens: [seq_len] array; bytes: bytes."""
+        i = operator.index(record_key)
+        if not 0 <= i < self.num_records:
+            raise IndexError(f"record_key={i}: expected a record index in [0, {self.num_records})")
+        return self.read([i])[0]
+
+    def _getitems(self, indices) -> list:
+        """grain's batched read: the records at `indices` from one sorted, coalesced `read`."""
+        return list(self.read(np.asarray(indices, dtype=np.int64)))
+
+    def __getstate__(self) -> dict:
+        return {"path": str(self.path), "verify_reads": self.verify_reads, "max_gap_bytes": self.max_gap_bytes}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"], verify_reads=state["verify_reads"], max_gap_bytes=state["max_gap_bytes"])
+
+    def __repr__(self) -> str:
+        return (f"SampleStore({str(self.path)!r}, kind={self.kind!r}, records={self.num_records}, "
+                f"verify_reads={self.verify_reads})")
+
+    # -- checksums ------------------------------------------------------------------------------------------
     def verify(self) -> list[str]:
         """Recompute every shard's checksums; returns one line per problem (empty list: the store is whole)."""
         return [p for i in range(len(self.shards)) for p in self.verify_shard(i)]
 
     def verify_shard(self, i: int) -> list[str]:
-        """Checksum problems of shard `i` (its data and index files)."""
+        """Checksum problems of shard `i` (its data, index and checksum-table files)."""
         s = self.shards[i]
         problems = []
-        for suffix, want in (("data", s.data_crc32), ("index", s.index_crc32)):
+        files = [("data", s.data_crc32), ("index", s.index_crc32)] + ([("crc", s.crc_crc32)] if s.crc_crc32 is not
+                                                                      None else [])
+        for suffix, want in files:
             got = file_crc32(self.path / f"{s.name}.{suffix}")
             if got != want:
                 problems.append(f"shard {s.name}: {suffix} checksum {got:08x} != manifest {want:08x}")
         return problems
 
+    def _table(self, shard: int) -> tuple:
+        """(offsets int64 [records + 1] or None for tokens, record CRCs, group CRCs) of `shard`, loaded on first
+        use and checked against the manifest (a flipped bit in an index or table is named, never followed)."""
+        t = self._tables[shard]
+        if t is not None:
+            return t
+        with self._lock:
+            if self._tables[shard] is None:
+                s = self.shards[shard]
+                offsets = rec = grp = None
+                if self.kind == "bytes":
+                    offsets = self._load(s, "index", s.index_crc32, "<u8").astype(np.int64)
+                if self.verify_reads:
+                    table = self._load(s, "crc", s.crc_crc32, "<u4")
+                    rec, grp = table[:s.records].tolist(), table[s.records:].tolist()
+                self._tables[shard] = (offsets, rec, grp)
+            return self._tables[shard]
+
+    def _load(self, s: ShardInfo, suffix: str, want: int, dtype: str) -> np.ndarray:
+        raw = (self.path / f"{s.name}.{suffix}").read_bytes()
+        if crc32(raw) != want:
+            raise CorruptStoreError(f"shard {s.name}: {suffix} file checksum {crc32(raw):08x} != manifest "
+                                    f"{want:08x} (flipped bit or overwritten file); nothing read from it")
+        return np.frombuffer(raw, dtype=dtype)
+
+    def _corrupt(self, shard: int, local: int) -> CorruptStoreError:
+        s = self.shards[shard]
+        return CorruptStoreError(f"shard {s.name}: record {local} (store record {int(self._starts[shard]) + local}) "
+                                 "fails its checksum (flipped bit or overwritten data); no value returned")
+
+    def _check_rows(self, shard: int, local: int, data: memoryview, n: int) -> None:
+        """Check `n` consecutive records starting at `local` whose bytes are `data` (a contiguous read): whole
+        checksum groups in one CRC call each, the partial groups at either end record by record."""
+        _, rec, grp = self._table(shard)
+        rb, g, total = self.record_bytes, self.group, self.shards[shard].records
+        end = local + n
+        g0 = -(-local // g)
+        g1 = -(-end // g) if end == total else end // g  # the shard's last group may be partial
+        if g1 <= g0:
+            g0 = g1 = end // g  # no whole group inside: every record on its own
+            firsts = range(local, end)
+        else:
+            firsts = list(range(local, g0 * g)) + list(range(min(g1 * g, total), end))
+        for k in firsts:
+            if crc32(data[(k - local) * rb:(k - local + 1) * rb]) != rec[k]:
+                raise self._corrupt(shard, k)
+        for gi in range(g0, g1):
+            a, b = gi * g, min((gi + 1) * g, total)
+            if crc32(data[(a - local) * rb:(b - local) * rb]) != grp[gi]:
+                for k in range(a, b):  # name the record
+                    if crc32(data[(k - local) * rb:(k - local + 1) * rb]) != rec[k]:
+                        raise self._corrupt(shard, k)
+                raise self._corrupt(shard, a)
+
+    # -- reading --------------------------------------------------------------------------------------------
     def _check_indices(self, indices) -> np.ndarray:
         idx = np.asarray(indices)
         if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
@@ -319,8 +217,9 @@ class SampleStore:
             begin, end = np.empty_like(local), np.empty_like(local)
             for sh in np.unique(shard):
                 m = shard == sh
-                begin[m] = self._offsets[sh][local[m]]
-                end[m] = self._offsets[sh][local[m] + 1]
+                offsets = self._table(int(sh))[0]
+                begin[m] = offsets[local[m]]
+                end[m] = offsets[local[m] + 1]
         cut = (shard[1:] != shard[:-1]) | (begin[1:] - end[:-1] > self.max_gap_bytes)
         bounds = np.concatenate([[0], np.flatnonzero(cut) + 1, [len(s)]]).tolist()
         step = IOV_MAX // 2
@@ -340,11 +239,15 @@ class SampleStore:
             return out
         sh, lo, po, bounds = self._plan(idx)
         for a, b in zip(bounds, bounds[1:]):
-            offs = self._offsets[sh[a]]
+            offs, rec, _ = self._table(sh[a])
             base = int(offs[lo[a]])
             buf = os.pread(self._fds[sh[a]], int(offs[lo[b - 1] + 1]) - base, base)
+            view = memoryview(buf)
             for li, p in zip(lo[a:b], po[a:b]):
-                out[p] = buf[int(offs[li]) - base:int(offs[li + 1]) - base]
+                r0, r1 = int(offs[li]) - base, int(offs[li + 1]) - base
+                if self.verify_reads and (r1 > len(buf) or crc32(view[r0:r1]) != rec[li]):
+                    raise self._corrupt(sh[a], li)
+                out[p] = buf[r0:r1]
         return out
 
     def advise(self, indices) -> None:
@@ -360,9 +263,11 @@ class SampleStore:
             return
         sh, lo, _, bounds = self._plan(idx)
         for a, b in zip(bounds, bounds[1:]):
-            offs = self._offsets[sh[a]]
-            start = int(offs[lo[a]])
-            os.posix_fadvise(self._fds[sh[a]], start, int(offs[lo[b - 1] + 1]) - start, os.POSIX_FADV_WILLNEED)
+            rb = self.record_bytes
+            offs = self._table(sh[a])[0]
+            start = lo[a] * rb if rb else int(offs[lo[a]])
+            stop = (lo[b - 1] + 1) * rb if rb else int(offs[lo[b - 1] + 1])
+            os.posix_fadvise(self._fds[sh[a]], start, stop - start, os.POSIX_FADV_WILLNEED)
 
     def read_into(self, indices, out: np.ndarray) -> None:
         """tokens kind: scatter-read records at `indices` into rows of `out` [n, seq_len] (no extra copy)."""
@@ -395,6 +300,8 @@ class SampleStore:
             got = os.preadv(self._fds[shard], [mv], local * rb)
             if got != len(mv):
                 raise CorruptStoreError(f"shard {self.shards[shard].name}: short read ({got} of {len(mv)} bytes)")
+            if self.verify_reads:
+                self._check_rows(shard, local, mv, len(idx))
             return
         sh, lo, po, bounds = self._plan(idx)
         for a, b in zip(bounds, bounds[1:]):
@@ -403,10 +310,9 @@ class SampleStore:
                 p = po[a]
                 got, expect = os.preadv(fd, [mv[p * rb:(p + 1) * rb]], lo[a] * rb), rb
             else:
-                bufs, prev, repeats = [], None, False
+                bufs, prev = [], None
                 for li, p in zip(lo[a:b], po[a:b]):
                     if li == prev:  # repeated index: copied below
-                        repeats = True
                         continue
                     if prev is not None and li > prev + 1:
                         bufs.append(bytearray((li - prev - 1) * rb))
@@ -414,15 +320,17 @@ class SampleStore:
                     prev = li
                 expect = (lo[b - 1] - lo[a] + 1) * rb
                 got = os.preadv(fd, bufs, lo[a] * rb)
-                if repeats:
-                    first: dict[int, int] = {}
-                    for li, p in zip(lo[a:b], po[a:b]):
-                        if li in first:
-                            out[p] = out[first[li]]
-                        else:
-                            first[li] = p
             if got != expect:
                 raise CorruptStoreError(f"shard {self.shards[sh[a]].name}: short read ({got} of {expect} bytes)")
+            first: dict[int, int] = {}
+            rec = self._table(sh[a])[1] if self.verify_reads else None
+            for li, p in zip(lo[a:b], po[a:b]):
+                if li in first:  # a repeated index: a copy of a row already read and checked
+                    out[p] = out[first[li]]
+                    continue
+                first[li] = p
+                if rec is not None and crc32(mv[p * rb:(p + 1) * rb]) != rec[li]:
+                    raise self._corrupt(sh[a], li)
 
     def close(self) -> None:
         for fd in self._fds:
@@ -444,4 +352,5 @@ class SampleStore:
     def summary(self) -> dict:
         return {"path": str(self.path), "kind": self.kind, "dtype": self.dtype.name, "seq_len": self.seq_len,
                 "num_records": self.num_records, "num_shards": len(self.shards),
-                "data_bytes": sum(s.data_bytes for s in self.shards), "metadata": self.manifest.get("metadata", {})}
+                "data_bytes": sum(s.data_bytes for s in self.shards), "metadata": self.manifest.get("metadata", {}),
+                "verify_reads": self.verify_reads}
