@@ -8,10 +8,14 @@ plan: the lowering's tick table (which op every rank runs in every tick of the s
 from __future__ import annotations
 
 import pathlib
-import sys
 
+from seekax.ir.validate import fail
 from seekax.schedules.registry import GENERATORS
 from seekax.schedules.interleaved import interleaved_1f1b
+
+# Library parameter -> the flag's dest, for errors that name the flag.
+PARAMS = {"num_ranks": "ranks", "num_microbatches": "microbatches", "num_chunks": "chunks"}
+BIG_PICTURE_OPS = 2000  # PNG pictures with more compute ops than this show a progress bar (~5 s and up)
 
 
 def register(sub) -> None:
@@ -20,8 +24,8 @@ def register(sub) -> None:
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     for name, helptext in (("show", "draw the per-rank timeline"), ("simulate", "print makespan, bubbles, memory"),
                            ("plan", "print the lowering's per-tick op table")):
-        a = actions.add_parser(name, help=helptext)
-        a.add_argument("kind", choices=sorted(GENERATORS))
+        a = actions.add_parser(name, help=helptext, description=helptext, params=PARAMS)
+        a.add_argument("kind", choices=sorted(GENERATORS), help="schedule generator")
         a.add_argument("--ranks", type=int, required=True, help="pipeline ranks (PP)")
         a.add_argument("--microbatches", type=int, required=True,
                        help="micro-batches (DualPipe: both directions together, like the original's num_chunks)")
@@ -30,7 +34,8 @@ def register(sub) -> None:
                             "(default 1,1,1,3; full backward = B+W)")
         a.add_argument("--chunks", type=int, default=2, help="chunks per rank (interleaved only)")
         if name == "show":
-            a.add_argument("--out", default=None, help="FILE.svg, FILE.png or FILE.html (default: terminal view)")
+            a.add_argument("--out", default=None,
+                           help="FILE.svg, FILE.png or FILE.html; missing folders are created (default: terminal view)")
         a.set_defaults(func=run)
 
 
@@ -61,27 +66,23 @@ def formula_table(kind: str, num_ranks: int, num_microbatches: int, costs: dict[
 def run(args) -> int:
     from seekax.schedules.visualise import default_costs, to_html, to_png, to_svg, to_text
 
-    try:
-        costs = default_costs(args.costs)
-        schedule = _make(args).validate()
-    except ValueError as e:
-        print(f"seekax schedule: {e}", file=sys.stderr)
-        return 2
+    costs = default_costs(args.costs)
+    schedule = _make(args).validate()
     if args.action == "show":
         if args.out is None:
             print(to_text(schedule, costs))
             return 0
         path = pathlib.Path(args.out)
         suffix = path.suffix.lower()
+        if suffix not in (".svg", ".png", ".html", ".htm"):
+            raise fail("out", args.out, "a .svg, .png or .html file")
+        path.parent.mkdir(parents=True, exist_ok=True)
         if suffix == ".svg":
             path.write_text(to_svg(schedule, costs))
         elif suffix == ".png":
-            to_png(schedule, str(path), costs)
-        elif suffix in (".html", ".htm"):
-            path.write_text(to_html(schedule, costs))
+            to_png(schedule, str(path), costs, progress=sum(map(len, schedule.ranks)) > BIG_PICTURE_OPS)
         else:
-            print(f"seekax schedule: --out={args.out!r}: expected a .svg, .png or .html file", file=sys.stderr)
-            return 2
+            path.write_text(to_html(schedule, costs))
         print(f"wrote {path}")
         return 0
     if args.action == "plan":

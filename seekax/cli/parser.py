@@ -1,0 +1,86 @@
+"""The parser every `seekax` subcommand uses: help that shows defaults, and library errors reported as usage
+errors that name the flag which fed the failing parameter (`argument --ranks: ...`, exit 2), as argparse
+reports its own."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from typing import Mapping
+
+# The message of seekax.ir.validate.fail (`name=value: expected ...`) and of a kernel's NotImplementedError
+# (`name=value: what the kernel supports`); value may itself hold ": ", so the first ": expected" ends it.
+_FAIL = re.compile(r"(?P<name>[A-Za-z_][\w.]*)=(?P<value>.*?): expected (?P<expected>.*)", re.S)
+_NAMED = re.compile(r"(?P<name>[A-Za-z_][\w.]*)=(?P<value>.*?): (?P<rest>.*)", re.S)
+# Parameter names quoted inside a message ("a multiple of num_gpus=4"): identifiers with an underscore only,
+# so prose words and one-letter names are left alone.
+_IDENTIFIER = re.compile(r"\b[a-z][a-z0-9]*(?:_[a-z0-9]+)+\b")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's help ends with its default, except switches (default False) and unset options (None)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse.ArgumentParser that knows which library parameter each of its arguments feeds.
+
+    params: library parameter name -> this parser's `dest` for names that differ (`num_ranks` -> `ranks`);
+    a parameter named like a dest (`costs`, `seq_len`) needs no entry. Nested subparsers are this class too,
+    and each records itself as `cli_parser` in the parsed namespace, so errors carry the full command name.
+    """
+
+    def __init__(self, *args, params: Mapping[str, str] | None = None, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.params = dict(params or {})
+        self.set_defaults(cli_parser=self)
+
+    def flag_for(self, name: str) -> str | None:
+        """The argument (`--ranks`, or a positional's name) that fed parameter `name` (`weight.shape`: `weight`)."""
+        for key in (name, name.split(".")[0]):
+            dest = self.params.get(key, key)
+            for action in self._actions:
+                if action.dest == dest and action.dest != argparse.SUPPRESS:
+                    if action.option_strings:
+                        return "/".join(action.option_strings)
+                    return action.metavar if isinstance(action.metavar, str) else action.dest
+        return None
+
+    def _flags_in(self, text: str) -> str:
+        """`a multiple of num_gpus=4` -> `a multiple of --gpus=4` for every parameter name with a flag."""
+        return _IDENTIFIER.sub(lambda m: self.flag_for(m.group()) or m.group(), text)
+
+    def describe(self, error: Exception) -> str | None:
+        """One line for a library error, or None when it is not a usage error (a bug: keep its traceback).
+
+        ValueError in seekax.ir.validate.fail's format: the argument, what it expected, the value given.
+        NotImplementedError (valid input a kernel does not handle): the argument and what the kernel supports.
+        """
+        text = str(error)
+        if isinstance(error, NotImplementedError):
+            m = _NAMED.fullmatch(text)
+            flag = m and self.flag_for(m["name"])
+            if not flag:
+                return f"not supported: {self._flags_in(text) or type(error).__name__}"
+            given = m["value"] if m["name"] == m["name"].split(".")[0] else f"{m['name']}={m['value']}"
+            return f"argument {flag}: {given} is not supported: {self._flags_in(m['rest'])}"
+        m = _FAIL.fullmatch(text)
+        if m is None:
+            return None
+        flag = self.flag_for(m["name"])
+        expected = self._flags_in(m["expected"])
+        if not flag:
+            return f"{m['name']}={m['value']}: expected {expected}"
+        given = m["value"] if "." not in m["name"] else f"{m['name']}={m['value']}"
+        return f"argument {flag}: expected {expected}, got {given}"
+
+    def fail_usage(self, message: str) -> int:
+        """Print `prog: error: message` to stderr, as parser.error does (without the usage block), and return 2."""
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        return 2
