@@ -9,7 +9,6 @@ expert i % experts).
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -19,19 +18,26 @@ from seekax.ir.placement import ExpertPlacement
 from seekax.ir.validate import fail
 from seekax.schedules.eplb import check_rebalance_args, policy, rebalance_experts
 
+# Library parameter -> the flag's dest, for errors that name the flag.
+PARAMS = {"weight": "weights", "num_replicas": "replicas", "num_groups": "groups", "num_nodes": "nodes",
+          "num_gpus": "gpus"}
+
 
 def load_weights(path: str) -> np.ndarray:
     """Read [layers, experts] loads from .npy or .json; a single row [experts] becomes one layer."""
     file = Path(path)
     if not file.is_file():
         raise fail("weights", path, "an existing .npy or .json file")
-    if file.suffix == ".npy":
-        weight = np.load(file, allow_pickle=False)
-    elif file.suffix == ".json":
-        data = json.loads(file.read_text())
-        weight = np.asarray(data["weight"] if isinstance(data, dict) and "weight" in data else data)
-    else:
+    if file.suffix not in (".npy", ".json"):
         raise fail("weights", path, "a file ending in .npy or .json")
+    try:
+        if file.suffix == ".npy":
+            weight = np.load(file, allow_pickle=False)
+        else:
+            data = json.loads(file.read_text())
+            weight = np.asarray(data["weight"] if isinstance(data, dict) and "weight" in data else data)
+    except (OSError, ValueError, KeyError) as e:
+        raise fail("weights", path, f"a readable {file.suffix} file of loads ({type(e).__name__}: {e})") from None
     return weight[None] if weight.ndim == 1 else weight
 
 
@@ -50,30 +56,28 @@ def _balance(loads: np.ndarray) -> np.ndarray:
 
 def register(sub) -> None:
     p = sub.add_parser("eplb", help="expert-parallel load balancing: placement and per-GPU load before/after",
-                       description=__doc__)
+                       description=__doc__, params=PARAMS)
     p.add_argument("--weights", required=True, help="per-expert loads, FILE.npy or FILE.json, [layers, experts]")
     p.add_argument("--replicas", type=int, required=True, help="physical expert slots per layer (R)")
     p.add_argument("--groups", type=int, default=1, help="expert groups (hierarchical when groups %% nodes == 0)")
     p.add_argument("--nodes", type=int, default=1, help="server nodes")
     p.add_argument("--gpus", type=int, required=True, help="GPUs in all (R must be a multiple)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    p.add_argument("--save", default=None, help="also write the placement as JSON to this file")
+    p.add_argument("--save", default=None,
+                   help="also write the placement as JSON to this file (missing folders are created)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    try:
-        weight = load_weights(args.weights)
-        check_rebalance_args(weight, args.replicas, args.groups, args.nodes, args.gpus)
-        start = time.perf_counter()
-        placement = rebalance_experts(weight, args.replicas, args.groups, args.nodes, args.gpus)
-        seconds = time.perf_counter() - start
-    except (ValueError, KeyError, OSError) as e:
-        print(f"seekax eplb: FAIL {e}", file=sys.stderr)
-        return 1
+    weight = load_weights(args.weights)
+    check_rebalance_args(weight, args.replicas, args.groups, args.nodes, args.gpus)
+    start = time.perf_counter()
+    placement = rebalance_experts(weight, args.replicas, args.groups, args.nodes, args.gpus)
+    seconds = time.perf_counter() - start
     before = baseline_gpu_loads(np.asarray(weight, np.float64), args.gpus, args.replicas)
     after = placement.gpu_loads(weight, args.gpus)
     if args.save:
+        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
         Path(args.save).write_text(placement.to_json())
     result = {
         "policy": policy(args.groups, args.nodes),

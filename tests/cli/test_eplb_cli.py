@@ -41,23 +41,29 @@ def test_text_output_from_npy(tmp_path, capsys, rng):
 
 
 @pytest.mark.parametrize("extra, match", [
-    (["--replicas", "14", "--gpus", "4"], "num_replicas"),
-    (["--replicas", "8", "--gpus", "4"], "num_replicas"),
-    (["--replicas", "16", "--gpus", "4", "--nodes", "3"], "num_gpus"),
+    (["--replicas", "14", "--gpus", "4"], "argument --replicas: expected a multiple of --gpus=4, got 14"),
+    (["--replicas", "8", "--gpus", "4"], "argument --replicas: expected >= the number of logical experts (12)"),
+    (["--replicas", "16", "--gpus", "4", "--nodes", "3"], "argument --gpus: expected a multiple of --nodes=3"),
+    (["--replicas", "12", "--gpus", "4", "--groups", "5"], "argument --groups: expected a divisor"),
 ])
 def test_bad_arguments_fail_clearly(tmp_path, capsys, extra, match):
     path = tmp_path / "w.json"
     path.write_text(json.dumps([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]))
-    assert main(["eplb", "--weights", str(path), *extra]) == 1
-    assert match in capsys.readouterr().err
+    assert main(["eplb", "--weights", str(path), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"seekax eplb: error: {match}") and err.count("\n") == 1  # one line, no traceback
 
 
 def test_missing_or_wrong_file(tmp_path, capsys):
-    assert main(["eplb", "--weights", str(tmp_path / "nope.npy"), "--replicas", "8", "--gpus", "4"]) == 1
-    assert "weights" in capsys.readouterr().err
+    assert main(["eplb", "--weights", str(tmp_path / "nope.npy"), "--replicas", "8", "--gpus", "4"]) == 2
+    assert "argument --weights: expected an existing .npy or .json file" in capsys.readouterr().err
     (tmp_path / "w.txt").write_text("1 2 3")
-    assert main(["eplb", "--weights", str(tmp_path / "w.txt"), "--replicas", "8", "--gpus", "4"]) == 1
-    assert ".npy or .json" in capsys.readouterr().err
+    assert main(["eplb", "--weights", str(tmp_path / "w.txt"), "--replicas", "8", "--gpus", "4"]) == 2
+    assert "argument --weights: expected a file ending in .npy or .json" in capsys.readouterr().err
+    (tmp_path / "w.json").write_text("[[1, 2,")
+    assert main(["eplb", "--weights", str(tmp_path / "w.json"), "--replicas", "8", "--gpus", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "argument --weights: expected a readable .json file" in err and "Traceback" not in err
 
 
 def test_module_entry_point(tmp_path):
