@@ -14,7 +14,11 @@ import jax
 import jax.numpy as jnp
 
 from seekax.ir.tiling import GemmTileConfig, SharedMemoryBudgetExceeded
+from seekax.ir.validate import check_int
 from seekax.lowering.inspect import EMIT_STAGES, lower_for_hopper
+
+# Library parameter -> the flag's dest, for errors that name the flag.
+PARAMS = {"a_dtype": "dtype", "a.dtype": "dtype", "b.dtype": "dtype"}
 
 
 def _matmul(args) -> tuple[Callable[..., Any], tuple]:
@@ -24,14 +28,22 @@ def _matmul(args) -> tuple[Callable[..., Any], tuple]:
     if any(v is not None for v in (args.block_m, args.block_n, args.block_k, args.stages)):
         config = GemmTileConfig(block_m=args.block_m or 128, block_n=args.block_n or 128,
                                 block_k=args.block_k or 64, stages=args.stages or 4)
+    _check_sizes(args, "m", "n", "k")
     dtype = jnp.dtype(args.dtype)
     fn = functools.partial(matmul_nt, backend="mosaic", config=config)
     return fn, (jax.ShapeDtypeStruct((args.m, args.k), dtype), jax.ShapeDtypeStruct((args.n, args.k), dtype))
 
 
+def _check_sizes(args, *dests: str) -> None:
+    """Sizes the CLI turns into shapes must be positive (the library accepts empty shapes: nothing to lower)."""
+    for dest in dests:
+        check_int(dest, getattr(args, dest), min_value=1)
+
+
 def _fp8_gemm(args):
     from seekax.ops.fp8 import lowering_example
 
+    _check_sizes(args, "m", "n", "k")
     return lowering_example(args.m, args.n, args.k)
 
 
@@ -47,6 +59,7 @@ def _mla(args, *, fp8: bool, sparse: bool):
     Sparse: --topk token ids per query token out of the --batch x --seq-len cached tokens."""
     from seekax.ops import mla
 
+    _check_sizes(args, "batch", "seq_len", "heads", "q_len", *(("topk",) if sparse else ()))
     pages = args.batch * -(-args.seq_len // 64)
     q = jax.ShapeDtypeStruct((args.batch, args.q_len, args.heads, 576), jnp.bfloat16)
     cache = _fp8_cache(pages) if fp8 else (jax.ShapeDtypeStruct((pages, 64, 1, 576), jnp.bfloat16),)
@@ -71,12 +84,13 @@ OPS: dict[str, Callable[[argparse.Namespace], tuple[Callable[..., Any], tuple]]]
 
 def register(sub) -> None:
     p = sub.add_parser("lower", help="print an op's IR (jaxpr, StableHLO, Mosaic GPU MLIR) or check it for Hopper",
-                       description=__doc__)
-    p.add_argument("op", choices=sorted(OPS))
-    p.add_argument("--m", type=int, default=1024)
-    p.add_argument("--n", type=int, default=1024)
-    p.add_argument("--k", type=int, default=1024)
-    p.add_argument("--dtype", default="bfloat16", help="operand dtype (matmul: bfloat16 or float16)")
+                       description=__doc__, params=PARAMS)
+    p.add_argument("op", choices=sorted(OPS), help="the op to lower")
+    p.add_argument("--m", type=int, default=1024, help="matmul, fp8_gemm: rows of A and of the output")
+    p.add_argument("--n", type=int, default=1024, help="matmul, fp8_gemm: rows of B (columns of the output)")
+    p.add_argument("--k", type=int, default=1024, help="matmul, fp8_gemm: the contracted dimension")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"),
+                   help="matmul: operand dtype (the Mosaic matmul's; FP8 is the fp8_gemm op)")
     p.add_argument("--batch", type=int, default=128, help="mla_decode*: sequences")
     p.add_argument("--seq-len", type=int, default=4096, help="mla_decode*: context tokens per sequence")
     p.add_argument("--heads", type=int, default=128, help="mla_decode*: query heads")
@@ -96,11 +110,8 @@ def run(args) -> int:
         fn, avals = OPS[args.op](args)
         lowered = lower_for_hopper(fn, *avals)
         text = lowered.emit("report" if args.check else args.emit)
-    except SharedMemoryBudgetExceeded as e:
+    except SharedMemoryBudgetExceeded as e:  # a finding about the tile config, as --check reports it
         print(f"seekax lower {args.op}: FAIL shared memory: {e}", file=sys.stderr)
-        return 1
-    except ValueError as e:
-        print(f"seekax lower {args.op}: FAIL {e}", file=sys.stderr)
         return 1
     print(text)
     if args.check:

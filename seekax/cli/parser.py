@@ -9,13 +9,12 @@ import re
 import sys
 from typing import Mapping
 
-# The message of seekax.ir.validate.fail (`name=value: expected ...`) and of a kernel's NotImplementedError
-# (`name=value: what the kernel supports`); value may itself hold ": ", so the first ": expected" ends it.
+# The message of seekax.ir.validate.fail (`name=value: expected ...`); value may itself hold ": ", so the
+# first ": expected" ends it.
 _FAIL = re.compile(r"(?P<name>[A-Za-z_][\w.]*)=(?P<value>.*?): expected (?P<expected>.*)", re.S)
-_NAMED = re.compile(r"(?P<name>[A-Za-z_][\w.]*)=(?P<value>.*?): (?P<rest>.*)", re.S)
-# Parameter names quoted inside a message ("a multiple of num_gpus=4"): identifiers with an underscore only,
-# so prose words and one-letter names are left alone.
-_IDENTIFIER = re.compile(r"\b[a-z][a-z0-9]*(?:_[a-z0-9]+)+\b")
+# A kernel's NotImplementedError: `name=value[, name=value ...]: what the kernel supports`.
+_UNSUPPORTED = re.compile(r"(?P<subject>[A-Za-z_][\w.]*=[^:]*?): (?P<rest>.*)", re.S)
+_ASSIGNMENT = re.compile(r"\b(?P<name>[A-Za-z_][\w.]*)=")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -53,8 +52,13 @@ class CommandParser(argparse.ArgumentParser):
         return None
 
     def _flags_in(self, text: str) -> str:
-        """`a multiple of num_gpus=4` -> `a multiple of --gpus=4` for every parameter name with a flag."""
-        return _IDENTIFIER.sub(lambda m: self.flag_for(m.group()) or m.group(), text)
+        """`a multiple of num_gpus=4` -> `a multiple of --gpus=4`, for the parameter names in `params` only
+        (a dest's own name may be a common word or sit inside a config's repr)."""
+        if not self.params:
+            return text
+        words = re.compile(r"(?<![\w.-])(" + "|".join(map(re.escape, sorted(self.params, key=len, reverse=True)))
+                           + r")(?![\w.])")
+        return words.sub(lambda m: self.flag_for(m.group()) or m.group(), text)
 
     def describe(self, error: Exception) -> str | None:
         """One line for a library error, or None when it is not a usage error (a bug: keep its traceback).
@@ -64,12 +68,16 @@ class CommandParser(argparse.ArgumentParser):
         """
         text = str(error)
         if isinstance(error, NotImplementedError):
-            m = _NAMED.fullmatch(text)
-            flag = m and self.flag_for(m["name"])
-            if not flag:
+            m = _UNSUPPORTED.fullmatch(text)
+            if m is None:
                 return f"not supported: {self._flags_in(text) or type(error).__name__}"
-            given = m["value"] if m["name"] == m["name"].split(".")[0] else f"{m['name']}={m['value']}"
-            return f"argument {flag}: {given} is not supported: {self._flags_in(m['rest'])}"
+            names = _ASSIGNMENT.findall(m["subject"])
+            flag = self.flag_for(names[0]) if len(names) == 1 else None
+            if flag:
+                value = m["subject"].split("=", 1)[1]
+                return f"argument {flag}: {value} is not supported: {self._flags_in(m['rest'])}"
+            subject = _ASSIGNMENT.sub(lambda a: f"{self.flag_for(a['name']) or a['name']}=", m["subject"])
+            return f"not supported: {subject}: {self._flags_in(m['rest'])}"
         m = _FAIL.fullmatch(text)
         if m is None:
             return None
