@@ -28,13 +28,20 @@ wg 0 again runs unchanged. Those loads hit one bank per 8 rows (1152 B rows; a p
 to measure on hardware. Sparse over the FP8 cache ("sparse_fp8"): the same gathers of latent (512 B) and rope
 (128 B) rows into untiled fp8 slots, dequantised as in the FP8 mode; a token's scales (16 B, below what a
 warpgroup's TMA may move) come pre-gathered per query token by the wrapper ([B, topk, 4] f32, 2.4 % of the bytes).
+
+Reading order: `CacheLayout` (which of the four front ends, and what `fp8` / `sparse` / `staged` mean), `Scratch`
+(every shared-memory buffer and barrier by name), `_DecodeCta` (one CTA: a method per step; `softmax_wg`,
+`value_wg` and `memory_wg` are the three warpgroups' loops, the other methods the steps they call), `_kernel`
+(unpacks the operands, allocates `Scratch`, dispatches on the warpgroup index).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.experimental.pallas as pl
@@ -42,13 +49,459 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
 
+from seekax.ir.fp8 import SCALE_BLOCK
 from seekax.ir.mla_tiling import MlaTileConfig
+from seekax.ir.validate import check_choice
 from seekax.lowering.backend import interpret_context
+from seekax.lowering.mosaic.pipeline_common import COMPUTE_WG_REGISTERS, MEMORY_WG_REGISTERS, swizzled
 from seekax.lowering.reference.mla_decode import combine_splits
 
 CACHES = ("bf16", "fp8", "sparse", "sparse_fp8")
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
+ROW = plgpu.Layout.WGMMA.reduce(1)      # a [64] vector, one value per row of a WGMMA-layout tile
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheLayout:
+    """How one of CACHES reaches the bf16 tile the compute warpgroups read.
+
+    fp8: pages of e4m3 latents, f32 scales and bf16 rope, dequantised by wg 1. sparse: the table holds token ids
+    and wg 2 gathers one row per token. staged (either): TMA fills staging slots and wg 1 writes the single bf16
+    tile; otherwise (the bf16 cache) TMA writes each page straight into one of `stages` bf16 tiles.
+    """
+
+    cache: str
+
+    def __post_init__(self):
+        check_choice("cache", self.cache, CACHES)
+
+    @property
+    def fp8(self) -> bool:
+        return self.cache in ("fp8", "sparse_fp8")
+
+    @property
+    def sparse(self) -> bool:
+        return self.cache in ("sparse", "sparse_fp8")
+
+    @property
+    def staged(self) -> bool:
+        return self.fp8 or self.sparse
+
+
+class Scratch(NamedTuple):
+    """The kernel's shared memory by name, in allocation order (the order fixes each buffer's offset). A barrier
+    field is an array of barriers indexed by tile or slot."""
+
+    q: Any                      # [64, 576] the Q tile of the current batch (TMA -> wg 0)
+    kv: Any                     # [tiles, 64, 576] bf16 keys (576 channels) and values (the first 512) for wgmma
+    p: Any                      # [64, 64] P = exp2(S - m) in q's dtype (wg 0 -> wg 1)
+    row_scale: Any              # [64] f32: a step's alpha, or 1/l after a split's last step (wg 0 -> wg 1)
+    kv_ready: Any               # per tile: its keys are in (TMA; staged: wg 1 wrote the tile)
+    kv_consumed: Any            # per tile: the compute warpgroups are done with it
+    q_ready: Any                # the Q tile is in
+    p_ready: Any                # P and row_scale are published
+    p_free: Any                 # wg 1 has read P and row_scale
+    latent: Any = None          # fp8: [stages, 64, 512] e4m3 staging slots
+    rope: Any = None            # fp8: [stages, 64, 64] bf16 staging slots
+    latent_ready: Any = None    # fp8: per slot, its latent is in
+    rope_ready: Any = None      # fp8: per slot, its rope is in
+    rows: Any = None            # sparse bf16: [stages, 64, 576] gathered token rows
+    rows_ready: Any = None      # sparse bf16: per slot, its rows are in
+    slot_free: Any = None       # staged: per slot, wg 1 has copied it into the bf16 tile
+
+
+def _scratch_types(config: MlaTileConfig, layout: CacheLayout, *, dtype, kv_dtype, rope_dtype, d: int) -> Scratch:
+    """`Scratch` as allocation types. dtype: q's; kv_dtype: the cache's (fp8: the latent's); d: 576.
+    Sparse slots are untiled (a single-row TMA cannot write into an 8-row swizzled tile) and their ready
+    barriers take one arrival per row copy. Sizes: `MlaTileConfig.smem_bytes`."""
+    bm, bn, stages = config.block_m, config.block_n, config.stages
+    if layout.staged:   # the one bf16 tile: written by wg 1 (kv_ready), released by wg 0 (kv_consumed)
+        kv = plgpu.SMEM((1, bn, d), dtype, transforms=swizzled(dtype, d))
+        kv_ready, kv_consumed = plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=1)
+    else:               # TMA writes `stages` tiles (kv_ready); both compute warpgroups release one (kv_consumed)
+        kv = plgpu.SMEM((stages, bn, d), kv_dtype, transforms=swizzled(kv_dtype, d))
+        kv_ready, kv_consumed = (plgpu.Barrier(num_barriers=stages),
+                                 plgpu.Barrier(num_arrivals=2, num_barriers=stages))
+    arrivals = bn if layout.sparse else 1
+    staging = {}
+    if layout.fp8:
+        v = config.v_dim
+        staging = dict(
+            latent=plgpu.SMEM((stages, bn, v), kv_dtype, transforms=() if layout.sparse else swizzled(kv_dtype, v)),
+            rope=plgpu.SMEM((stages, bn, d - v), rope_dtype,
+                            transforms=() if layout.sparse else swizzled(rope_dtype, d - v)),
+            latent_ready=plgpu.Barrier(num_arrivals=arrivals, num_barriers=stages),
+            rope_ready=plgpu.Barrier(num_arrivals=arrivals, num_barriers=stages))
+    elif layout.sparse:
+        staging = dict(rows=plgpu.SMEM((stages, bn, d), kv_dtype),
+                       rows_ready=plgpu.Barrier(num_arrivals=arrivals, num_barriers=stages))
+    if layout.staged:
+        staging["slot_free"] = plgpu.Barrier(num_barriers=stages)
+    return Scratch(
+        q=plgpu.SMEM((bm, d), dtype, transforms=swizzled(dtype, d)),
+        kv=kv,
+        p=plgpu.SMEM((bm, bn), dtype, transforms=swizzled(dtype, bn)),
+        row_scale=plgpu.SMEM((bm,), jnp.float32),
+        kv_ready=kv_ready,
+        kv_consumed=kv_consumed,
+        q_ready=plgpu.Barrier(num_barriers=1),
+        p_ready=plgpu.Barrier(num_barriers=1),
+        p_free=plgpu.Barrier(num_barriers=1),
+        **staging,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Gmem:
+    """The kernel's global-memory operands by name (shapes in `_kernel`)."""
+
+    block_start: Any            # split schedule (lowering.mla_split.MlaMetadata)
+    n_blocks: Any
+    first_part: Any
+    split_offsets: Any
+    part_batches: Any
+    payload: Any
+    q: Any
+    kv: Any                     # bf16 pages or token rows; fp8: the e4m3 latent
+    scales: Any                 # fp8 only
+    rope: Any                   # fp8 only
+    table: Any                  # page ids, or (sparse) token ids
+    lens: Any
+    out: Any                    # partials
+    lse: Any
+
+
+def _online_softmax(s, m_i, l_i):
+    """One step of the base-2 online softmax over S [64, 64] (scaled, masked to -inf) -> (P, alpha, m, l): the new
+    row max m, P = exp2(S - m), alpha = exp2(m_old - m) to rescale what was accumulated, the new row sum l.
+    A row that has seen nothing keeps m = -inf and gets P = 0 (m_safe avoids -inf - -inf)."""
+    m_new = jnp.maximum(m_i, s.max(axis=1))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha = jnp.exp2(m_i - m_safe)
+    p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
+    l_i = l_i * alpha + p.sum(axis=1)
+    return p, alpha, m_new, l_i
+
+
+def _row_vec(bm: int, value):
+    return plgpu.layout_cast(jnp.full((bm,), value, jnp.float32), ROW)
+
+
+def _zeros_acc(bm: int, vh: int):
+    return plgpu.layout_cast(jnp.zeros((bm, vh), jnp.float32), plgpu.Layout.WGMMA)
+
+
+@dataclasses.dataclass(frozen=True)
+class _DecodeCta:
+    """One CTA: query rows [rt * 64, rt * 64 + 64) over part `part` of the split schedule. Each warpgroup walks
+    the same batches and steps (a step: one 64-key page or 64 gathered tokens); the methods are their steps."""
+
+    gmem: _Gmem
+    smem: Scratch
+    config: MlaTileConfig
+    layout: CacheLayout
+    scale_log2: float           # softmax scale x log2(e): the softmax runs in base 2
+    causal: bool
+    q_len: int
+    heads: int
+    in_place_acc: bool
+    rt: Any                     # this CTA's row tile
+    part: Any                   # this CTA's part
+    payload: Any                # blocks per part
+    batches: tuple              # [first, end) batches the part touches
+
+    @property
+    def kv_tiles(self) -> int:
+        return 1 if self.layout.staged else self.config.stages
+
+    # ------------------------------------------------------------------------------------------ schedule
+    def block_range(self, b):
+        """The blocks [lo, hi) of batch b this part owns (hi == lo: none)."""
+        start = self.gmem.block_start[b]
+        lo = jnp.maximum(self.part * self.payload, start) - start
+        hi = jnp.minimum((self.part + 1) * self.payload, start + self.gmem.n_blocks[b]) - start
+        return lo, jnp.maximum(hi, lo)
+
+    def split_row(self, b):
+        """The partial row this part writes for batch b."""
+        return self.gmem.split_offsets[b] + self.part - self.gmem.first_part[b]
+
+    def page_of(self, b, j):
+        """Batch b's j-th page id, clamped into the cache (entries past a sequence's pages are never trusted)."""
+        table = self.gmem.table
+        return jnp.clip(table[b, jnp.minimum(j, table.shape[1] - 1)], 0, self.gmem.kv.shape[0] - 1)
+
+    # ------------------------------------------------------------------------------------------ wg 0: softmax
+    def softmax_wg(self):
+        """wg 0, per batch: load the Q tile; per step: S = Q K^T, mask, online softmax, hand P and alpha to wg 1,
+        P V on value channels [0, 256); after the last step: hand 1/l to wg 1, store its half of out and lse."""
+        plgpu.set_max_registers(COMPUTE_WG_REGISTERS, action="increase")
+        smem, bm, bn, vh = self.smem, self.config.block_m, self.config.block_n, self.config.v_per_wg
+
+        def batch(b, carry):
+            step, msgs = carry
+            lo, hi = self.block_range(b)
+
+            @pl.when(hi > lo)
+            def _():
+                self.load_q(b)
+                seq_len = self.gmem.lens[b]
+                limit = self.key_limit(seq_len)
+
+                def kv_step(j, c):
+                    acc, m_i, l_i, step, msgs = c
+                    slot = lax.rem(step, self.kv_tiles)
+                    plgpu.barrier_wait(smem.kv_ready.at[slot])
+                    s = self.scores(slot, j, limit)
+                    p, alpha, m_new, l_i = _online_softmax(s, m_i, l_i)
+                    if not self.layout.staged:                  # staged: wg 1 zeroed the tail already
+                        self.scrub_tail(slot, seq_len - j * bn)
+
+                    @pl.when(msgs > 0)
+                    def _():
+                        plgpu.barrier_wait(smem.p_free.at[0])   # wg 1 is done with the last message
+                    self.publish(alpha, p)
+                    acc = self.pv(acc, alpha, slot, 0)
+                    plgpu.barrier_arrive(smem.kv_consumed.at[slot])
+                    return acc, m_new, l_i, step + 1, msgs + 1
+
+                acc, m_i, l_i, _, _ = lax.fori_loop(
+                    lo, hi, kv_step, (_zeros_acc(bm, vh), _row_vec(bm, -jnp.inf), _row_vec(bm, 0.0), step, msgs))
+                inv = jnp.where(l_i > 0, 1.0 / jnp.where(l_i > 0, l_i, 1.0), 0.0)
+                plgpu.barrier_wait(smem.p_free.at[0])
+                self.publish(inv)                               # the split's last message: 1/l
+                t = self.split_row(b)
+                inv_b = lax.broadcast_in_dim(inv, acc.shape, [0])
+                self.gmem.out.at[t, pl.ds(self.rt * bm, bm), pl.ds(0, vh)][...] = acc * inv_b
+                lse = jnp.where(l_i > 0, m_i * LN2 + jnp.log(jnp.where(l_i > 0, l_i, 1.0)), -jnp.inf)
+                self.gmem.lse.at[t, pl.ds(self.rt * bm, bm)][...] = lse
+
+            n = hi - lo
+            return step + n, msgs + jnp.where(n > 0, n + 1, 0)
+
+        _, msgs = lax.fori_loop(*self.batches, batch, (jnp.int32(0), jnp.int32(0)))
+
+        @pl.when(msgs > 0)
+        def _():
+            plgpu.barrier_wait(smem.p_free.at[0])   # observe wg 1's last release before the barrier goes away
+
+    def load_q(self, b):
+        """TMA batch b's Q rows of this tile into smem.q and wait for them."""
+        bm = self.config.block_m
+        plgpu.copy_gmem_to_smem(self.gmem.q.at[b, pl.ds(self.rt * bm, bm)], self.smem.q, self.smem.q_ready.at[0])
+        plgpu.barrier_wait(self.smem.q_ready.at[0])
+
+    def key_limit(self, seq_len):
+        """Per query row, how many keys it sees, as a row vector (a [64, 64] tensor would hold 32 more registers):
+        seq_len, or with causal and q_len > 1, seq_len - q_len + i + 1 for query i = row // heads."""
+        bm = self.config.block_m
+        limit = plgpu.layout_cast(jnp.full((bm,), seq_len, jnp.int32), ROW)
+        if self.causal and self.q_len > 1:      # the row iota only when used: unused, it stalls layout inference
+            rows = self.rt * bm + plgpu.broadcasted_iota(jnp.int32, (bm,), 0, layout=ROW)
+            limit = limit - (self.q_len - 1)
+            for i in range(1, self.q_len):
+                limit = limit + (rows >= i * self.heads).astype(jnp.int32)
+        return limit
+
+    def scores(self, slot, j, limit):
+        """S = Q K^T [64 rows, 64 keys] of step j (f32 wgmma over 576 channels), times scale_log2, keys at or past
+        a row's limit masked to -inf."""
+        bm, bn = self.config.block_m, self.config.block_n
+
+        def qk(r):
+            plgpu.wgmma(r, self.smem.q, self.smem.kv.at[slot].T)
+            plgpu.wgmma_wait(0)
+            return r[...]
+        s = pl.run_scoped(qk, plgpu.ACC((bm, bn), jnp.float32)) * self.scale_log2
+        cols = plgpu.broadcasted_iota(jnp.int32, (bm, bn), 1, layout=plgpu.Layout.WGMMA)
+        return jnp.where(cols < lax.broadcast_in_dim(limit - j * bn, s.shape, [0]), s, -jnp.inf)
+
+    def scrub_tail(self, slot, valid):
+        """Zero the value rows at or past seq_len in a partial last page (garbage or NaN there would survive
+        P = 0 as 0 x NaN in the P V wgmma). Runs before P is published to wg 1."""
+        bn = self.config.block_n
+
+        @pl.when(valid < bn)
+        def _():
+            key = plgpu.broadcasted_iota(jnp.int32, (bn, 64), 0, layout=plgpu.Layout.WGMMA)
+            for c in range(self.config.v_dim // 64):
+                chunk = self.smem.kv.at[slot, :, pl.ds(c * 64, 64)]
+                vals = plgpu.load(chunk, layout=plgpu.Layout.WGMMA)
+                chunk[...] = jnp.where(key < valid, vals, jnp.zeros_like(vals))
+
+    def publish(self, row_scale, p=None):
+        """wg 0 -> wg 1, once wg 1 released the previous message: P (a step; none in a split's last message) and
+        the row scale (alpha, or 1/l), made visible to wgmma and signalled on p_ready."""
+        if p is not None:
+            self.smem.p[...] = p.astype(self.gmem.q.dtype)
+        self.smem.row_scale[...] = row_scale
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(self.smem.p_ready.at[0])
+
+    def receive(self):
+        """wg 1: wait for wg 0's next message and read its row scale (release it with p_free)."""
+        plgpu.barrier_wait(self.smem.p_ready.at[0])
+        return plgpu.load(self.smem.row_scale, layout=ROW)
+
+    def pv(self, acc, alpha, slot, col: int):
+        """acc * alpha + P V[:, col:col + 256], this warpgroup's value channels, with one wgmma. In place on the
+        accumulator registers (`ACC.init`) on hardware; through a fresh accumulator added in registers when
+        interpreted (the CPU interpreter does not run `run_state` over wgmma accumulators)."""
+        bm, vh = self.config.block_m, self.config.v_per_wg
+        v = self.smem.kv.at[slot, :, pl.ds(col, vh)]                        # [64 keys, vh], static columns
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        if self.in_place_acc:
+            return pl.run_state(lambda r: plgpu.wgmma(r, self.smem.p, v))(plgpu.ACC.init(acc))
+
+        def fresh(r):
+            plgpu.wgmma(r, self.smem.p, v)
+            plgpu.wgmma_wait(0)
+            return r[...]
+        return acc + pl.run_scoped(fresh, plgpu.ACC((bm, vh), jnp.float32))
+
+    # ------------------------------------------------------------------------------------------ wg 1: values
+    def value_wg(self):
+        """wg 1, per step: (staged) write the bf16 tile, take alpha from wg 0, P V on value channels [256, 512);
+        after the last step: take 1/l, store its half of out."""
+        plgpu.set_max_registers(COMPUTE_WG_REGISTERS, action="increase")
+        smem, staged = self.smem, self.layout.staged
+        bm, vh = self.config.block_m, self.config.v_per_wg
+
+        def batch(b, step):
+            lo, hi = self.block_range(b)
+
+            @pl.when(hi > lo)
+            def _():
+                def kv_step(j, c):
+                    acc, step = c
+                    if staged:
+                        self.fill_tile(b, j, step)              # writes and publishes the bf16 tile
+                    slot = lax.rem(step, self.kv_tiles)
+                    alpha = self.receive()
+                    if not staged:                              # staged: this wg wrote the tile itself
+                        plgpu.barrier_wait(smem.kv_ready.at[slot])
+                    acc = self.pv(acc, alpha, slot, vh)
+                    plgpu.barrier_arrive(smem.p_free.at[0])
+                    if not staged:                              # staged: wg 0 alone releases the tile
+                        plgpu.barrier_arrive(smem.kv_consumed.at[slot])
+                    return acc, step + 1
+
+                acc, _ = lax.fori_loop(lo, hi, kv_step, (_zeros_acc(bm, vh), step))
+                inv = self.receive()
+                plgpu.barrier_arrive(smem.p_free.at[0])
+                self.gmem.out.at[self.split_row(b), pl.ds(self.rt * bm, bm), pl.ds(vh, vh)][...] = (
+                    acc * lax.broadcast_in_dim(inv, acc.shape, [0]))
+
+            return step + (hi - lo)
+
+        steps = lax.fori_loop(*self.batches, batch, jnp.int32(0))
+        if staged:
+            @pl.when(steps > 0)
+            def _():
+                plgpu.barrier_wait(smem.kv_consumed.at[0])  # observe wg 0's last release before the barrier goes away
+
+    def fill_tile(self, b, j, step):
+        """Staged (wg 1): step j of batch b from its staging slot into the bf16 tile, keys at or past the length
+        zeroed (the scrub, folded in): FP8 latents dequantised and the rope copied, or the gathered rows copied.
+        Then the slot is free for wg 2 and the tile ready for wg 0."""
+        smem, bn, config = self.smem, self.config.block_n, self.config
+        slot = lax.rem(step, config.stages)
+
+        @pl.when(step > 0)
+        def _():
+            plgpu.barrier_wait(smem.kv_consumed.at[0])      # wg 0 is done with the previous tile
+        for ready in ((smem.latent_ready, smem.rope_ready) if self.layout.fp8 else (smem.rows_ready,)):
+            plgpu.barrier_wait(ready.at[slot])
+        valid = self.gmem.lens[b] - j * bn
+        key = plgpu.broadcasted_iota(jnp.int32, (bn, 64), 0, layout=plgpu.Layout.WGMMA)
+        if self.layout.fp8:
+            self.dequantise_latent(b, j, slot, valid)
+            copied = [(smem.rope.at[slot, :, pl.ds(c * 64, 64)], config.v_dim + c * 64)
+                      for c in range((config.qk_dim - config.v_dim) // 64)]
+        else:
+            copied = [(smem.rows.at[slot, :, pl.ds(c * 64, 64)], c * 64) for c in range(config.qk_dim // 64)]
+        for src, col in copied:
+            r = plgpu.load(src, layout=plgpu.Layout.WGMMA, optimized=not self.layout.sparse)  # sparse: untiled
+            smem.kv.at[0, :, pl.ds(col, 64)][...] = jnp.where(key < valid, r, jnp.zeros_like(r))
+        plgpu.commit_smem()                                 # generic-proxy writes -> wgmma reads
+        plgpu.barrier_arrive(smem.slot_free.at[slot])
+        plgpu.barrier_arrive(smem.kv_ready.at[0])
+
+    def dequantise_latent(self, b, j, slot, valid):
+        """FP8 (wg 1): latent channels [0, 512) of a staging slot into the bf16 tile, one scale group of 128
+        channels at a time: e4m3 x the token's scale in f32, zeroed at or past the length, rounded to bf16.
+        Scales are read from global memory as a row vector (sparse: pre-gathered per query token)."""
+        smem, bn, sparse = self.smem, self.config.block_n, self.layout.sparse
+        key = plgpu.broadcasted_iota(jnp.int32, (bn, SCALE_BLOCK), 0, layout=plgpu.Layout.WGMMA)
+        keep = key < valid
+        for g in range(self.config.v_dim // SCALE_BLOCK):
+            x = plgpu.load(smem.latent.at[slot, :, pl.ds(g * SCALE_BLOCK, SCALE_BLOCK)], layout=plgpu.Layout.WGMMA,
+                           optimized=not sparse)
+            scales = self.gmem.scales
+            row = scales.at[b, pl.ds(j * bn, bn), g] if sparse else scales.at[self.page_of(b, j), :, 0, g]
+            sc = plgpu.load(row, layout=ROW, optimized=False)
+            y = x.astype(jnp.float32) * lax.broadcast_in_dim(sc, x.shape, [0])
+            y = jnp.where(keep, y, jnp.zeros_like(y)).astype(self.gmem.q.dtype)
+            for h in range(SCALE_BLOCK // 64):
+                smem.kv.at[0, :, pl.ds(g * SCALE_BLOCK + h * 64, 64)][...] = y[:, h * 64:(h + 1) * 64]
+
+    # ------------------------------------------------------------------------------------------ wg 2: memory
+    def memory_wg(self):
+        """wg 2, per step: wait until the step's slot is free, then TMA the step's keys into it. After the last
+        step: observe each slot's final release before the barriers go away."""
+        plgpu.set_max_registers(MEMORY_WG_REGISTERS, action="decrease")
+        stages = self.config.stages
+        slot_free = self.smem.slot_free if self.layout.staged else self.smem.kv_consumed   # who releases a slot
+
+        def batch(b, step):
+            lo, hi = self.block_range(b)
+
+            def load(j, step):
+                slot = lax.rem(step, stages)
+
+                @pl.when(step >= stages)
+                def _():
+                    plgpu.barrier_wait(slot_free.at[slot])
+                if self.layout.sparse:
+                    self.gather_tokens(b, j, slot)
+                else:
+                    self.copy_page(b, j, slot)
+                return step + 1
+
+            return lax.fori_loop(lo, hi, load, step)
+
+        steps = lax.fori_loop(*self.batches, batch, jnp.int32(0))
+
+        @pl.loop(jnp.maximum(steps - stages, 0), steps)
+        def _drain(step):
+            plgpu.barrier_wait(slot_free.at[lax.rem(step, stages)])
+
+    def copy_page(self, b, j, slot):
+        """Paged: batch b's j-th page, the bf16 page into tile `slot`, or the FP8 latent and rope into staging slot
+        `slot`."""
+        page, g, s = self.page_of(b, j), self.gmem, self.smem
+        if self.layout.fp8:
+            plgpu.copy_gmem_to_smem(g.kv.at[page, :, 0, :], s.latent.at[slot], s.latent_ready.at[slot])
+            plgpu.copy_gmem_to_smem(g.rope.at[page, :, 0, :], s.rope.at[slot], s.rope_ready.at[slot])
+        else:
+            plgpu.copy_gmem_to_smem(g.kv.at[page, :, 0, :], s.kv.at[slot], s.kv_ready.at[slot])
+
+    def gather_tokens(self, b, j, slot):
+        """Sparse: the 64 token ids of batch b's step j, one single-row TMA each into staging slot `slot`
+        (ids past the length are 0: one row, re-read from L2)."""
+        g, s, bn = self.gmem, self.smem, self.config.block_n
+
+        @pl.loop(0, bn)
+        def _gather(r):
+            token = jnp.clip(g.table[b, j * bn + r], 0, g.kv.shape[0] - 1)
+            if self.layout.fp8:
+                plgpu.copy_gmem_to_smem(g.kv.at[pl.ds(token, 1)], s.latent.at[slot, pl.ds(r, 1)],
+                                        s.latent_ready.at[slot])
+                plgpu.copy_gmem_to_smem(g.rope.at[pl.ds(token, 1)], s.rope.at[slot, pl.ds(r, 1)],
+                                        s.rope_ready.at[slot])
+            else:
+                plgpu.copy_gmem_to_smem(g.kv.at[pl.ds(token, 1)], s.rows.at[slot, pl.ds(r, 1)], s.rows_ready.at[slot])
 
 
 def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, part_batches_ref, payload_ref,
@@ -59,306 +512,29 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
     "sparse" kv_ref [tokens, 576], or for "sparse_fp8" latent_ref [tokens, 512], scales_ref [B, max_tokens, 4]
     (gathered), rope_ref [tokens, 64]; then table_ref [B, max_pages] (sparse: [B, max_tokens] token ids);
     lens_ref [B]; out_ref [T, R, 512] f32 partials; lse_ref [T, R] f32 (natural log)."""
-    fp8, sparse = cache in ("fp8", "sparse_fp8"), cache in ("sparse", "sparse_fp8")
-    staged = fp8 or sparse                        # TMA fills staging slots, wg 1 writes the one bf16 tile
-    if fp8:
-        latent_ref, scales_ref, rope_ref, table_ref, lens_ref, out_ref, lse_ref = refs
-        kv_ref = latent_ref
+    layout = CacheLayout(cache)
+    if layout.fp8:
+        kv_ref, scales_ref, rope_ref, table_ref, lens_ref, out_ref, lse_ref = refs
     else:
-        kv_ref, table_ref, lens_ref, out_ref, lse_ref = refs
-    bm, bn, stages, vh = config.block_m, config.block_n, config.stages, config.v_per_wg
-    dtype = q_ref.dtype
-    num_pages, max_pages = kv_ref.shape[0], table_ref.shape[1]         # sparse: tokens, ids per batch
+        (kv_ref, table_ref, lens_ref, out_ref, lse_ref), scales_ref, rope_ref = refs, None, None
+    gmem = _Gmem(block_start=block_start_ref, n_blocks=n_blocks_ref, first_part=first_part_ref,
+                split_offsets=split_offsets_ref, part_batches=part_batches_ref, payload=payload_ref, q=q_ref,
+                kv=kv_ref, scales=scales_ref, rope=rope_ref, table=table_ref, lens=lens_ref, out=out_ref, lse=lse_ref)
     rt, part, wg = lax.axis_index("rt"), lax.axis_index("part"), lax.axis_index("wg")
     payload = payload_ref[0]
-    b_begin, b_end = part_batches_ref[part, 0], part_batches_ref[part, 1]
+    batches = (part_batches_ref[part, 0], part_batches_ref[part, 1])
 
-    def block_range(b):
-        start = block_start_ref[b]
-        lo = jnp.maximum(part * payload, start) - start
-        hi = jnp.minimum((part + 1) * payload, start + n_blocks_ref[b]) - start
-        return lo, jnp.maximum(hi, lo)
+    def scoped(smem: Scratch):
+        cta = _DecodeCta(gmem=gmem, smem=smem, config=config, layout=layout, scale_log2=scale_log2, causal=causal,
+                        q_len=q_len, heads=heads, in_place_acc=in_place_acc, rt=rt, part=part, payload=payload,
+                        batches=batches)
+        pl.when(wg == 0)(cta.softmax_wg)
+        pl.when(wg == 1)(cta.value_wg)
+        pl.when(wg == 2)(cta.memory_wg)
 
-    tiling, swizzle = plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)
-
-    def scoped(q_smem, kv_smem, p_smem, a_smem, kv_ready, kv_consumed, q_bar, p_ready, p_free, *staging):
-        """bf16: kv_smem [stages, 64, 576] holds the pages as TMA wrote them. fp8 / sparse: the TMA writes
-        staging slots (fp8 latent + rope of a page / 64 gathered bf16 rows), wg 1 turns a slot into kv_smem
-        [1, 64, 576] (bf16), which both compute warpgroups then read exactly as in the bf16 kernel;
-        kv_ready/kv_consumed are then that tile's handshakes (wg 1 -> wg 0, wg 0 -> wg 1)."""
-        if fp8:
-            lat_smem, rope_smem, lat_ready, rope_ready, slot_free_bar = staging
-            slot_ready = (lat_ready, rope_ready)
-        elif sparse:
-            rows_smem, rows_ready, slot_free_bar = staging
-            slot_ready = (rows_ready,)
-        kv_slots = 1 if staged else stages
-        def pv(acc, alpha, slot, col: int):
-            """acc * alpha + P V[:, this wg's channels]; in place on hardware, via a fresh accumulator when
-            interpreting (the CPU interpreter does not run `run_state` over wgmma accumulators)."""
-            v = kv_smem.at[slot, :, pl.ds(col, vh)]                           # [64 keys, vh], static columns
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            if in_place_acc:
-                return pl.run_state(lambda r: plgpu.wgmma(r, p_smem, v))(plgpu.ACC.init(acc))
-
-            def fresh(r):
-                plgpu.wgmma(r, p_smem, v)
-                plgpu.wgmma_wait(0)
-                return r[...]
-            return acc + pl.run_scoped(fresh, plgpu.ACC((bm, vh), jnp.float32))
-
-        def zeros_acc():
-            return plgpu.layout_cast(jnp.zeros((bm, vh), jnp.float32), plgpu.Layout.WGMMA)
-
-        def row_vec(value):
-            return plgpu.layout_cast(jnp.full((bm,), value, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-
-        def split_row(b):
-            return split_offsets_ref[b] + part - first_part_ref[b]
-
-        def scrub_tail(slot, valid):
-            """Zero the value rows at or past seq_len in a partial last page (garbage or NaN there would
-            survive P = 0 as 0 x NaN in the P V wgmma). Runs before P is published to wg 1."""
-            @pl.when(valid < bn)
-            def _():
-                key = plgpu.broadcasted_iota(jnp.int32, (bn, 64), 0, layout=plgpu.Layout.WGMMA)
-                for c in range(config.v_dim // 64):
-                    chunk = kv_smem.at[slot, :, pl.ds(c * 64, 64)]
-                    vals = plgpu.load(chunk, layout=plgpu.Layout.WGMMA)
-                    chunk[...] = jnp.where(key < valid, vals, jnp.zeros_like(vals))
-
-        def page_of(b, j):
-            return jnp.clip(table_ref[b, jnp.minimum(j, max_pages - 1)], 0, num_pages - 1)
-
-        def fill_tile(b, j, step):
-            """fp8 / sparse (wg 1): step j of batch b from its staging slot into kv_smem[0] as bf16 (fp8: latent
-            x per-token scale per 128 channels, rope copied; sparse: the gathered rows copied); keys at or past
-            the length become 0 (the scrub, folded in). Then the slot is free and the tile ready for wg 0."""
-            slot = lax.rem(step, stages)
-
-            @pl.when(step > 0)
-            def _():
-                plgpu.barrier_wait(kv_consumed.at[0])                 # wg 0 is done with the previous tile
-            for bar in slot_ready:
-                plgpu.barrier_wait(bar.at[slot])
-            valid = lens_ref[b] - j * bn
-            key64 = plgpu.broadcasted_iota(jnp.int32, (bn, 64), 0, layout=plgpu.Layout.WGMMA)
-            if fp8:
-                key = plgpu.broadcasted_iota(jnp.int32, (bn, 128), 0, layout=plgpu.Layout.WGMMA)
-                keep = key < valid
-                for g in range(config.v_dim // 128):
-                    x = plgpu.load(lat_smem.at[slot, :, pl.ds(g * 128, 128)], layout=plgpu.Layout.WGMMA,
-                                   optimized=not sparse)
-                    row = scales_ref.at[b, pl.ds(j * bn, bn), g] if sparse else scales_ref.at[page_of(b, j), :, 0, g]
-                    sc = plgpu.load(row, layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
-                    y = x.astype(jnp.float32) * lax.broadcast_in_dim(sc, x.shape, [0])
-                    y = jnp.where(keep, y, jnp.zeros_like(y)).astype(dtype)
-                    for h in range(2):
-                        kv_smem.at[0, :, pl.ds(g * 128 + h * 64, 64)][...] = y[:, h * 64:(h + 1) * 64]
-                copied = [(rope_smem.at[slot, :, pl.ds(c * 64, 64)], config.v_dim + c * 64)
-                          for c in range((config.qk_dim - config.v_dim) // 64)]
-            else:
-                copied = [(rows_smem.at[slot, :, pl.ds(c * 64, 64)], c * 64) for c in range(config.qk_dim // 64)]
-            for src, col in copied:
-                r = plgpu.load(src, layout=plgpu.Layout.WGMMA, optimized=not sparse)  # sparse: untiled slot
-                kv_smem.at[0, :, pl.ds(col, 64)][...] = jnp.where(key64 < valid, r, jnp.zeros_like(r))
-            plgpu.commit_smem()                                       # generic-proxy writes -> wgmma reads
-            plgpu.barrier_arrive(slot_free_bar.at[slot])
-            plgpu.barrier_arrive(kv_ready.at[0])
-
-        @pl.when(wg == 0)
-        def _softmax_wg():
-            plgpu.set_max_registers(232, action="increase")
-
-            def batch(b, carry):
-                step, msgs = carry
-                lo, hi = block_range(b)
-
-                @pl.when(hi > lo)
-                def _():
-                    plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(rt * bm, bm)], q_smem, q_bar.at[0])
-                    plgpu.barrier_wait(q_bar.at[0])
-                    seq_len = lens_ref[b]
-                    # Per-row key limit as a row vector (a [64, 64] tensor would hold 32 more registers).
-                    limit = plgpu.layout_cast(jnp.full((bm,), seq_len, jnp.int32), plgpu.Layout.WGMMA.reduce(1))
-                    if causal and q_len > 1:  # query i = row // heads sees keys < seq_len - q_len + i + 1
-                        rows = rt * bm + plgpu.broadcasted_iota(jnp.int32, (bm,), 0,
-                                                                layout=plgpu.Layout.WGMMA.reduce(1))
-                        limit = limit - (q_len - 1)
-                        for i in range(1, q_len):
-                            limit = limit + (rows >= i * heads).astype(jnp.int32)
-
-                    def kv_step(j, c):
-                        acc, m_i, l_i, step, msgs = c
-                        slot = lax.rem(step, kv_slots)
-                        plgpu.barrier_wait(kv_ready.at[slot])
-
-                        def qk(r):
-                            plgpu.wgmma(r, q_smem, kv_smem.at[slot].T)
-                            plgpu.wgmma_wait(0)
-                            return r[...]
-                        s = pl.run_scoped(qk, plgpu.ACC((bm, bn), jnp.float32)) * scale_log2   # [64, 64]
-                        cols = plgpu.broadcasted_iota(jnp.int32, (bm, bn), 1, layout=plgpu.Layout.WGMMA)
-                        s = jnp.where(cols < lax.broadcast_in_dim(limit - j * bn, s.shape, [0]), s, -jnp.inf)
-                        m_new = jnp.maximum(m_i, s.max(axis=1))
-                        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)     # a row with nothing seen yet
-                        alpha = jnp.exp2(m_i - m_safe)
-                        p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
-                        l_i = l_i * alpha + p.sum(axis=1)
-                        if not staged:                                 # staged: wg 1 zeroed the tail already
-                            scrub_tail(slot, seq_len - j * bn)
-
-                        @pl.when(msgs > 0)
-                        def _():
-                            plgpu.barrier_wait(p_free.at[0])                  # wg 1 is done with the last P
-                        p_smem[...] = p.astype(dtype)
-                        a_smem[...] = alpha
-                        plgpu.commit_smem()
-                        plgpu.barrier_arrive(p_ready.at[0])
-                        acc = pv(acc, alpha, slot, 0)
-                        plgpu.barrier_arrive(kv_consumed.at[slot])
-                        return acc, m_new, l_i, step + 1, msgs + 1
-
-                    acc, m_i, l_i, _, msgs_in = lax.fori_loop(
-                        lo, hi, kv_step, (zeros_acc(), row_vec(-jnp.inf), row_vec(0.0), step, msgs))
-                    inv = jnp.where(l_i > 0, 1.0 / jnp.where(l_i > 0, l_i, 1.0), 0.0)
-                    plgpu.barrier_wait(p_free.at[0])
-                    a_smem[...] = inv
-                    plgpu.commit_smem()
-                    plgpu.barrier_arrive(p_ready.at[0])
-                    t = split_row(b)
-                    inv_b = lax.broadcast_in_dim(inv, acc.shape, [0])
-                    out_ref.at[t, pl.ds(rt * bm, bm), pl.ds(0, vh)][...] = acc * inv_b
-                    lse = jnp.where(l_i > 0, m_i * LN2 + jnp.log(jnp.where(l_i > 0, l_i, 1.0)), -jnp.inf)
-                    lse_ref.at[t, pl.ds(rt * bm, bm)][...] = lse
-
-                n = hi - lo
-                return step + n, msgs + jnp.where(n > 0, n + 1, 0)
-
-            _, msgs = lax.fori_loop(b_begin, b_end, batch, (jnp.int32(0), jnp.int32(0)))
-
-            @pl.when(msgs > 0)
-            def _():
-                plgpu.barrier_wait(p_free.at[0])  # observe wg 1's last release before the barrier goes away
-
-        @pl.when(wg == 1)
-        def _value_wg():
-            plgpu.set_max_registers(232, action="increase")
-
-            def batch(b, step):
-                lo, hi = block_range(b)
-
-                @pl.when(hi > lo)
-                def _():
-                    def kv_step(j, c):
-                        acc, step = c
-                        if staged:
-                            fill_tile(b, j, step)                     # fills and publishes the bf16 tile
-                        slot = lax.rem(step, kv_slots)
-                        plgpu.barrier_wait(p_ready.at[0])
-                        alpha = plgpu.load(a_smem, layout=plgpu.Layout.WGMMA.reduce(1))
-                        if not staged:                                # staged: this wg wrote the tile itself
-                            plgpu.barrier_wait(kv_ready.at[slot])
-                        acc = pv(acc, alpha, slot, vh)
-                        plgpu.barrier_arrive(p_free.at[0])
-                        if not staged:                                # staged: wg 0 alone releases the tile
-                            plgpu.barrier_arrive(kv_consumed.at[slot])
-                        return acc, step + 1
-
-                    acc, _ = lax.fori_loop(lo, hi, kv_step, (zeros_acc(), step))
-                    plgpu.barrier_wait(p_ready.at[0])
-                    inv = plgpu.load(a_smem, layout=plgpu.Layout.WGMMA.reduce(1))
-                    plgpu.barrier_arrive(p_free.at[0])
-                    out_ref.at[split_row(b), pl.ds(rt * bm, bm), pl.ds(vh, vh)][...] = (
-                        acc * lax.broadcast_in_dim(inv, acc.shape, [0]))
-
-                return step + (hi - lo)
-
-            steps = lax.fori_loop(b_begin, b_end, batch, jnp.int32(0))
-            if staged:
-                @pl.when(steps > 0)
-                def _():
-                    plgpu.barrier_wait(kv_consumed.at[0])  # observe wg 0's last release before the barrier goes away
-
-        @pl.when(wg == 2)
-        def _memory_wg():
-            plgpu.set_max_registers(40, action="decrease")
-            slot_free = slot_free_bar if staged else kv_consumed       # who releases a TMA slot
-
-            def batch(b, step):
-                lo, hi = block_range(b)
-
-                def load(j, step):
-                    slot = lax.rem(step, stages)
-
-                    @pl.when(step >= stages)
-                    def _():
-                        plgpu.barrier_wait(slot_free.at[slot])
-                    if sparse:  # one single-row TMA per token; ids past the length are 0 (one row, from L2)
-                        @pl.loop(0, bn)
-                        def _gather(r):
-                            token = jnp.clip(table_ref[b, j * bn + r], 0, num_pages - 1)
-                            if fp8:
-                                plgpu.copy_gmem_to_smem(latent_ref.at[pl.ds(token, 1)], lat_smem.at[slot, pl.ds(r, 1)],
-                                                        lat_ready.at[slot])
-                                plgpu.copy_gmem_to_smem(rope_ref.at[pl.ds(token, 1)], rope_smem.at[slot, pl.ds(r, 1)],
-                                                        rope_ready.at[slot])
-                            else:
-                                plgpu.copy_gmem_to_smem(kv_ref.at[pl.ds(token, 1)], rows_smem.at[slot, pl.ds(r, 1)],
-                                                        rows_ready.at[slot])
-                        return step + 1
-                    page = page_of(b, j)
-                    if fp8:
-                        plgpu.copy_gmem_to_smem(latent_ref.at[page, :, 0, :], lat_smem.at[slot], lat_ready.at[slot])
-                        plgpu.copy_gmem_to_smem(rope_ref.at[page, :, 0, :], rope_smem.at[slot], rope_ready.at[slot])
-                    else:
-                        plgpu.copy_gmem_to_smem(kv_ref.at[page, :, 0, :], kv_smem.at[slot], kv_ready.at[slot])
-                    return step + 1
-
-                return lax.fori_loop(lo, hi, load, step)
-
-            steps = lax.fori_loop(b_begin, b_end, batch, jnp.int32(0))
-
-            @pl.loop(jnp.maximum(steps - stages, 0), steps)
-            def _drain(step):  # observe the last consumptions of every slot before the barriers go away
-                plgpu.barrier_wait(slot_free.at[lax.rem(step, stages)])
-
-    d = q_ref.shape[-1]
-    if staged:  # TMA fills staging slots; the one bf16 tile is written by wg 1 and read by both compute wgs
-        kv_tile = plgpu.SMEM((1, bn, d), dtype, transforms=(tiling, swizzle))
-        kv_bars = (plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=1))  # tile ready (wg 1), free (wg 0)
-    # sparse: untiled rows (a single-row TMA cannot write into an 8-row swizzled tile), one arrival per row copy
-    arrivals = bn if sparse else 1
-    if fp8:
-        staging = (
-            plgpu.SMEM((stages, bn, config.v_dim), latent_ref.dtype,
-                       transforms=() if sparse else (plgpu.TilingTransform((8, 128)), swizzle)),
-            plgpu.SMEM((stages, bn, d - config.v_dim), rope_ref.dtype, transforms=() if sparse else (tiling, swizzle)),
-            plgpu.Barrier(num_arrivals=arrivals, num_barriers=stages),
-            plgpu.Barrier(num_arrivals=arrivals, num_barriers=stages),
-            plgpu.Barrier(num_barriers=stages),
-        )
-    elif sparse:
-        staging = (plgpu.SMEM((stages, bn, d), kv_ref.dtype),
-                   plgpu.Barrier(num_arrivals=arrivals, num_barriers=stages),
-                   plgpu.Barrier(num_barriers=stages))
-    else:
-        kv_tile = plgpu.SMEM((stages, bn, d), kv_ref.dtype, transforms=(tiling, swizzle))
-        kv_bars = (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_arrivals=2, num_barriers=stages))
-        staging = ()
-    pl.run_scoped(
-        scoped,
-        plgpu.SMEM((bm, d), dtype, transforms=(tiling, swizzle)),
-        kv_tile,
-        plgpu.SMEM((bm, bn), dtype, transforms=(tiling, swizzle)),
-        plgpu.SMEM((bm,), jnp.float32),
-        *kv_bars,
-        plgpu.Barrier(num_barriers=1),
-        plgpu.Barrier(num_barriers=1),
-        plgpu.Barrier(num_barriers=1),
-        *staging,
-        collective_axes="wg",
-    )
+    scratch = _scratch_types(config, layout, dtype=q_ref.dtype, kv_dtype=kv_ref.dtype,
+                             rope_dtype=None if rope_ref is None else rope_ref.dtype, d=q_ref.shape[-1])
+    pl.run_scoped(scoped, scratch, collective_axes="wg")
 
 
 def build(*, batch: int, rows: int, num_parts: int, max_splits: int, config: MlaTileConfig, scale: float,
@@ -366,9 +542,8 @@ def build(*, batch: int, rows: int, num_parts: int, max_splits: int, config: Mla
     """The kernel callable f(metadata arrays..., q [B, rows, 576], kv_cache | (latent, scales, rope) | flat
     tokens, block_table | token table, seq_lens) -> (out partials [max_splits, rows, 512] f32, lse partials
     [max_splits, rows] f32). `cache`: one of CACHES."""
-    if cache not in CACHES:
-        raise ValueError(f"cache={cache!r}: expected one of {CACHES}")
-    config.check_smem("float8_e4m3fn" if "fp8" in cache else "bfloat16", sparse=cache.startswith("sparse"))
+    layout = CacheLayout(cache)
+    config.check_smem("float8_e4m3fn" if layout.fp8 else "bfloat16", sparse=layout.sparse)
     if rows % config.block_m:
         raise ValueError(f"rows={rows}: expected a multiple of block_m={config.block_m} (the wrapper pads)")
     body = functools.partial(_kernel, config=config, scale_log2=scale * LOG2E, causal=causal, q_len=q_len,
