@@ -9,6 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
+from seekax.ir.validate import check_int, fail
+
+# Library parameter -> the flag's dest, for errors that name the flag.
+PREPARE_PARAMS = {"path": "out", "paths": "input", "num_workers": "workers", "num_partitions": "partitions"}
+STORE_PARAMS = {"path": "store"}
+
 WORDS = ("expert", "token", "latent", "pipeline", "kernel", "shard", "router", "cache", "page", "gradient",
          "warp", "tile", "schedule", "batch", "prefix", "the", "a", "of", "and", "to")
 
@@ -17,33 +23,35 @@ def register(sub) -> None:
     p = sub.add_parser("data", help="prepare, inspect or verify a sample store", description=__doc__)
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
 
-    pr = dsub.add_parser("prepare", help="files or a synthetic corpus -> tokenised sample store (DuckDB partitions)")
-    pr.add_argument("out", help="sample store directory to write")
+    pr = dsub.add_parser("prepare", help="files or a synthetic corpus -> tokenised sample store (DuckDB partitions)",
+                         params=PREPARE_PARAMS)
+    pr.add_argument("out", help="sample store directory to write (missing folders are created)")
     src = pr.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", nargs="+", help="parquet files/globs (with --text-column), or text files (one "
                                                 "document each)")
     src.add_argument("--synthetic", type=int, metavar="DOCS", help="generate this many synthetic documents")
-    pr.add_argument("--text-column", default="text")
-    pr.add_argument("--seq-len", type=int, default=512)
-    pr.add_argument("--partitions", type=int, default=4)
-    pr.add_argument("--workers", type=int, default=2)
-    pr.add_argument("--executor", choices=("process", "inline", "ray"), default="process")
+    pr.add_argument("--text-column", default="text", help="parquet input: the column holding the documents")
+    pr.add_argument("--seq-len", type=int, default=512, help="tokens per packed sequence (one store record)")
+    pr.add_argument("--partitions", type=int, default=4, help="partitions the documents are split into")
+    pr.add_argument("--workers", type=int, default=2, help="worker processes (or Ray tasks) running partitions")
+    pr.add_argument("--executor", choices=("process", "inline", "ray"), default="process",
+                    help="where partitions run: a process pool, this process, or Ray")
     pr.add_argument("--dedupe", action="store_true", help="drop repeated texts (hash-partitioned by the text)")
     pr.add_argument("--seed", type=int, default=0, help="shuffle seed (and synthetic corpus seed)")
     pr.add_argument("--work-dir", default=None, help="intermediate partitions (default: OUT.work); reruns reuse them")
-    pr.add_argument("--overwrite", action="store_true")
+    pr.add_argument("--overwrite", action="store_true", help="replace a store already published at OUT")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
     pr.set_defaults(func=prepare)
 
-    ins = dsub.add_parser("inspect", help="print a store's manifest summary")
-    ins.add_argument("store")
-    ins.add_argument("--json", action="store_true")
+    ins = dsub.add_parser("inspect", help="print a store's manifest summary", params=STORE_PARAMS)
+    ins.add_argument("store", help="sample store directory")
+    ins.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     ins.add_argument("--show", type=int, default=0, metavar="N", help="also print the first N records (decoded)")
     ins.set_defaults(func=inspect)
 
-    ver = dsub.add_parser("verify", help="recompute every shard checksum; exit 1 on any problem")
-    ver.add_argument("store")
-    ver.add_argument("--quiet", action="store_true")
+    ver = dsub.add_parser("verify", help="recompute every shard checksum; exit 1 on any problem", params=STORE_PARAMS)
+    ver.add_argument("store", help="sample store directory")
+    ver.add_argument("--quiet", action="store_true", help="no progress bar")
     ver.set_defaults(func=verify)
 
 
@@ -83,36 +91,35 @@ def prepare(args) -> int:
 
     from seekax.storage.prep import Session
 
+    for dest in ("seq_len", "partitions", "workers") + (("synthetic",) if args.synthetic is not None else ()):
+        check_int(dest, getattr(args, dest), min_value=1)  # before any work, named by flag
     work = Path(args.work_dir or f"{args.out}.work")
-    try:
-        with Session(work, num_workers=args.workers, executor=args.executor, progress=not args.quiet) as s:
-            if args.synthetic is not None:
-                files, column = _synthetic(work, args.synthetic, args.seed), "text"
+    with Session(work, num_workers=args.workers, executor=args.executor, progress=not args.quiet) as s:
+        if args.synthetic is not None:
+            files, column = _synthetic(work, args.synthetic, args.seed), "text"
+        else:
+            paths = sorted({f for p in args.input for f in glob.glob(p)})
+            if not paths:
+                raise fail("input", args.input, "existing files")
+            if all(p.endswith(".parquet") for p in paths):
+                files, column = paths, args.text_column
+            elif not any(p.endswith(".parquet") for p in paths):
+                files, column = _text_files(work, paths), "text"
             else:
-                paths = sorted({f for p in args.input for f in glob.glob(p)})
-                if not paths:
-                    raise ValueError(f"input={args.input!r}: expected existing files")
-                if all(p.endswith(".parquet") for p in paths):
-                    files, column = paths, args.text_column
-                elif not any(p.endswith(".parquet") for p in paths):
-                    files, column = _text_files(work, paths), "text"
-                else:
-                    raise ValueError(f"input={args.input!r}: expected all parquet or all text files")
-            df = s.read_parquet(files)
-            df = df.repartition(args.partitions, hash_by=column if args.dedupe else None)
-            if args.dedupe:
-                df = df.dedupe(column)
-            df = df.shuffle(seed=args.seed)
-            m = df.to_sample_store(args.out, text_column=column, seq_len=args.seq_len, overwrite=args.overwrite)
-    except ValueError as e:
-        print(f"seekax data prepare: FAIL {e}", file=sys.stderr)
-        return 2
+                raise fail("input", args.input, "all parquet or all text files")
+        df = s.read_parquet(files)
+        df = df.repartition(args.partitions, hash_by=column if args.dedupe else None)
+        if args.dedupe:
+            df = df.dedupe(column)
+        df = df.shuffle(seed=args.seed)
+        m = df.to_sample_store(args.out, text_column=column, seq_len=args.seq_len, overwrite=args.overwrite)
     print(f"seekax data prepare: wrote {m['num_records']} sequences x {args.seq_len} tokens "
           f"({m['metadata']['docs']} documents, {len(m['shards'])} shard(s)) to {args.out}")
     return 0
 
 
 def _open(path: str, cmd: str):
+    """(store, 0), or (None, 1) for a torn or corrupt store; a path that is no store raises (a usage error)."""
     from seekax.storage.sample_store import CorruptStoreError, IncompleteStoreError, SampleStore
 
     try:
@@ -120,9 +127,6 @@ def _open(path: str, cmd: str):
     except (IncompleteStoreError, CorruptStoreError) as e:
         print(f"seekax data {cmd}: FAIL {e}", file=sys.stderr)
         return None, 1
-    except ValueError as e:
-        print(f"seekax data {cmd}: FAIL {e}", file=sys.stderr)
-        return None, 2
 
 
 def inspect(args) -> int:
