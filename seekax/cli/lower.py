@@ -101,7 +101,8 @@ def register(sub) -> None:
                    help="report shared memory (limit 227 KiB) and wgmma use; "
                         "exit 1 if a kernel overflows or lacks wgmma")
     for name in ("block-m", "block-n", "block-k", "stages"):
-        p.add_argument(f"--{name}", type=int, default=None, help="tile config override (matmul)")
+        p.add_argument(f"--{name}", type=int, default=None,
+                       help="matmul: tile config override (default: the heuristic's config)")
     p.set_defaults(func=run)
 
 
