@@ -218,15 +218,17 @@ def lower_pipeline(plan: PipelinePlan, stage_fn: Callable, loss_fn: Callable, *,
     def body(params_local, loss_params, microbatches, targets, tables):
         params = jax.tree.map(lambda p: p[0], params_local)  # [num_chunks, ...]
         rows = {k: v[0] for k, v in tables.items()}  # [num_ticks]
-        x0 = microbatches[0]
-        check_stage_fn(stage_act, jax.tree.map(lambda p: p[0], params), x0)  # inside: extra axes are bound
-
         def varying_over(x, axes):
             missing = tuple(a for a in axes if a not in jax.typeof(x).manual_axis_type.varying)
             return lax.pcast(x, missing, to="varying") if missing else x
 
         def varying(x):
             return varying_over(x, vary_axes)
+
+        # Every stage input the branches see varies over pp (it comes out of a pp-varying slot buffer), so the
+        # shape check must trace with one too: a stage whose layers run under lax.scan needs carry types to match.
+        x0 = varying(microbatches[0])
+        check_stage_fn(stage_act, jax.tree.map(lambda p: p[0], params), x0)  # inside: extra axes are bound
 
         def chunk_params(c):
             return jax.tree.map(lambda p: p[c], params)
