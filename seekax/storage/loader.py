@@ -8,6 +8,10 @@ loader yields byte for byte the batches an uninterrupted one would.
 Multi-process: each process reads only rows [p * B/P, (p+1) * B/P) of each global batch (P = process count).
 `process_index`/`process_count` default to jax's and can be overridden (processes launched without
 `jax.distributed`, tests).
+
+Every batch is checked against the store's per-record checksums (`verify_reads=False` to skip, for a store
+opened here from a path). `tokenizer=` (a tokenizer.json path, "bytes", or a tokenizer object) makes the loader
+refuse a store packed with another tokenizer.
 """
 
 from __future__ import annotations
@@ -15,12 +19,17 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import grain
 import numpy as np
 
 from seekax.ir.validate import check_int, fail
-from seekax.storage.order import BatchPlan
-from seekax.storage.sample_store import SampleStore
+from seekax.storage.extras import require_data_extra
+
+require_data_extra("grain", feature="seekax.storage.Loader")
+import grain  # noqa: E402 - after the check that names the extra
+
+from seekax.storage.order import BatchPlan  # noqa: E402
+from seekax.storage.sample_store import SampleStore  # noqa: E402
+from seekax.storage.tokenizer import ByteTokenizer, HFTokenizer, check_store_tokenizer  # noqa: E402
 
 STATE_VERSION = 1
 READAHEAD_BYTES = 16 << 20  # default read-ahead window: measured best for 0.5-2 MiB shuffle blocks (BENCHMARKS.md)
@@ -90,10 +99,17 @@ class Loader:
     `get_state()` -> JSON-able dict (global batch counter + a fingerprint of the order); `set_state(state)`.
     """
 
-    def __init__(self, store: SampleStore | str, config: LoaderConfig, *, sharding=None):
-        self.store = store if isinstance(store, SampleStore) else SampleStore(store)
+    def __init__(self, store: SampleStore | str, config: LoaderConfig, *, sharding=None, tokenizer=None,
+                 verify_reads: bool = True):
+        self.store = store if isinstance(store, SampleStore) else SampleStore(store, verify_reads=verify_reads)
         if self.store.kind != "tokens":
             raise fail("store.kind", self.store.kind, "'tokens' (the loader batches fixed-size records)")
+        if tokenizer is not None:
+            if isinstance(tokenizer, str) and tokenizer == "bytes":
+                tokenizer = ByteTokenizer()
+            elif not hasattr(tokenizer, "identity"):
+                tokenizer = HFTokenizer(tokenizer)
+            check_store_tokenizer(self.store.manifest.get("metadata", {}), tokenizer)
         self.config, self.sharding = config, sharding
         if config.process_count is None:
             import jax

@@ -31,6 +31,7 @@ from typing import Any, Sequence
 
 from seekax.ir.validate import check_choice, check_int, fail
 from seekax.storage.atomic import atomic_write_json, ensure_dir, tmp_name
+from seekax.storage.extras import require_data_extra
 
 EXECUTORS = ("process", "inline", "ray")
 
@@ -88,10 +89,12 @@ def run_task(task: dict) -> dict:
     elif task["kind"] == "tokenize":
         import numpy as np
 
+        from seekax.storage.tokenizer import load_tokenizer
         from seekax.storage.tokens import pack
 
         texts = [r[0] for r in con.execute(f"SELECT {_ident(task['column'])} FROM {src}").fetchall()]
-        rows, tail = pack(texts, task["seq_len"])
+        tokenizer = load_tokenizer(task.get("tokenizer"), task.get("eos_token"))
+        rows, tail = pack(texts, task["seq_len"], tokenizer)
         tmp = tmp_name(task["out"])
         with open(tmp, "wb") as f:
             np.save(f, rows)
@@ -124,6 +127,8 @@ class Session:
 
     def __init__(self, work_dir: str | os.PathLike, *, num_workers: int = 2, executor: str = "process",
                  duckdb_threads: int = 1, progress: bool = False):
+        require_data_extra("duckdb", "pyarrow", feature="data preparation (seekax.storage.prep.Session, seekax "
+                                                         "data prepare)")
         self.work_dir = ensure_dir("work_dir", work_dir)
         self.num_workers = check_int("num_workers", num_workers, min_value=1)
         self.executor = check_choice("executor", executor, EXECUTORS)
@@ -331,10 +336,16 @@ class DataFrame:
         return [t["out"] for t in tasks]
 
     def to_sample_store(self, path: str | os.PathLike, *, text_column: str, seq_len: int,
-                        overwrite: bool = False, shard_bytes: int = 256 << 20) -> dict:
-        """Tokenise `text_column` (byte-level), pack rows of `seq_len` int32 per partition, write a token store
-        (partitions in order). Returns the store manifest."""
+                        overwrite: bool = False, shard_bytes: int = 256 << 20, tokenizer: str | os.PathLike |
+                        None = None, eos_token: str | None = None) -> dict:
+        """Tokenise `text_column`, pack rows of `seq_len` int32 per partition, write a token store (partitions in
+        order). `tokenizer`: a Hugging Face tokenizer.json (None: bytes, ids 0-255 and EOS 256); its identity
+        goes into the manifest's metadata. Returns the store manifest."""
         from seekax.storage.sample_store import SampleStoreWriter
+        from seekax.storage.tokenizer import load_tokenizer
+
+        tok_path = None if tokenizer is None else str(Path(tokenizer).absolute())
+        identity = load_tokenizer(tok_path, eos_token).identity()  # a bad path or eos fails here, not in a worker
 
         (col,) = self._check_columns("text_column", text_column)
         ctype = dict(self.schema())[col]
@@ -342,14 +353,16 @@ class DataFrame:
             raise fail("text_column", col, f"a VARCHAR (text) column, got {ctype}")
         seq_len = check_int("seq_len", seq_len, min_value=1)
         parts = self.compute()
-        d = ensure_dir("work_dir", self.session.work_dir / f"tok-{self.node.id}-{col}-{seq_len}")
+        d = ensure_dir("work_dir", self.session.work_dir / f"tok-{self.node.id}-{col}-{seq_len}-"
+                                                           f"{identity['sha256'][:12]}-{identity['eos_id']}")
         tasks = [{"kind": "tokenize", "partition": j, "inputs": files, "column": col, "seq_len": seq_len,
+                  "tokenizer": tok_path, "eos_token": eos_token,
                   "threads": self.session.duckdb_threads, "out": str(d / f"tokens-{j:05d}.npy"),
                   "marker": str(d / f"tokens-{j:05d}.done")} for j, files in enumerate(parts)]
         infos = self.session.run(tasks, desc="tokenize")
         import numpy as np
 
-        meta = {"source": "seekax.storage.prep", "tokenizer": "bytes+eos256", "text_column": col,
+        meta = {"source": "seekax.storage.prep", "tokenizer": identity, "text_column": col,
                 "docs": sum(i["docs"] for i in infos),
                 "dropped_tail_tokens": sum(i["dropped_tail_tokens"] for i in infos)}
         with SampleStoreWriter(path, kind="tokens", seq_len=seq_len, dtype="int32", overwrite=overwrite,

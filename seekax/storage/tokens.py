@@ -1,4 +1,5 @@
-"""Byte-level tokenizer and sequence packing for token stores (no vocabulary download needed).
+"""Byte-level tokenizer and sequence packing for token stores (no vocabulary download needed); a real vocabulary
+(`tokenizer.json`) packs through `tokenizer.HFTokenizer` with the same `pack`.
 
 Token ids: 0..255 are UTF-8 bytes, 256 ends a document (EOS). Packing concatenates documents, each followed by
 EOS, and cuts the stream into rows of `seq_len`; the tail shorter than a row is dropped (returned separately).
@@ -11,6 +12,7 @@ from typing import Iterable
 import numpy as np
 
 from seekax.ir.validate import check_int, fail
+from seekax.storage.tokenizer import ByteTokenizer, pack_ids
 
 EOS = 256
 VOCAB_SIZE = 257
@@ -29,15 +31,13 @@ def decode(tokens) -> str:
     return bytes(np.where(t < 256, t, 10).astype(np.uint8)).decode("utf-8", errors="replace")
 
 
-def pack(texts: Iterable[str], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Documents -> (rows [n, seq_len] int32, leftover tail [< seq_len] int32)."""
+def pack(texts: Iterable[str], seq_len: int, tokenizer=None) -> tuple[np.ndarray, np.ndarray]:
+    """Documents -> (rows [n, seq_len] int32, leftover tail [< seq_len] int32), tokenised by `tokenizer`
+    (`tokenizer.ByteTokenizer` or `HFTokenizer`; None: bytes)."""
     seq_len = check_int("seq_len", seq_len, min_value=1)
-    parts = []
+    tokenizer = tokenizer or ByteTokenizer()
+    texts = [t for t in texts if t is not None]
     for t in texts:
-        if t is None:
-            continue
-        parts.append(encode(t))
-        parts.append(np.asarray([EOS], np.int32))
-    stream = np.concatenate(parts) if parts else np.zeros(0, np.int32)
-    n = len(stream) // seq_len
-    return stream[:n * seq_len].reshape(n, seq_len), stream[n * seq_len:]
+        if not isinstance(t, str):
+            raise fail("text", type(t).__name__, "a str")
+    return pack_ids(tokenizer.encode_batch(texts), tokenizer.eos_id, seq_len)

@@ -1,0 +1,24 @@
+"""Optional dependencies: the `[data]` extra (grain, DuckDB, pyarrow, tokenizers) is checked where it is first
+needed, so a missing one is named with the command that installs it instead of a ModuleNotFoundError from deep
+inside a worker."""
+
+from __future__ import annotations
+
+import importlib
+
+DATA_EXTRA = ("grain", "duckdb", "pyarrow")
+INSTALL = "pip install 'seekax[data]'"
+
+
+def require_data_extra(*modules: str, feature: str = "this feature") -> None:
+    """Raise ImportError naming the `[data]` extra if any of `modules` (default: grain, duckdb, pyarrow) is
+    missing. `feature` says what needs them, e.g. "seekax demo"."""
+    missing = []
+    for name in modules or DATA_EXTRA:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ImportError(f"{feature} needs the [data] extra, which is not installed (missing: "
+                          f"{', '.join(missing)}); install it with: {INSTALL}", name=missing[0])
