@@ -135,8 +135,9 @@ def to_png(schedule: Schedule, path: str, costs: Mapping[str, float] | None = No
     fig.subplots_adjust(left=0.07, right=0.99, bottom=(legend + margin + 0.25) / height, top=1 - margin / height)
     for r in range(n):
         ax.add_patch(Rectangle((0, r - 0.45), sim.makespan, 0.9, color="#f2f2f2", zorder=0))
-    bar = tqdm(bx, desc="draw PNG", unit="op", disable=not progress)
-    for b in bar:
+    bar = tqdm(total=len(bx), desc="draw PNG", unit="op", disable=not progress)
+    for b in bx:
+        bar.update()
         span = (b.end - b.start) / len(b.parts)
         for i, (kind, chunk, mb) in enumerate(b.parts):
             x = b.start + i * span
