@@ -1,5 +1,7 @@
-"""DeepSeek-V3 MoE layer: sigmoid group-limited routing, one shared expert, routed SwiGLU experts through
-grouped GEMMs (bf16 or FP8), expert-parallel dispatch/combine, per-expert loads for EPLB.
+"""DeepSeek-V2/V3 MoE layer: routing (V3's sigmoid + correction bias with group-limited top-k, or V2's
+softmax, greedy or group-limited), shared experts, routed SwiGLU experts through grouped GEMMs (bf16 or
+FP8; FP8 weights may come pre-quantised as `Fp8Weight`s), expert-parallel dispatch/combine, per-expert
+loads for EPLB.
 
 Call `moe_layer` inside `jax.shard_map` over the EP axis (x: this rank's tokens; routed expert weights:
 this rank's slice, [slots / ep_size, ...]) or with axis_name=None on one device. `moe_reference` is the
@@ -14,7 +16,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from seekax.ir.validate import check_int, fail
+from seekax.ir.validate import check_choice, check_int, fail
+from seekax.layers.linear import Fp8Weight, linear_nt, padded_k
 from seekax.ops import ep as ep
 from seekax.lowering import dispatch_permute as perm
 from seekax.lowering.dispatch_route import axis_index, axis_size
@@ -24,7 +27,10 @@ from seekax.lowering.dispatch_route import axis_index, axis_size
 class MoeConfig:
     """hidden H, moe_inter I (per expert), num_experts E routed, top_k K; routing groups: n_groups groups of
     E / n_groups experts, keep the topk_group best; shared: number of shared experts (one fused MLP of width
-    shared * I); routed_scaling_factor multiplies the normalised weights; fp8: FP8 payload + FP8 GEMMs."""
+    shared * I); routed_scaling_factor multiplies the (normalised, if norm_topk_prob) weights; fp8: FP8
+    payload + FP8 GEMMs. scoring: "sigmoid" (V3) or "softmax" (V2). topk_method: "noaux_tc" (V3: groups
+    ranked by the sum of their two best biased scores), "group_limited_greedy" (V2: by their best score),
+    "greedy" (no groups)."""
 
     hidden: int
     moe_inter: int
@@ -35,8 +41,13 @@ class MoeConfig:
     shared: int = 1
     routed_scaling_factor: float = 1.0
     fp8: bool = False
+    scoring: str = "sigmoid"
+    topk_method: str = "noaux_tc"
+    norm_topk_prob: bool = True
 
     def __post_init__(self):
+        check_choice("scoring", self.scoring, ("sigmoid", "softmax"))
+        check_choice("topk_method", self.topk_method, ("noaux_tc", "greedy", "group_limited_greedy"))
         for name in ("hidden", "moe_inter", "num_experts", "top_k", "n_groups", "topk_group"):
             check_int(name, getattr(self, name), min_value=1)
         check_int("shared", self.shared, min_value=0)
@@ -75,45 +86,80 @@ def init_moe_params(key: jax.Array, cfg: MoeConfig, *, dtype=jnp.bfloat16, num_s
 
 
 def route(x: jax.Array, gate: jax.Array, gate_bias: jax.Array, cfg: MoeConfig):
-    """DeepSeek-V3 gate. x: [T, H] -> (topk_idx [T, K] int32 logical ids, topk_weights [T, K] float32).
+    """DeepSeek's gate. x: [T, H] -> (topk_idx [T, K] int32 logical ids, topk_weights [T, K] float32).
 
-    scores = sigmoid(x @ gate^T); selection uses scores + bias (bias steers load only); groups ranked by the
-    sum of their top-2 biased scores, the best topk_group kept; weights = unbiased scores of the chosen
-    experts, normalised to sum 1, times routed_scaling_factor."""
+    scores = sigmoid or softmax of x @ gate^T (float32); selection uses scores + bias (V3's correction bias
+    steers load only; zeros for V2); with groups, the topk_group best groups are kept (ranked by the sum of
+    their top-2 biased scores, or V2's best score); weights = unbiased scores of the chosen experts,
+    normalised to sum 1 if norm_topk_prob, times routed_scaling_factor."""
     t = x.shape[0]
-    scores = jax.nn.sigmoid(jnp.einsum("th,eh->te", x.astype(jnp.float32), gate.astype(jnp.float32)))  # [T, E]
+    logits = jnp.einsum("th,eh->te", x.astype(jnp.float32), gate.astype(jnp.float32))                 # [T, E]
+    scores = jax.nn.sigmoid(logits) if cfg.scoring == "sigmoid" else jax.nn.softmax(logits, axis=-1)  # [T, E]
     biased = scores + gate_bias.astype(jnp.float32)[None]                                              # [T, E]
-    if cfg.n_groups > 1:
+    if cfg.n_groups > 1 and cfg.topk_method != "greedy":
         grouped = biased.reshape(t, cfg.n_groups, -1)                                                  # [T, G, E/G]
-        top2 = jax.lax.top_k(grouped, min(2, grouped.shape[-1]))[0].sum(-1)                           # [T, G]
-        keep_groups = jax.lax.top_k(top2, cfg.topk_group)[1]                                           # [T, topk_group]
+        if cfg.topk_method == "noaux_tc":
+            group_score = jax.lax.top_k(grouped, min(2, grouped.shape[-1]))[0].sum(-1)                # [T, G]
+        else:
+            group_score = grouped.max(-1)                                                              # [T, G]
+        keep_groups = jax.lax.top_k(group_score, cfg.topk_group)[1]                                    # [T, topk_group]
         keep = (keep_groups[:, :, None] == jnp.arange(cfg.n_groups)).any(1)                            # [T, G]
         biased = jnp.where(jnp.repeat(keep, cfg.num_experts // cfg.n_groups, axis=1), biased, -jnp.inf)
     idx = jax.lax.top_k(biased, cfg.top_k)[1].astype(jnp.int32)                                        # [T, K]
     w = jnp.take_along_axis(scores, idx, axis=1)                                                       # [T, K]
-    w = w / w.sum(-1, keepdims=True) * cfg.routed_scaling_factor
-    return idx, w
+    if cfg.norm_topk_prob:
+        w = w / (w.sum(-1, keepdims=True) + 1e-20)
+    return idx, w * cfg.routed_scaling_factor
 
 
-def _swiglu_dense(x, w1, w3, w2):
-    """x: [T, H], w1/w3: [I, H], w2: [H, I] -> [T, H] (float32 math, output in x.dtype)."""
+def _swiglu_dense(x, w1, w3, w2, backend: str = "auto"):
+    """x: [T, H], w1/w3: [I, H], w2: [H, I] (float or Fp8Weight) -> [T, H] (float32 math, output in x.dtype).
+    The dense MLP of DeepSeek's first layers and the shared experts."""
+    if any(isinstance(w, Fp8Weight) for w in (w1, w3, w2)):
+        g, u = linear_nt(x, w1, backend=backend), linear_nt(x, w3, backend=backend)
+        a = (jax.nn.silu(g.astype(jnp.float32)) * u.astype(jnp.float32)).astype(x.dtype)
+        return linear_nt(a, w2, backend=backend)
     g = jnp.einsum("th,ih->ti", x, w1, preferred_element_type=jnp.float32)
     u = jnp.einsum("th,ih->ti", x, w3, preferred_element_type=jnp.float32)
     a = (jax.nn.silu(g) * u).astype(x.dtype)
     return jnp.einsum("ti,hi->th", a, w2, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def _fp8_gemm_contiguous(a, a_scale, w, sizes, backend):
-    from seekax.ops.fp8 import WEIGHT_BLOCK, m_grouped_fp8_gemm_nt_contiguous, quantize_fp8
+def swiglu_mlp(x: jax.Array, params: dict, *, backend: str = "auto") -> jax.Array:
+    """DeepSeek's dense MLP: x [..., H], params w1/w3 [I, H], w2 [H, I] (NT, float or Fp8Weight) -> [..., H]."""
+    for name in ("w1", "w3", "w2"):
+        if name not in params:
+            raise fail(f"params[{name!r}]", "missing", f"the dense MLP's weights w1, w3 [I, H], w2 [H, I] "
+                       f"(keys given: {sorted(params)})")
+    h = x.shape[-1]
+    want = {"w1": (params["w1"].shape[0], h), "w3": (params["w1"].shape[0], h), "w2": (h, params["w1"].shape[0])}
+    for name, shape in want.items():
+        if tuple(params[name].shape) != shape:
+            raise fail(f"params[{name!r}].shape", tuple(params[name].shape), f"{shape} for hidden {h}")
+    y = _swiglu_dense(x.reshape(-1, h), params["w1"], params["w3"], params["w2"], backend)
+    return y.reshape(x.shape)
 
-    wq, ws = quantize_fp8(w, WEIGHT_BLOCK)
+
+def _expert_b(w):
+    """Routed expert weights as the grouped GEMM's B operand: pre-quantised, or quantised now."""
+    from seekax.ops.fp8 import WEIGHT_BLOCK, quantize_fp8
+
+    if isinstance(w, Fp8Weight):
+        return padded_k(w), w.scale_inv
+    return quantize_fp8(w, WEIGHT_BLOCK)
+
+
+def _fp8_gemm_contiguous(a, a_scale, w, sizes, backend):
+    from seekax.ops.fp8 import m_grouped_fp8_gemm_nt_contiguous
+
+    wq, ws = _expert_b(w)
     return m_grouped_fp8_gemm_nt_contiguous(a, a_scale, wq, ws, sizes, out_dtype=jnp.float32, backend=backend)
 
 
 def _fp8_gemm_masked(a, a_scale, w, masked_m, backend):
-    from seekax.ops.fp8 import WEIGHT_BLOCK, m_grouped_fp8_gemm_nt_masked, quantize_fp8
+    from seekax.ops.fp8 import m_grouped_fp8_gemm_nt_masked
 
-    wq, ws = quantize_fp8(w, WEIGHT_BLOCK)
+    wq, ws = _expert_b(w)
     return m_grouped_fp8_gemm_nt_masked(a, a_scale, wq, ws, masked_m, out_dtype=jnp.float32, backend=backend)
 
 
@@ -171,6 +217,8 @@ def validate_moe_layer(x, params: dict, cfg: MoeConfig, ep_size: int, placement)
             raise fail("params", sorted(params), f"a dict with {name!r}")
         if tuple(params[name].shape) != shape:
             raise fail(f"params[{name!r}].shape", tuple(params[name].shape), str(shape))
+        if isinstance(params[name], Fp8Weight) and not cfg.fp8:
+            raise fail(f"params[{name!r}]", "Fp8Weight", "float weights, or cfg.fp8=True (FP8 expert GEMMs)")
     if placement is not None:
         log2phy, logcnt = placement
         if tuple(logcnt.shape) != (e,) or log2phy.ndim != 2 or log2phy.shape[0] != e:
@@ -217,8 +265,8 @@ def moe_layer(x: jax.Array, params: dict, *, cfg: MoeConfig, axis_name=None, pla
         routed = ep.ep_combine(perm.unpermute(out, pm, d.topk_weights), d.handle)            # [T, H]
     y = routed
     if cfg.shared:
-        y = (y.astype(jnp.float32) + _swiglu_dense(x, params["shared_w1"], params["shared_w3"],
-                                                   params["shared_w2"]).astype(jnp.float32)).astype(x.dtype)
+        y = (y.astype(jnp.float32) + _swiglu_dense(x, params["shared_w1"], params["shared_w3"], params["shared_w2"],
+                                                   backend).astype(jnp.float32)).astype(x.dtype)
     dropped = d.num_dropped
     if axis_name is not None:
         load, dropped = jax.lax.psum(load, axis_name), jax.lax.psum(dropped, axis_name)
@@ -231,7 +279,8 @@ def moe_reference(x: jax.Array, params: dict, *, cfg: MoeConfig) -> jax.Array:
     idx, w = route(x, params["gate"], params["gate_bias"], cfg)                               # [N, K]
     comb = (jax.nn.one_hot(idx, cfg.num_experts, dtype=jnp.float32) * w[..., None]).sum(1)   # [N, E]
     xf = x.astype(jnp.float32)
-    f = lambda n: params[n].astype(jnp.float32)  # noqa: E731
+    f = lambda n: (params[n].dequantize() if isinstance(params[n], Fp8Weight)  # noqa: E731
+                   else params[n].astype(jnp.float32))
     g = jnp.einsum("nh,eih->nei", xf, f("w1"))
     u = jnp.einsum("nh,eih->nei", xf, f("w3"))
     outs = jnp.einsum("nei,ehi->neh", jax.nn.silu(g) * u, f("w2"))                           # [N, E, H]

@@ -25,8 +25,10 @@ def _np_rope(x, pos, theta):
     return out
 
 
-def naive_mla(params, x, c: MlaConfig):
-    """Unabsorbed DeepSeek-V3 MLA over whole sequences x [B, L, hidden], causal, float64."""
+def naive_mla(params, x, c: MlaConfig, rope=None, scale=None):
+    """Unabsorbed DeepSeek-V3 MLA over whole sequences x [B, L, hidden], causal, float64. rope(v, pos, theta)
+    defaults to interleaved pairs; scale to 1/sqrt(qk_nope + qk_rope)."""
+    rope = rope or _np_rope
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}
     x = np.asarray(x, np.float64)
     rms = lambda v, w: v / np.sqrt((v * v).mean(-1, keepdims=True) + c.eps) * w  # noqa: E731
@@ -36,14 +38,14 @@ def naive_mla(params, x, c: MlaConfig):
         pos = np.arange(L, dtype=np.float64)
         q = (rms(xb @ p["wq_a"], p["q_norm"]) @ p["wq_b"]) if c.q_lora else xb @ p["wq"]
         q = q.reshape(L, c.heads, c.qk_nope + c.qk_rope)
-        q_nope, q_pe = q[..., :c.qk_nope], _np_rope(q[..., c.qk_nope:], pos, c.rope_theta)
+        q_nope, q_pe = q[..., :c.qk_nope], rope(q[..., c.qk_nope:], pos, c.rope_theta)
         kv = xb @ p["wkv_a"]
         c_kv = rms(kv[:, :c.kv_lora], p["kv_norm"])
-        k_pe = _np_rope(kv[:, c.kv_lora:], pos, c.rope_theta)                  # [L, rope], shared by heads
+        k_pe = rope(kv[:, c.kv_lora:], pos, c.rope_theta)                      # [L, rope], shared by heads
         kvb = (c_kv @ p["wkv_b"]).reshape(L, c.heads, c.qk_nope + c.v_head)
         k_nope, v = kvb[..., :c.qk_nope], kvb[..., c.qk_nope:]
         s = np.einsum("thn,shn->hts", q_nope, k_nope) + np.einsum("thr,sr->hts", q_pe, k_pe)
-        s = s / np.sqrt(c.qk_nope + c.qk_rope)
+        s = s * (scale if scale is not None else 1 / np.sqrt(c.qk_nope + c.qk_rope))
         s = np.where(np.tril(np.ones((L, L), bool)), s, -np.inf)
         w = np.exp(s - s.max(-1, keepdims=True))
         w /= w.sum(-1, keepdims=True)
@@ -121,3 +123,58 @@ def test_bad_layer_input():
         mla_attention(params, jnp.zeros((1, 2, 8)), cache, config=c)
     with pytest.raises(ValueError, match="mode"):
         mla_attention(params, jnp.zeros((1, 2, c.hidden)), cache, config=c, mode="train")
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda p: p.pop("wkv_b"), r"params\['wkv_b'\].*missing"),
+    (lambda p: p.update(wo=jnp.zeros((10, 64))), r"params\['wo'\].shape=\(10, 64\).*\(64, 64\)"),
+    (lambda p: p.update(kv_norm=jnp.ones((31,))), r"params\['kv_norm'\].shape=\(31,\).*\(32,\)"),
+    (lambda p: p.update(wq_a=p.pop("wq")), r"params\['wq'\].*missing"),  # q_lora=0: wq, not wq_a
+])
+def test_bad_params_are_named_before_any_compute(edit, match):
+    c = MlaConfig.small()
+    cache = PagedLatentCache.create(batch=2, num_pages=4, max_pages=2, latent_dim=c.latent_dim, page_size=4)
+    params = init_mla_params(jax.random.key(0), c)
+    edit(params)
+    with pytest.raises(ValueError, match=match):
+        mla_attention(params, jnp.zeros((2, 3, c.hidden)), cache, config=c, mode="prefill")
+    assert int(cache.seq_lens.sum()) == 0
+
+
+def test_batch_mismatch_with_the_cache_is_named():
+    c = MlaConfig.small()
+    cache = PagedLatentCache.create(batch=2, num_pages=4, max_pages=2, latent_dim=c.latent_dim, page_size=4)
+    params = init_mla_params(jax.random.key(0), c)
+    with pytest.raises(ValueError, match=r"x.shape=\(3, 1, 64\).*batch 2 matching the cache"):
+        mla_attention(params, jnp.zeros((3, 1, c.hidden)), cache, config=c)
+    with pytest.raises(ValueError, match=r"num_new.shape"):
+        mla_attention(params, jnp.zeros((2, 1, c.hidden)), cache, config=c, num_new=jnp.ones((3,), jnp.int32))
+
+
+def test_yarn_rope_halves_and_mscale_match_numpy(rng):
+    """YaRN frequencies, cos/sin attention factor, mscale^2 softmax scale and RoPE on halves (rope_interleave
+    off), through prefill + decode, against float64 numpy built from the same formulas."""
+    from seekax.layers.mla import YarnScaling
+
+    yarn = YarnScaling(factor=4.0, original_max_position_embeddings=8, mscale=1.0, mscale_all_dim=0.8)
+    c = dataclasses.replace(MlaConfig.small(), yarn=yarn, rope_interleave=False)
+    params = init_mla_params(jax.random.key(3), c)
+    x = jnp.asarray(rng.standard_normal((2, 9, c.hidden)), jnp.float32)
+    cache = PagedLatentCache.create(batch=2, num_pages=8, max_pages=4, latent_dim=c.latent_dim, page_size=4,
+                                    dtype=jnp.float32)
+    y, _ = _run(params, x, c, cache, 4)
+    inv = yarn.inv_freq(c.qk_rope, c.rope_theta)
+    f = yarn.cos_sin_factor()
+    assert f != 1.0 and c.softmax_scale != 1 / np.sqrt(c.qk_nope + c.qk_rope)
+
+    def rope_halves(v, pos, theta):
+        ang = pos[:, None] * inv
+        if v.ndim == 3:
+            ang = ang[:, None]
+        cos, sin = np.cos(ang) * f, np.sin(ang) * f
+        h = v.shape[-1] // 2
+        a, b = v[..., :h], v[..., h:]
+        return np.concatenate([a * cos - b * sin, b * cos + a * sin], -1)
+
+    ref = naive_mla(params, x, c, rope=rope_halves, scale=c.softmax_scale)
+    assert_close(y, ref, rtol=1e-4, atol=1e-4, name="y")

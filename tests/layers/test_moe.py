@@ -195,3 +195,34 @@ def test_moe_layer_fp8_cross_lowers_for_hopper(transport, kernels, ragged):
                           {k: sds(v, specs[k]) for k, v in params.items()})
     assert lowered.emit("stablehlo").count("ragged_all_to_all") == ragged
     assert len(lowered.reports) == kernels and all(r.fits_smem and r.tma for r in lowered.reports)
+
+
+@pytest.mark.parametrize("method, norm", [("greedy", False), ("group_limited_greedy", False),
+                                          ("group_limited_greedy", True)])
+def test_v2_softmax_routing_matches_numpy(rng, method, norm):
+    """DeepSeek-V2's gate: softmax over all experts, top-k (greedy) or top-k inside the topk_group groups with
+    the best single score; weights the softmax scores (renormalised if norm_topk_prob) times the scaling."""
+    cfg = MoeConfig(hidden=32, moe_inter=16, num_experts=16, top_k=3, n_groups=4, topk_group=2, shared=2,
+                    scoring="softmax", topk_method=method, norm_topk_prob=norm, routed_scaling_factor=2.0)
+    x = rng.standard_normal((20, cfg.hidden)).astype(np.float32)
+    gate = rng.standard_normal((cfg.num_experts, cfg.hidden)).astype(np.float32)
+    idx, w = route(jnp.asarray(x), jnp.asarray(gate), jnp.zeros(cfg.num_experts), cfg)
+    logits = x.astype(np.float64) @ gate.T.astype(np.float64)
+    s = np.exp(logits - logits.max(1, keepdims=True))
+    s /= s.sum(1, keepdims=True)
+    for t in range(x.shape[0]):
+        cand = s[t].copy()
+        if method == "group_limited_greedy":
+            best = np.argsort(-s[t].reshape(4, 4).max(1))[:2]
+            cand = np.where(np.isin(np.arange(16) // 4, best), cand, -1.0)
+        top = np.sort(np.argsort(-cand)[:3])
+        assert np.sort(np.asarray(idx[t])).tolist() == top.tolist()
+        want = s[t, top] / (s[t, top].sum() if norm else 1.0) * 2.0
+        np.testing.assert_allclose(np.sort(np.asarray(w[t])), np.sort(want), rtol=1e-5)
+
+
+def test_bad_routing_choices_are_named():
+    with pytest.raises(ValueError, match="scoring"):
+        MoeConfig(hidden=8, moe_inter=8, num_experts=8, top_k=2, scoring="relu")
+    with pytest.raises(ValueError, match="topk_method"):
+        MoeConfig(hidden=8, moe_inter=8, num_experts=8, top_k=2, topk_method="aux")

@@ -1,0 +1,250 @@
+"""Hugging Face DeepSeek checkpoints to seekax params and back.
+
+`load_checkpoint(dir)` checks every tensor's presence, shape and dtype against the config (and, for FP8
+weights, their `weight_scale_inv` block scales) from the headers alone, before reading any data; then it
+streams tensor by tensor (a tqdm bar over bytes) into numpy leaves: peak memory is the params plus about
+one tensor. Native FP8 weights (e4m3 + `weight_scale_inv` per 128x128 block, edge blocks partial) become
+`Fp8Weight`s as stored: the FP8 GEMMs' B operand and scales, never dequantised. Which weights are FP8 is
+read from the checkpoint itself. `quantize=True` turns a float checkpoint's linear weights into FP8 on load.
+With `ep_size > 1` only this EP rank's routed experts are read. `save_checkpoint` writes the same layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from seekax.ir.validate import fail
+from seekax.layers.linear import Fp8Weight, cdiv
+from seekax.models.deepseek_config import DeepseekConfig, load_config
+from seekax.models.hf_names import TensorSpec, mtp_shared_copies, tensor_specs
+from seekax.models.safetensors_dir import DTYPES, INDEX, NAMES, SafetensorsDir
+
+FLOAT_DTYPES = ("F32", "BF16", "F16")
+FP8_DTYPE = "F8_E4M3"
+BLOCK = 128
+
+
+def scale_name(name: str) -> str:
+    """`...weight` -> `...weight_scale_inv` (DeepSeek's FP8 layout)."""
+    return name + "_scale_inv"
+
+
+def _check(st: SafetensorsDir, spec: TensorSpec) -> bool:
+    """Presence, shape and dtype of one tensor (and its scales when FP8); returns whether it is FP8."""
+    info = st.tensors.get(spec.name)
+    if info is None:
+        raise fail(f"checkpoint tensor {spec.name!r}", "missing", f"shape {spec.shape} in {st.dir}")
+    if info.shape != spec.shape:
+        raise fail(f"checkpoint tensor {spec.name!r} shape", info.shape, f"{spec.shape} from config.json")
+    if info.dtype == FP8_DTYPE:
+        if not spec.fp8_ok:
+            raise fail(f"checkpoint tensor {spec.name!r} dtype", info.dtype,
+                       f"one of {FLOAT_DTYPES} (only linear weights may be FP8)")
+        s = st.tensors.get(scale_name(spec.name))
+        want = (cdiv(spec.shape[0], BLOCK), cdiv(spec.shape[1], BLOCK))
+        if s is None:
+            raise fail(f"checkpoint tensor {scale_name(spec.name)!r}", "missing",
+                       f"float32 scales {want} for the FP8 weight {spec.name!r}")
+        if s.shape != want:
+            raise fail(f"checkpoint tensor {scale_name(spec.name)!r} shape", s.shape,
+                       f"{want}: one scale per 128x128 block of {spec.shape} (edge blocks partial)")
+        if s.dtype != "F32":
+            raise fail(f"checkpoint tensor {scale_name(spec.name)!r} dtype", s.dtype, "F32")
+        return True
+    if info.dtype not in FLOAT_DTYPES:
+        raise fail(f"checkpoint tensor {spec.name!r} dtype", info.dtype, f"one of {FLOAT_DTYPES + (FP8_DTYPE,)}")
+    return False
+
+
+def _set(tree: dict, path: tuple, value: Any) -> None:
+    node = tree
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = value
+
+
+def _get(tree: Any, path: tuple) -> Any:
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _skeleton(cfg: DeepseekConfig, mtp: bool) -> dict:
+    params: dict = {"layers": [{"attn": {}, "mlp" if not cfg.is_moe(i) else "moe": {}}
+                               for i in range(cfg.num_layers)]}
+    if mtp:
+        params["mtp"] = [{"layer": {"attn": {}, "mlp" if not cfg.is_moe(cfg.num_layers + k) else "moe": {}}}
+                         for k in range(cfg.mtp_layers)]
+    return params
+
+
+def _quantize(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    q = Fp8Weight.quantize(jnp.asarray(w, jnp.float32))
+    return np.asarray(q.weight), np.asarray(q.scale_inv)
+
+
+def load_checkpoint(model_dir: str | os.PathLike, cfg: DeepseekConfig | None = None, *, dtype=None,
+                    quantize: bool = False, ep_rank: int = 0, ep_size: int = 1, mtp: bool = True,
+                    progress: bool = True) -> tuple[DeepseekConfig, dict]:
+    """(config, params) from a Hugging Face DeepSeek-V2/V3 directory (config.json + safetensors).
+
+    dtype: float weights cast to it (default: as stored; the router at least float32). quantize: float linear
+    weights become 128x128 block FP8. ep_rank/ep_size: read routed experts [rank*E/ep, (rank+1)*E/ep) only.
+    mtp: read the multi-token-prediction modules when the checkpoint has them. Leaves are numpy arrays.
+    """
+    cfg = cfg or load_config(model_dir)
+    with SafetensorsDir(model_dir) as st:
+        specs = tensor_specs(cfg, ep_rank=ep_rank, ep_size=ep_size, mtp=mtp)
+        has_mtp = mtp and cfg.mtp_layers > 0 and f"model.layers.{cfg.num_layers}.eh_proj.weight" in st
+        if not has_mtp:
+            specs = [s for s in specs if s.path[0] != "mtp"]
+        fp8 = {s.name: _check(st, s) for s in specs}                                  # all checks, no data yet
+        for path in {s.path for s in specs if s.kind == "expert"}:
+            kinds = {fp8[s.name] for s in specs if s.path == path}
+            if len(kinds) > 1:
+                raise fail(f"routed experts {'.'.join(map(str, path))}", "some FP8, some not", "one dtype per layer")
+        params = _skeleton(cfg, has_mtp)
+        total = sum(st.tensors[s.name].nbytes for s in specs)
+        bar = _bar(total, progress)
+        stacks: dict[tuple, Any] = {}
+        for s in specs:
+            t = st.read(s.name)
+            scale = st.read(scale_name(s.name)) if fp8[s.name] else None
+            bar.update(st.tensors[s.name].nbytes)
+            if scale is None and quantize and s.fp8_ok:
+                t, scale = _quantize(t)
+            if scale is None:
+                t = _cast(t, s, dtype)
+                if s.kind == "transpose":
+                    t = np.ascontiguousarray(t.T)
+            if s.kind == "expert":
+                buf = stacks.get(s.path)
+                if buf is None:
+                    buf = stacks[s.path] = (np.empty((s.num_experts, *t.shape), t.dtype),
+                                            None if scale is None else np.empty((s.num_experts, *scale.shape),
+                                                                                np.float32))
+                buf[0][s.expert] = t
+                if scale is not None:
+                    buf[1][s.expert] = scale
+                if s.expert == s.num_experts - 1:
+                    _set(params, s.path, buf[0] if buf[1] is None else Fp8Weight(weight=buf[0], scale_inv=buf[1]))
+                    del stacks[s.path]
+                continue
+            _set(params, s.path, t if scale is None else Fp8Weight(weight=t, scale_inv=scale))
+            del t
+        bar.close()
+    for layer in [*params["layers"], *[m["layer"] for m in params.get("mtp", [])]]:
+        if "moe" in layer and "gate_bias" not in layer["moe"]:
+            layer["moe"]["gate_bias"] = np.zeros((cfg.moe.num_experts,), np.float32)  # V2: no correction bias
+    return cfg, params
+
+
+def _cast(t: np.ndarray, spec: TensorSpec, dtype) -> np.ndarray:
+    """To `dtype` when given; the router's weight and bias never below float32 then (routing runs in it)."""
+    if dtype is None:
+        return t
+    if spec.path[-1] in ("gate", "gate_bias") and np.dtype(dtype).itemsize < 4:
+        return t.astype(np.float32, copy=False)
+    return t.astype(np.dtype(dtype), copy=False)
+
+
+def _bar(total: int, on: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not on, leave=False)
+
+
+# ----------------------------------------------------------------------------------------------- saving
+def _tensors_to_save(params: dict, cfg: DeepseekConfig, dtype):
+    """(name, numpy array) in checkpoint order, one at a time; FP8 weights with their scales."""
+    has_mtp = "mtp" in params
+    for s in tensor_specs(cfg, mtp=has_mtp):
+        leaf = _get(params, s.path)
+        if s.kind == "expert":
+            leaf = jax.tree.map(lambda a: a[s.expert], leaf)
+        if isinstance(leaf, Fp8Weight):
+            yield s.name, np.asarray(leaf.weight)
+            yield scale_name(s.name), np.asarray(leaf.scale_inv, np.float32)
+            continue
+        a = np.asarray(leaf)
+        if s.kind == "transpose":
+            a = np.ascontiguousarray(a.T)
+        if dtype is not None and s.path[-1] not in ("gate_bias",):
+            a = a.astype(np.dtype(dtype), copy=False)
+        yield s.name, a
+    if has_mtp:
+        for name, path in mtp_shared_copies(cfg).items():
+            a = np.asarray(_get(params, path))
+            yield name, a if dtype is None else a.astype(np.dtype(dtype), copy=False)
+
+
+def save_checkpoint(params: dict, cfg: DeepseekConfig, out_dir: str | os.PathLike, *, dtype=None,
+                    shard_bytes: int = 4 << 30, progress: bool = True) -> None:
+    """Write params as a Hugging Face directory: config.json (with `quantization_config` when any weight is
+    FP8), sharded safetensors and `model.safetensors.index.json`. Full (not EP-sliced) params."""
+    from safetensors.numpy import save_file
+
+    out = os.fspath(out_dir)
+    os.makedirs(out, exist_ok=True)
+    sizes = _sizes(params, cfg, dtype)
+    shards, cur, cur_bytes = [], [], 0
+    for name, nbytes in sizes:
+        if cur and cur_bytes + nbytes > shard_bytes:
+            shards.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append(name)
+        cur_bytes += nbytes
+    shards.append(cur)
+    files = {n: f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i, names in enumerate(shards) for n in names}
+    bar = _bar(sum(b for _, b in sizes), progress)
+    batch: dict[str, np.ndarray] = {}
+    any_fp8 = False
+    for name, a in _tensors_to_save(params, cfg, dtype):
+        if a.dtype.name not in NAMES:
+            raise fail(f"params tensor {name!r} dtype", a.dtype.name, f"one of {sorted(NAMES)}")
+        any_fp8 |= a.dtype == DTYPES[FP8_DTYPE]
+        batch[name] = a
+        bar.update(a.nbytes)
+        if name == shards[0][-1]:
+            save_file(batch, os.path.join(out, files[name]), metadata={"format": "pt"})
+            batch.clear()
+            shards.pop(0)
+    bar.close()
+    index = {"metadata": {"total_size": sum(b for _, b in sizes)}, "weight_map": files}
+    with open(os.path.join(out, INDEX), "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=2, sort_keys=True)
+    hf = dict(cfg.hf)
+    if any_fp8:
+        hf["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                     "weight_block_size": [BLOCK, BLOCK]}
+    else:
+        hf.pop("quantization_config", None)
+    if dtype is not None:
+        hf["torch_dtype"] = np.dtype(dtype).name
+    with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(hf, f, indent=2, sort_keys=True)
+
+
+def _sizes(params: dict, cfg: DeepseekConfig, dtype) -> list[tuple[str, int]]:
+    """(name, bytes) of every tensor `_tensors_to_save` yields, from shapes and dtypes alone."""
+    out = []
+    has_mtp = "mtp" in params
+    for s in tensor_specs(cfg, mtp=has_mtp):
+        leaf = _get(params, s.path)
+        n = int(np.prod(s.shape))
+        if isinstance(leaf, Fp8Weight):
+            out += [(s.name, n), (scale_name(s.name), 4 * cdiv(s.shape[0], BLOCK) * cdiv(s.shape[1], BLOCK))]
+            continue
+        dt = np.dtype(dtype) if dtype is not None and s.path[-1] != "gate_bias" else np.dtype(leaf.dtype)
+        out.append((s.name, n * dt.itemsize))
+    if has_mtp:
+        for name, path in mtp_shared_copies(cfg).items():
+            leaf = _get(params, path)
+            out.append((name, int(np.prod(leaf.shape)) * np.dtype(dtype or leaf.dtype).itemsize))
+    return out

@@ -1,0 +1,117 @@
+"""A Hugging Face safetensors checkpoint directory read tensor by tensor.
+
+The index (`model.safetensors.index.json`, or every `*.safetensors` file when there is none) and each
+file's JSON header are parsed up front, so names, shapes and dtypes can be checked before any data is
+read; `read(name)` then reads exactly one tensor's bytes into a fresh numpy array (bf16 and e4m3 through
+ml_dtypes, which the `safetensors` package's numpy reader does not cover).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import struct
+
+import ml_dtypes
+import numpy as np
+
+from seekax.ir.validate import fail
+
+DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+          "F8_E4M3": ml_dtypes.float8_e4m3fn, "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+          "U8": np.uint8, "BOOL": np.bool_}
+NAMES = {np.dtype(v).name: k for k, v in DTYPES.items()}
+INDEX = "model.safetensors.index.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    file: str
+    dtype: str          # safetensors' name: "BF16", "F8_E4M3", ...
+    shape: tuple[int, ...]
+    start: int          # absolute byte offset in the file
+    nbytes: int
+
+
+def read_header(path: str) -> dict[str, TensorInfo]:
+    """The tensors of one .safetensors file (8-byte little-endian header length, JSON header, data)."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise fail("checkpoint file", path, "a safetensors file (8-byte header length)")
+        (n,) = struct.unpack("<Q", raw)
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise fail("checkpoint file", path, f"a safetensors JSON header ({e})") from None
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = meta["data_offsets"]
+        out[name] = TensorInfo(file=path, dtype=meta["dtype"], shape=tuple(meta["shape"]), start=8 + n + begin,
+                               nbytes=end - begin)
+    return out
+
+
+class SafetensorsDir:
+    """All tensors of a checkpoint directory, by name; one open file handle per shard."""
+
+    def __init__(self, model_dir: str | os.PathLike):
+        self.dir = os.fspath(model_dir)
+        index = os.path.join(self.dir, INDEX)
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f).get("weight_map", {})
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(self.dir, "*.safetensors")))
+            weight_map = None
+        if not files:
+            raise fail("model_dir", self.dir, f"a directory with {INDEX} or *.safetensors files")
+        self.tensors: dict[str, TensorInfo] = {}
+        for name in files:
+            path = os.path.join(self.dir, name)
+            if not os.path.isfile(path):
+                raise fail(f"{INDEX} shard", name, f"a file in {self.dir}")
+            self.tensors.update(read_header(path))
+        if weight_map is not None:
+            for name, file in weight_map.items():
+                if name not in self.tensors:
+                    raise fail(f"checkpoint tensor {name!r}", "missing", f"in {file}, where {INDEX} puts it")
+        self._handles: dict[str, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def read(self, name: str) -> np.ndarray:
+        """One tensor, read now into a new array of its stored dtype."""
+        info = self.tensors[name]
+        if info.dtype not in DTYPES:
+            raise fail(f"checkpoint tensor {name!r} dtype", info.dtype, f"one of {sorted(DTYPES)}")
+        f = self._handles.get(info.file)
+        if f is None:
+            f = self._handles[info.file] = open(info.file, "rb", buffering=0)
+        buf = bytearray(info.nbytes)
+        f.seek(info.start)
+        view, got = memoryview(buf), 0
+        while got < info.nbytes:
+            k = f.readinto(view[got:])
+            if not k:
+                raise fail(f"checkpoint tensor {name!r}", f"{got} of {info.nbytes} bytes", "the whole tensor "
+                           f"(file {info.file} truncated)")
+            got += k
+        return np.frombuffer(buf, DTYPES[info.dtype]).reshape(info.shape)
+
+    def close(self) -> None:
+        for f in self._handles.values():
+            f.close()
+        self._handles.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
