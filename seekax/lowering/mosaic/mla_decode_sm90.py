@@ -53,6 +53,7 @@ from seekax.ir.fp8 import SCALE_BLOCK
 from seekax.ir.mla_tiling import MlaTileConfig
 from seekax.ir.validate import check_choice
 from seekax.lowering.backend import interpret_context
+from seekax.lowering.mosaic import interpret_run_state
 from seekax.lowering.mosaic.pipeline_common import COMPUTE_WG_REGISTERS, MEMORY_WG_REGISTERS, swizzled
 from seekax.lowering.reference.mla_decode import combine_splits
 
@@ -205,7 +206,6 @@ class _DecodeCta:
     causal: bool
     q_len: int
     heads: int
-    in_place_acc: bool
     rt: Any                     # this CTA's row tile
     part: Any                   # this CTA's part
     payload: Any                # blocks per part
@@ -345,20 +345,13 @@ class _DecodeCta:
         return plgpu.load(self.smem.row_scale, layout=ROW)
 
     def pv(self, acc, alpha, slot, col: int):
-        """acc * alpha + P V[:, col:col + 256], this warpgroup's value channels, with one wgmma. In place on the
-        accumulator registers (`ACC.init`) on hardware; through a fresh accumulator added in registers when
-        interpreted (the CPU interpreter does not run `run_state` over wgmma accumulators)."""
-        bm, vh = self.config.block_m, self.config.v_per_wg
+        """acc * alpha + P V[:, col:col + 256], this warpgroup's value channels, with one wgmma accumulating in
+        place on the accumulator registers (`ACC.init`: a second 64 x 256 f32 accumulator would not fit). The CPU
+        interpreter runs this same code (`interpret_run_state`)."""
+        vh = self.config.v_per_wg
         v = self.smem.kv.at[slot, :, pl.ds(col, vh)]                        # [64 keys, vh], static columns
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-        if self.in_place_acc:
-            return pl.run_state(lambda r: plgpu.wgmma(r, self.smem.p, v))(plgpu.ACC.init(acc))
-
-        def fresh(r):
-            plgpu.wgmma(r, self.smem.p, v)
-            plgpu.wgmma_wait(0)
-            return r[...]
-        return acc + pl.run_scoped(fresh, plgpu.ACC((bm, vh), jnp.float32))
+        return pl.run_state(lambda r: plgpu.wgmma(r, self.smem.p, v))(plgpu.ACC.init(acc))
 
     # ------------------------------------------------------------------------------------------ wg 1: values
     def value_wg(self):
@@ -506,7 +499,7 @@ class _DecodeCta:
 
 def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, part_batches_ref, payload_ref,
             q_ref, *refs, config: MlaTileConfig, scale_log2: float, causal: bool, q_len: int, heads: int,
-            in_place_acc: bool, cache: str):
+            cache: str):
     """q_ref [B, R, 576]; then the cache: kv_ref [pages, 64, 1, 576] (bf16), or for "fp8" latent_ref
     [pages, 64, 1, 512] e4m3, scales_ref [pages, 64, 1, 4] f32, rope_ref [pages, 64, 1, 64] bf16, or for
     "sparse" kv_ref [tokens, 576], or for "sparse_fp8" latent_ref [tokens, 512], scales_ref [B, max_tokens, 4]
@@ -526,8 +519,7 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
 
     def scoped(smem: Scratch):
         cta = _DecodeCta(gmem=gmem, smem=smem, config=config, layout=layout, scale_log2=scale_log2, causal=causal,
-                        q_len=q_len, heads=heads, in_place_acc=in_place_acc, rt=rt, part=part, payload=payload,
-                        batches=batches)
+                        q_len=q_len, heads=heads, rt=rt, part=part, payload=payload, batches=batches)
         pl.when(wg == 0)(cta.softmax_wg)
         pl.when(wg == 1)(cta.value_wg)
         pl.when(wg == 2)(cta.memory_wg)
@@ -538,16 +530,17 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
 
 
 def build(*, batch: int, rows: int, num_parts: int, max_splits: int, config: MlaTileConfig, scale: float,
-          causal: bool, q_len: int, heads: int, in_place_acc: bool = True, cache: str = "bf16"):
+          causal: bool, q_len: int, heads: int, cache: str = "bf16"):
     """The kernel callable f(metadata arrays..., q [B, rows, 576], kv_cache | (latent, scales, rope) | flat
     tokens, block_table | token table, seq_lens) -> (out partials [max_splits, rows, 512] f32, lse partials
-    [max_splits, rows] f32). `cache`: one of CACHES."""
+    [max_splits, rows] f32). `cache`: one of CACHES. Runs on the GPU or, unchanged, in the CPU interpreter."""
     layout = CacheLayout(cache)
     config.check_smem("float8_e4m3fn" if layout.fp8 else "bfloat16", sparse=layout.sparse)
     if rows % config.block_m:
         raise ValueError(f"rows={rows}: expected a multiple of block_m={config.block_m} (the wrapper pads)")
+    interpret_run_state.enable()         # the interpreter then runs pv's in-place accumulation as the GPU does
     body = functools.partial(_kernel, config=config, scale_log2=scale * LOG2E, causal=causal, q_len=q_len,
-                             heads=heads, in_place_acc=in_place_acc, cache=cache)
+                             heads=heads, cache=cache)
     return plgpu.kernel(
         body,
         out_type=(jax.ShapeDtypeStruct((max_splits, rows, config.v_dim), jnp.float32),
@@ -580,8 +573,7 @@ def mla_decode(q, kv_cache, block_table, seq_lens, metadata, *, softmax_scale: f
     if rows_p != rows:
         qf = jnp.pad(qf, ((0, 0), (0, rows_p - rows), (0, 0)))                 # [B, rows_p, 576]
     kernel = build(batch=b, rows=rows_p, num_parts=metadata.num_parts, max_splits=metadata.max_splits,
-                   config=config, scale=softmax_scale, causal=causal, q_len=q_len, heads=heads,
-                   in_place_acc=not interpret, cache=mode)
+                   config=config, scale=softmax_scale, causal=causal, q_len=q_len, heads=heads, cache=mode)
     ctx = interpret_context if interpret else contextlib.nullcontext  # a fresh context per kernel call
     with ctx():
         out_p, lse_p = kernel(metadata.block_start, metadata.n_blocks, metadata.first_part, metadata.split_offsets,
