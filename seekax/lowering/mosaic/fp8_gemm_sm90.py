@@ -26,14 +26,28 @@ from jax import lax
 
 from seekax.ir.fp8_tiling import FP8_BLOCK_K, SCALE_BLOCK, Fp8TileConfig
 from seekax.ir.tiling import WgSplit
-from seekax.lowering.mosaic.gemm_common import out_transforms, store_tile, tile_slices  # noqa: F401 (siblings import them here)
+from seekax.lowering.mosaic.gemm_common import epilogue_smem, store_tile, tile_slices
+from seekax.lowering.mosaic.pipeline_common import (WARPGROUP_PARAMS, k_pipeline, k_row_spec, k_tile_spec,
+                                                    pipeline_allocations, swizzled)
 
 _FP8 = jnp.float8_e4m3fn
 
 
 def operand_transforms():
     """e4m3 tiles of 128 bytes per row: (8, 128) tiling + 128-byte swizzle, as wgmma reads them."""
-    return (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))
+    return swizzled(_FP8, FP8_BLOCK_K)
+
+
+def fp8_pipeline(config: Fp8TileConfig, k_iters: int, *, col_scales: bool = False):
+    """The FP8 kernels' K-block pipeline (`pipeline_common.k_pipeline`): per 128-wide K block, the e4m3 A tile
+    [cta_m, 128], the e4m3 B tile [cta_n, 128] and the a_scale row [cta_m]; with `col_scales` also a b_scale
+    row [cta_n] (the k-grouped kernel's per-column scales)."""
+    tf = operand_transforms()
+    specs = [k_tile_spec(config.cta_block_m, FP8_BLOCK_K, tf), k_tile_spec(config.cta_block_n, FP8_BLOCK_K, tf),
+             k_row_spec(config.cta_block_m)]
+    if col_scales:
+        specs.append(k_row_spec(config.cta_block_n))
+    return k_pipeline(in_specs=specs, k_iters=k_iters, num_compute_wgs=config.num_compute_wgs, stages=config.stages)
 
 
 def tma_aligned_scales(a_scale):
@@ -65,31 +79,12 @@ def _kernel(a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem, *, config: Fp8TileConfig
     bm, bn = config.block_m, config.block_n
     cta_m, cta_n = config.cta_block_m, config.cta_block_n
     m_iters, n_iters, k_iters = -(-m // cta_m), n // cta_n, k // FP8_BLOCK_K
-    tf = operand_transforms()
-
-    def pipeline(body, compute_context):
-        return plgpu.emit_pipeline_warp_specialized(
-            body,
-            grid=(k_iters,),
-            memory_registers=40,
-            in_specs=[
-                plgpu.BlockSpec((cta_m, FP8_BLOCK_K), lambda ki: (0, ki), transforms=tf, memory_space=plgpu.SMEM),
-                plgpu.BlockSpec((cta_n, FP8_BLOCK_K), lambda ki: (0, ki), transforms=tf, memory_space=plgpu.SMEM),
-                plgpu.BlockSpec((1, cta_m), lambda ki: (ki, 0), memory_space=plgpu.SMEM),
-            ],
-            wg_axis="wg",
-            num_compute_wgs=config.num_compute_wgs,
-            max_concurrent_steps=config.stages,
-            compute_context=compute_context,
-        )
-
-    ignore = lambda *_, **__: None  # noqa: E731 - allocations do not depend on the body
+    pipeline = fp8_pipeline(config, k_iters)
 
     @functools.partial(
         pl.run_scoped,
-        pipeline_allocs=pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem, sa_gmem),
-        out_smem=plgpu.SMEM((config.num_compute_wgs, 2, 64, config.epi_block_n), out_gmem.dtype,
-                            transforms=out_transforms(config.epi_block_n, out_gmem.dtype)),
+        pipeline_allocs=pipeline_allocations(pipeline, a_gmem, b_gmem, sa_gmem),
+        out_smem=epilogue_smem(config, out_gmem.dtype),
         collective_axes="wg",
     )
     def _scope(pipeline_allocs, out_smem):
@@ -152,7 +147,7 @@ def build(spec, config: Fp8TileConfig, num_sms: int):
         grid_names=("sm",),
         num_threads=config.num_compute_wgs + 1,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        compiler_params=WARPGROUP_PARAMS,
     )
 
     def run(a, a_scale, b, b_scale):

@@ -24,33 +24,9 @@ from jax import lax
 
 from seekax.ir.fp8_tiling import FP8_BLOCK_K, SCALE_BLOCK, Fp8TileConfig
 from seekax.ir.tiling import WgSplit
-from seekax.lowering.mosaic.fp8_gemm_sm90 import (operand_transforms, out_transforms, promote_step, store_tile,
-                                                   tma_aligned_scales)
-
-_PARAMS = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
-
-
-def _pipeline(config: Fp8TileConfig, k_iters: int):
-    tf = operand_transforms()
-    cta_m, cta_n = config.cta_block_m, config.cta_block_n
-
-    def make(body, compute_context):
-        return plgpu.emit_pipeline_warp_specialized(
-            body,
-            grid=(k_iters,),
-            memory_registers=40,
-            in_specs=[
-                plgpu.BlockSpec((cta_m, FP8_BLOCK_K), lambda ki: (0, ki), transforms=tf, memory_space=plgpu.SMEM),
-                plgpu.BlockSpec((cta_n, FP8_BLOCK_K), lambda ki: (0, ki), transforms=tf, memory_space=plgpu.SMEM),
-                plgpu.BlockSpec((1, cta_m), lambda ki: (ki, 0), memory_space=plgpu.SMEM),
-            ],
-            wg_axis="wg",
-            num_compute_wgs=config.num_compute_wgs,
-            max_concurrent_steps=config.stages,
-            compute_context=compute_context,
-        )
-
-    return make
+from seekax.lowering.mosaic.fp8_gemm_sm90 import fp8_pipeline, promote_step, tma_aligned_scales
+from seekax.lowering.mosaic.gemm_common import epilogue_smem, store_tile
+from seekax.lowering.mosaic.pipeline_common import WARPGROUP_PARAMS, pipeline_allocations
 
 
 def _wg_slices(config: Fp8TileConfig, wg, ni):
@@ -106,12 +82,11 @@ def _contiguous_kernel(sizes_gmem, a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem, *
     n = b_gmem.shape[1]
     bm, bn, cta_m, cta_n = config.block_m, config.block_n, config.cta_block_m, config.cta_block_n
     n_iters, k_iters = n // cta_n, k // FP8_BLOCK_K
-    pipeline = _pipeline(config, k_iters)
-    ignore = lambda *_, **__: None  # noqa: E731
+    pipeline = fp8_pipeline(config, k_iters)
 
     @functools.partial(
         pl.run_scoped,
-        pipeline_allocs=pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem.at[0], sa_gmem),
+        pipeline_allocs=pipeline_allocations(pipeline, a_gmem, b_gmem.at[0], sa_gmem),
         out_smem=plgpu.SMEM((config.num_compute_wgs, bm, bn), out_gmem.dtype),
         collective_axes="wg",
     )
@@ -160,14 +135,12 @@ def _masked_kernel(masked_gmem, a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem, *, c
     n = b_gmem.shape[1]
     bm, bn, cta_m, cta_n = config.block_m, config.block_n, config.cta_block_m, config.cta_block_n
     m_iters, n_iters, k_iters = -(-m_pad // cta_m), n // cta_n, k // FP8_BLOCK_K
-    pipeline = _pipeline(config, k_iters)
-    ignore = lambda *_, **__: None  # noqa: E731
+    pipeline = fp8_pipeline(config, k_iters)
 
     @functools.partial(
         pl.run_scoped,
-        pipeline_allocs=pipeline(ignore, ignore).get_allocations(a_gmem.at[0], b_gmem.at[0], sa_gmem.at[0]),
-        out_smem=plgpu.SMEM((config.num_compute_wgs, 2, 64, config.epi_block_n), out_gmem.dtype,
-                            transforms=out_transforms(config.epi_block_n, out_gmem.dtype)),
+        pipeline_allocs=pipeline_allocations(pipeline, a_gmem.at[0], b_gmem.at[0], sa_gmem.at[0]),
+        out_smem=epilogue_smem(config, out_gmem.dtype),
         collective_axes="wg",
     )
     def _scope(pipeline_allocs, out_smem):
@@ -238,7 +211,7 @@ def build_contiguous(spec, config: Fp8TileConfig, num_sms: int):
         functools.partial(_contiguous_kernel, config=config, num_groups=g, row_blocks=row_blocks),
         out_type=jax.ShapeDtypeStruct((mp, n), out_dtype),
         grid=(min(num_sms, tiles),), grid_names=("sm",),
-        num_threads=config.num_compute_wgs + 1, thread_name="wg", compiler_params=_PARAMS,
+        num_threads=config.num_compute_wgs + 1, thread_name="wg", compiler_params=WARPGROUP_PARAMS,
     )
 
     def run(a, a_scale, b, b_scale, group_sizes):
@@ -268,7 +241,7 @@ def build_masked(spec, config: Fp8TileConfig, num_sms: int):
         functools.partial(_masked_kernel, config=config, num_groups=g, m_pad=mp),
         out_type=jax.ShapeDtypeStruct((g, mp, n), out_dtype),
         grid=(min(num_sms, tiles),), grid_names=("sm",),
-        num_threads=config.num_compute_wgs + 1, thread_name="wg", compiler_params=_PARAMS,
+        num_threads=config.num_compute_wgs + 1, thread_name="wg", compiler_params=WARPGROUP_PARAMS,
     )
 
     def run(a, a_scale, b, b_scale, masked_m):

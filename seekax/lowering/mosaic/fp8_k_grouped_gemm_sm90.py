@@ -21,10 +21,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from seekax.ir.fp8_tiling import FP8_BLOCK_K, Fp8TileConfig
-from seekax.lowering.mosaic.fp8_gemm_sm90 import operand_transforms
-from seekax.lowering.mosaic.gemm_common import out_transforms, store_tile, tile_slices
-
-_PARAMS = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+from seekax.lowering.mosaic.fp8_gemm_sm90 import fp8_pipeline
+from seekax.lowering.mosaic.gemm_common import epilogue_smem, store_tile, tile_slices
+from seekax.lowering.mosaic.pipeline_common import WARPGROUP_PARAMS, pipeline_allocations
 
 
 def _kernel(grp_gmem, last_gmem, a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem, *, config: Fp8TileConfig):
@@ -33,32 +32,12 @@ def _kernel(grp_gmem, last_gmem, a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem, *, 
     n = b_gmem.shape[0]
     bm, bn, cta_m, cta_n = config.block_m, config.block_n, config.cta_block_m, config.cta_block_n
     m_iters, n_iters, k_iters = -(-m // cta_m), n // cta_n, t // FP8_BLOCK_K
-    tf = operand_transforms()
-
-    def pipeline(body, compute_context):
-        return plgpu.emit_pipeline_warp_specialized(
-            body,
-            grid=(k_iters,),
-            memory_registers=40,
-            in_specs=[
-                plgpu.BlockSpec((cta_m, FP8_BLOCK_K), lambda ki: (0, ki), transforms=tf, memory_space=plgpu.SMEM),
-                plgpu.BlockSpec((cta_n, FP8_BLOCK_K), lambda ki: (0, ki), transforms=tf, memory_space=plgpu.SMEM),
-                plgpu.BlockSpec((1, cta_m), lambda ki: (ki, 0), memory_space=plgpu.SMEM),
-                plgpu.BlockSpec((1, cta_n), lambda ki: (ki, 0), memory_space=plgpu.SMEM),
-            ],
-            wg_axis="wg",
-            num_compute_wgs=config.num_compute_wgs,
-            max_concurrent_steps=config.stages,
-            compute_context=compute_context,
-        )
-
-    ignore = lambda *_, **__: None  # noqa: E731
+    pipeline = fp8_pipeline(config, k_iters, col_scales=True)
 
     @functools.partial(
         pl.run_scoped,
-        pipeline_allocs=pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem, sa_gmem, sb_gmem),
-        out_smem=plgpu.SMEM((config.num_compute_wgs, 2, 64, config.epi_block_n), out_gmem.dtype,
-                            transforms=out_transforms(config.epi_block_n, out_gmem.dtype)),
+        pipeline_allocs=pipeline_allocations(pipeline, a_gmem, b_gmem, sa_gmem, sb_gmem),
+        out_smem=epilogue_smem(config, out_gmem.dtype),
         collective_axes="wg",
     )
     def _scope(pipeline_allocs, out_smem):
@@ -123,7 +102,7 @@ def build(spec, config: Fp8TileConfig, num_sms: int):
         functools.partial(_kernel, config=config),
         out_type=jax.ShapeDtypeStruct((g, mp, n), out_dtype),
         grid=(min(num_sms, tiles),), grid_names=("sm",),
-        num_threads=config.num_compute_wgs + 1, thread_name="wg", compiler_params=_PARAMS,
+        num_threads=config.num_compute_wgs + 1, thread_name="wg", compiler_params=WARPGROUP_PARAMS,
     )
 
     def run(a, a_scale, b, b_scale, group_sizes_k):

@@ -1,26 +1,34 @@
 """Pieces every Hopper GEMM kernel here shares: output-tile placement on the persistent grid and the
-SMEM + TMA epilogue. (The bf16 template `matmul_sm90` and the FP8 kernels use the same ones.)"""
+SMEM + TMA epilogue. (The bf16 template `matmul_sm90` and the FP8 kernels use the same ones; their K-block
+pipeline is set up by `pipeline_common`.)"""
 
 from __future__ import annotations
 
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
-import jax.numpy as jnp
 
 from seekax.ir.tiling import WgSplit
+from seekax.lowering.mosaic.pipeline_common import swizzled
+
+EPI_M = 64      # epilogue rows per TMA store: one warpgroup's WGMMA-layout tile
 
 
 def out_transforms(epi_n: int, out_dtype):
     """Epilogue tile transforms: (8, swizzle) tiling and the widest swizzle one epi_n-wide row allows."""
-    itemsize = jnp.dtype(out_dtype).itemsize
-    swizzle = plgpu.find_swizzle(epi_n * itemsize * 8)
-    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+    return swizzled(out_dtype, epi_n)
+
+
+def epilogue_smem(config, out_dtype) -> plgpu.SMEM:
+    """`store_tile`'s buffers: per compute warpgroup, two [64, epi_block_n] slots (one filling while the other's
+    TMA store drains)."""
+    return plgpu.SMEM((config.num_compute_wgs, 2, EPI_M, config.epi_block_n), out_dtype,
+                      transforms=out_transforms(config.epi_block_n, out_dtype))
 
 
 def store_tile(acc, out_smem, out_gmem_tile, *, wg, epi_n: int):
     """Write a [bm, bn] fp32 register tile through double-buffered SMEM slots with TMA stores."""
     bm, bn = acc.shape
-    epi_m = 64
+    epi_m = EPI_M
     acc = acc.astype(out_smem.dtype)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     for e in range((bm // epi_m) * (bn // epi_n)):
