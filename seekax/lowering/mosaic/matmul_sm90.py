@@ -18,44 +18,26 @@ from jax import lax
 
 from seekax.ir.tiling import GemmTileConfig
 from seekax.ir.validate import fail
-from seekax.lowering.mosaic.gemm_common import out_transforms, store_tile, tile_slices
+from seekax.lowering.mosaic.gemm_common import epilogue_smem, store_tile, tile_slices
+from seekax.lowering.mosaic.pipeline_common import (WARPGROUP_PARAMS, k_pipeline, k_tile_spec, pipeline_allocations,
+                                                    swizzled)
 
 
 def _kernel(a_gmem, b_gmem, out_gmem, *, config: GemmTileConfig):
     m, k = a_gmem.shape
     n = b_gmem.shape[0]
-    dtype, out_dtype = a_gmem.dtype, out_gmem.dtype
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     cta_m, cta_n = config.cta_block_m, config.cta_block_n
     epi_n = config.epi_block_n
     m_iters, n_iters, k_iters = m // cta_m, n // cta_n, k // bk
-
-    swizzle = plgpu.find_swizzle(bk * jnp.dtype(dtype).itemsize * 8)
-    transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
-    epi_m = 64
-
-    def pipeline(body, compute_context):
-        return plgpu.emit_pipeline_warp_specialized(
-            body,
-            grid=(k_iters,),
-            memory_registers=40,
-            in_specs=[
-                plgpu.BlockSpec((cta_m, bk), lambda ki: (0, ki), transforms=transforms, memory_space=plgpu.SMEM),
-                plgpu.BlockSpec((cta_n, bk), lambda ki: (0, ki), transforms=transforms, memory_space=plgpu.SMEM),
-            ],
-            wg_axis="wg",
-            num_compute_wgs=config.num_compute_wgs,
-            max_concurrent_steps=config.stages,
-            compute_context=compute_context,
-        )
-
-    ignore = lambda *_, **__: None  # noqa: E731 - allocations do not depend on the body
+    tiles = swizzled(a_gmem.dtype, bk)                        # [rows, bk] operand tiles, as wgmma reads them
+    pipeline = k_pipeline(in_specs=[k_tile_spec(cta_m, bk, tiles), k_tile_spec(cta_n, bk, tiles)], k_iters=k_iters,
+                          num_compute_wgs=config.num_compute_wgs, stages=config.stages)
 
     @functools.partial(
         pl.run_scoped,
-        pipeline_allocs=pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem),
-        out_smem=plgpu.SMEM((config.num_compute_wgs, 2, epi_m, epi_n), out_dtype,
-                            transforms=out_transforms(epi_n, out_dtype)),
+        pipeline_allocs=pipeline_allocations(pipeline, a_gmem, b_gmem),
+        out_smem=epilogue_smem(config, out_gmem.dtype),
         collective_axes="wg",
     )
     def _scope(pipeline_allocs, out_smem):
@@ -106,5 +88,5 @@ def build(m: int, n: int, k: int, dtype, out_dtype, config: GemmTileConfig, num_
         grid_names=("sm",),
         num_threads=config.num_compute_wgs + 1,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        compiler_params=WARPGROUP_PARAMS,
     )
