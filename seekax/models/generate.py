@@ -1,0 +1,209 @@
+"""Serving a DeepSeek model: continuous batching over paged latent caches.
+
+A fixed number of slots (the batch) share one `PagedLatentCache` per layer. Waiting requests take free
+slots and are prefilled together in one call (prompts of different lengths padded to a bucket, each row's
+real length passed as `num_new`); then every active slot decodes one token a step (`mla_decode`, the
+FlashMLA kernel at DeepSeek's dimensions on Hopper). A finished sequence (EOS or its token budget) frees
+its pages and its slot; the next waiting request takes it. Shapes never change with the requests, so
+nothing recompiles after the first prefill of each bucket and the first decode step. With a
+`KVPageStore`, whole prompt pages already stored are copied into the cache instead of being recomputed,
+and each prompt's pages are stored after its prefill (prefix reuse across requests and runs).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from seekax.ir.validate import check_int, fail
+from seekax.layers.linear import cdiv
+from seekax.layers.mla import PagedLatentCache
+from seekax.models.deepseek import init_caches, serve_step
+from seekax.models.deepseek_config import DeepseekConfig
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    """temperature 0: greedy. Otherwise softmax(logits / temperature) restricted to the smallest set of
+    tokens whose probability reaches top_p (nucleus sampling)."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        check_int("max_new_tokens", self.max_new_tokens, min_value=1)
+        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
+            raise fail("temperature", self.temperature, "a number >= 0 (0: greedy)")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise fail("top_p", self.top_p, "a number in (0, 1]")
+
+
+@dataclasses.dataclass
+class GenerateResult:
+    output_ids: list[list[int]]        # per request, the generated ids (EOS included when generated)
+    seconds: float                     # wall time of the whole call
+    new_tokens: int
+    prefix_tokens_reused: int          # prompt tokens taken from the KV store instead of prefilled
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
+    """logits [B, V] float32 -> token ids [B] int32: argmax where temperature is 0, else nucleus sampling."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    probs = jax.nn.softmax(scaled, axis=-1)
+    order = jnp.argsort(-probs, axis=-1)
+    sorted_p = jnp.take_along_axis(probs, order, axis=-1)
+    keep_sorted = (jnp.cumsum(sorted_p, axis=-1) - sorted_p) < top_p               # always keeps the best token
+    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    drawn = jax.random.categorical(key, jnp.where(keep, scaled, -jnp.inf), axis=-1).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn, greedy)
+
+
+class Generator:
+    """Continuous-batching generation for one model. Construct once (params moved to the device, steps
+    compiled on first use) and call `generate` with any number of prompts."""
+
+    def __init__(self, params: dict, cfg: DeepseekConfig, *, max_batch: int = 8, max_seq_len: int = 512,
+                 page_size: int = 64, cache_dtype=None, backend: str = "auto", kv_store=None, min_bucket: int = 16):
+        check_int("max_batch", max_batch, min_value=1)
+        check_int("max_seq_len", max_seq_len, min_value=2)
+        check_int("page_size", page_size, min_value=1)
+        self.cfg, self.backend, self.kv = cfg, backend, kv_store
+        self.batch, self.max_seq_len, self.page, self.min_bucket = max_batch, max_seq_len, page_size, min_bucket
+        if cache_dtype is None:
+            cache_dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+        self.cache_dtype = jnp.dtype(cache_dtype)
+        if kv_store is not None and tuple(kv_store.page_shape) != (page_size, cfg.num_layers, cfg.mla.latent_dim):
+            raise fail("kv_store.page_shape", tuple(kv_store.page_shape),
+                       f"(page_size, layers, latent) = {(page_size, cfg.num_layers, cfg.mla.latent_dim)}")
+        self.params = jax.device_put(params)
+        self.max_pages = cdiv(max_seq_len, page_size)
+        self._step = jax.jit(self._step_fn, static_argnames=("mode",), donate_argnums=(2,))
+        self._free = jax.jit(lambda caches, done: [c.free_sequences(done) for c in caches], donate_argnums=(0,))
+        self._write = jax.jit(lambda caches, lat, n: [c.append(lat[:, :, i], n) for i, c in enumerate(caches)],
+                              donate_argnums=(0,))
+
+    def new_caches(self) -> list[PagedLatentCache]:
+        return init_caches(self.cfg, batch=self.batch, num_pages=self.batch * self.max_pages,
+                           max_pages=self.max_pages, page_size=self.page, dtype=self.cache_dtype)
+
+    def _step_fn(self, params, tokens, caches, num_new, key, temperature, top_p, *, mode):
+        logits, caches, _ = serve_step(params, tokens, caches, self.cfg, mode=mode, num_new=num_new,
+                                       backend=self.backend)
+        last = jnp.take_along_axis(logits, jnp.maximum(num_new - 1, 0)[:, None, None], axis=1)[:, 0]  # [B, V]
+        return sample(last, key, temperature, top_p), caches
+
+    def _bucket(self, n: int) -> int:
+        b = self.min_bucket
+        while b < n:
+            b *= 2
+        return min(b, self.max_seq_len)
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig = SamplingConfig(), *,
+                 eos_ids: tuple[int, ...] | None = None) -> GenerateResult:
+        """Generate for every prompt (token ids); at most `max_batch` run at once, the rest wait for a slot."""
+        eos = set(self.cfg.eos_ids if eos_ids is None else eos_ids)
+        for i, p in enumerate(prompts):
+            if len(p) < 1:
+                raise fail(f"prompts[{i}]", [], "at least one token")
+            if len(p) + sampling.max_new_tokens > self.max_seq_len:
+                raise fail("max_new_tokens", sampling.max_new_tokens,
+                           f"<= max_seq_len - len(prompts[{i}]) = {self.max_seq_len - len(p)}")
+            if max(p) >= self.cfg.vocab or min(p) < 0:
+                raise fail(f"prompts[{i}]", f"ids in [{min(p)}, {max(p)}]", f"ids in [0, vocab={self.cfg.vocab})")
+        t0 = time.perf_counter()
+        caches = self.new_caches()
+        key = jax.random.key(sampling.seed)
+        temp = jnp.float32(sampling.temperature)
+        top_p = jnp.float32(sampling.top_p)
+        waiting = collections.deque(range(len(prompts)))
+        slot_req: list[int | None] = [None] * self.batch
+        outputs: list[list[int]] = [[] for _ in prompts]
+        last = np.zeros((self.batch,), np.int32)
+        reused = 0
+        while waiting or any(r is not None for r in slot_req):
+            admitted = []
+            for s in range(self.batch):
+                if slot_req[s] is None and waiting:
+                    slot_req[s] = waiting.popleft()
+                    admitted.append(s)
+            key, sub = jax.random.split(key)
+            if admitted:
+                caches, starts = self._reuse_prefixes(caches, admitted, slot_req, prompts)
+                reused += sum(starts.values())
+                rest = {s: prompts[slot_req[s]][starts[s]:] for s in admitted}
+                t = self._bucket(max(len(r) for r in rest.values()))
+                tokens = np.zeros((self.batch, t), np.int32)
+                num_new = np.zeros((self.batch,), np.int32)
+                for s, r in rest.items():
+                    tokens[s, :len(r)] = r
+                    num_new[s] = len(r)
+                nxt, caches = self._step(self.params, jnp.asarray(tokens), caches, jnp.asarray(num_new), sub, temp,
+                                         top_p, mode="prefill")
+                if self.kv is not None:
+                    self._store_prompts(caches, admitted, slot_req, prompts)
+                active = np.isin(np.arange(self.batch), admitted)
+            else:
+                active = np.array([r is not None for r in slot_req])
+                nxt, caches = self._step(self.params, jnp.asarray(last[:, None]), caches,
+                                         jnp.asarray(active.astype(np.int32)), sub, temp, top_p, mode="decode")
+            nxt = np.asarray(nxt)
+            done = np.zeros((self.batch,), bool)
+            for s in np.flatnonzero(active):
+                out = outputs[slot_req[s]]
+                out.append(int(nxt[s]))
+                last[s] = nxt[s]
+                if int(nxt[s]) in eos or len(out) >= sampling.max_new_tokens:
+                    done[s] = True
+            if done.any():
+                caches = self._free(caches, jnp.asarray(done))
+                for s in np.flatnonzero(done):
+                    slot_req[s] = None
+        jax.block_until_ready(caches)
+        return GenerateResult(output_ids=outputs, seconds=time.perf_counter() - t0,
+                              new_tokens=sum(len(o) for o in outputs), prefix_tokens_reused=reused)
+
+    # ------------------------------------------------------------------------------------------- KV store
+    def _reuse_prefixes(self, caches, admitted, slot_req, prompts):
+        """Copy each admitted prompt's stored whole pages into its slot; returns (caches, {slot: tokens})."""
+        starts = {s: 0 for s in admitted}
+        if self.kv is None:
+            return caches, starts
+        found = self.kv.match_prefixes([prompts[slot_req[s]] for s in admitted])
+        longest = 0
+        for s, (n, _) in zip(admitted, found):
+            n = min(n, len(prompts[slot_req[s]]) - 1) // self.page * self.page     # keep >= 1 token to prefill
+            starts[s] = n
+            longest = max(longest, n)
+        if not longest:
+            return caches, starts
+        lat = np.zeros((self.batch, longest, self.cfg.num_layers, self.cfg.mla.latent_dim), np.float32)
+        for s, (_, pages) in zip(admitted, found):
+            n = starts[s]
+            if n:
+                lat[s, :n] = np.asarray(pages[: n // self.page], np.float32).reshape(n, *lat.shape[2:])
+        num = np.array([starts.get(s, 0) for s in range(self.batch)], np.int32)
+        return self._write(caches, jnp.asarray(lat, self.cache_dtype), jnp.asarray(num)), starts
+
+    def _store_prompts(self, caches, admitted, slot_req, prompts):
+        """Put each admitted prompt's whole pages (all layers) into the KV store."""
+        tables = np.asarray(caches[0].block_table)
+        for s in admitted:
+            ids = prompts[slot_req[s]]
+            full = len(ids) // self.page
+            if not full:
+                continue
+            rows = jnp.asarray(tables[s, :full])
+            pages = np.stack([np.asarray(c.pages[rows, :, 0]) for c in caches], axis=2)  # [full, page, L, latent]
+            self.kv.put_pages(ids[: full * self.page], pages.astype(self.kv.dtype))
