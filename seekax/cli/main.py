@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "seekax.cli.eplb",
     "seekax.cli.data",
     "seekax.cli.bench",
+    "seekax.cli.generate",
 )
 
 
