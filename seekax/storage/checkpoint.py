@@ -10,6 +10,9 @@ Deletion is atomic too: retention renames an old step out of the step namespace 
 `todelete_subdir`) and only then deletes its files, so a kill mid-deletion never leaves a listed step that cannot
 be restored; leftovers are purged at the next join and when a checkpointer opens the directory.
 
+Every committed step gets a per-file CRC-32 manifest (`checkpoint_crc.py`) and `restore` checks it first: a
+flipped bit raises `CorruptCheckpointError`, never a wrong weight.
+
 A failed background save (a full disk) is reported exactly once, by the next `wait()`, `save()` or `close()`, as
 `StorageFullError` when space ran out; its partial files are removed, the steps before it are intact, and every
 later call works. `restore()` never raises an earlier save's failure: it leaves it for those calls to report.
@@ -31,6 +34,9 @@ import orbax.checkpoint as ocp
 
 from seekax.ir.validate import check_int, fail
 from seekax.storage.atomic import StorageFullError
+from seekax.storage.checkpoint_crc import CorruptCheckpointError, verify, write_manifest
+
+__all__ = ["CorruptCheckpointError", "SaveResult", "TrainCheckpointer"]
 
 ITEMS = ("model", "opt", "loader")
 TRASH = "deleted.seekax"  # not a step name: steps renamed here are invisible to all_steps() and restore()
@@ -137,6 +143,9 @@ class TrainCheckpointer:
             else:
                 err = e
             self._failure = err
+            return
+        if step is not None and jax.process_index() == 0 and (self.directory / str(step)).is_dir():
+            write_manifest(self.directory / str(step))  # the step is committed: record what it holds
 
     def _report(self) -> None:
         err, self._failure = self._failure, None
@@ -199,6 +208,7 @@ class TrainCheckpointer:
                 raise fail("directory", str(self.directory), "a directory holding at least one checkpoint")
         elif step not in self.all_steps():
             raise fail("step", step, f"one of the saved steps {self.all_steps()}")
+        verify(self.directory / str(step), step)
         model_t, opt_t = _abstract(model_target), _abstract(opt_target)
         args = ocp.args.Composite(model=ocp.args.PyTreeRestore(model_t, restore_args=_restore_args(model_t)),
                                   opt=ocp.args.PyTreeRestore(opt_t, restore_args=_restore_args(opt_t)),

@@ -6,7 +6,7 @@ Layout of a store directory (format version 2):
   shard-00000.crc    uint32 little-endian CRC-32 per record, then (tokens kind) one per group of
                      `group_records` consecutive records, so a long contiguous read is checked in few calls
   manifest.json      kind, dtype, seq_len, group_records, and per shard: records, data_bytes, and the CRC-32
-                     of the data, index and checksum files
+                     of the data, index and checksum files; its own CRC-32 (`crc32`, over the rest) last
 
 Every read checks the records it returns against the table (a record, or a whole group inside a contiguous
 read): a flipped bit comes back as `CorruptStoreError`, never as wrong values. The table itself is checked
@@ -16,8 +16,11 @@ same bit-flip and burst guarantees as CRC-32C at these lengths, and already a de
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+
+from seekax.storage.atomic import crc32
 
 FORMAT = "seekax.sample_store"
 VERSION = 2
@@ -45,6 +48,12 @@ class ShardInfo:
     data_crc32: int
     index_crc32: int
     crc_crc32: int | None = None  # None in version 1 stores (no checksum table)
+
+
+def manifest_crc(manifest: dict) -> int:
+    """CRC-32 of a manifest's canonical JSON without its own `crc32` field."""
+    body = {k: v for k, v in manifest.items() if k != "crc32"}
+    return crc32(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
 
 def shard_name(i: int) -> str:

@@ -27,7 +27,7 @@ import numpy as np
 from seekax.ir.validate import check_int, fail
 from seekax.storage.atomic import TMP_MARK, crc32, file_crc32, read_json
 from seekax.storage.sample_format import (FORMAT, MANIFEST, READABLE_VERSIONS, SHARD_RE, CorruptStoreError,
-                                          IncompleteStoreError, ShardInfo, table_entries)
+                                          IncompleteStoreError, ShardInfo, manifest_crc, table_entries)
 from seekax.storage.sample_writer import SampleStoreWriter, write_token_store
 
 __all__ = ["MANIFEST", "CorruptStoreError", "IncompleteStoreError", "SampleStore", "SampleStoreWriter",
@@ -56,7 +56,16 @@ class SampleStore:
                                        f"not finish); unpublished files: {found}")
         if not isinstance(verify_reads, bool):
             raise fail("verify_reads", verify_reads, "True or False")
-        m = read_json(path / MANIFEST, "manifest")
+        try:
+            m = read_json(path / MANIFEST, "manifest")
+        except ValueError as e:
+            raise CorruptStoreError(f"path={str(path)!r}: {MANIFEST} is not valid JSON (flipped bit or torn "
+                                    f"file): {e}") from None
+        if not isinstance(m, dict):
+            raise CorruptStoreError(f"path={str(path)!r}: {MANIFEST} holds {type(m).__name__}, not a manifest")
+        if m.get("version", 0) >= 2 and m.get("crc32") != manifest_crc(m):
+            raise CorruptStoreError(f"path={str(path)!r}: {MANIFEST} fails its own checksum (flipped bit or edited "
+                                    "by hand); nothing read from the store")
         if m.get("format") != FORMAT or m.get("version") not in READABLE_VERSIONS:
             raise fail("manifest", f"{m.get('format')} v{m.get('version')}", f"{FORMAT} v{READABLE_VERSIONS}")
         if m["version"] == 1 and verify_reads:

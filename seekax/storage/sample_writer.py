@@ -19,7 +19,7 @@ from seekax.ir.validate import canonical_dtype, check_choice, check_int, fail
 from seekax.storage.atomic import (TMP_MARK, StorageFullError, atomic_write_json, close_quietly, crc32, ensure_dir,
                                    fsync_dir, full_error, is_full_error, read_json, remove_tmp_files, tmp_name)
 from seekax.storage.sample_format import (DTYPES, FORMAT, KINDS, MANIFEST, SHARD_RE, VERSION, ShardInfo,
-                                          group_records, shard_name)
+                                          group_records, manifest_crc, shard_name)
 
 
 class _OpenShard:
@@ -192,6 +192,7 @@ class SampleStoreWriter:
             "num_records": sum(s.records for s in self._shards), "shards": [asdict(s) for s in self._shards],
             "metadata": self.metadata,
         }
+        manifest["crc32"] = manifest_crc(manifest)
         try:
             atomic_write_json(self.path / MANIFEST, manifest)
         except StorageFullError:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from seekax.storage.checkpoint import TRASH, TrainCheckpointer
+from seekax.storage.checkpoint import TRASH, CorruptCheckpointError, TrainCheckpointer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -155,3 +155,30 @@ def test_unserialisable_loader_state_refused_at_the_call(tmp_path):
         ck.save(0, model=m, opt_state=o, loader_state={"step": 3})
         ck.wait()
         assert ck.restore(model_target=m, opt_target=o)[2] == {"step": 3}
+
+
+def test_flipped_bit_in_a_step_is_refused_at_restore(tmp_path, rng):
+    with TrainCheckpointer(tmp_path / "c", max_to_keep=3) as ck:
+        for s in (0, 1):
+            m, o = state(s)
+            ck.save(s, model=m, opt_state=o, loader_state={"step": s})
+        ck.wait()
+    files = sorted((p for p in (tmp_path / "c" / "1").rglob("*") if p.is_file() and p.stat().st_size > 4096),
+                   key=lambda p: p.stat().st_size)
+    victim = files[-1]  # the largest file: array data
+    data = bytearray(victim.read_bytes())
+    data[int(rng.integers(len(data)))] ^= 1 << int(rng.integers(8))
+    victim.write_bytes(bytes(data))
+    with TrainCheckpointer(tmp_path / "c", max_to_keep=3) as ck:
+        m, o = state(1)
+        with pytest.raises(CorruptCheckpointError, match=f"checkpoint step 1: .*{victim.name} fails its checksum"):
+            ck.restore(1, model_target=m, opt_target=o)
+    check_listed_steps_restore_only(tmp_path / "c", [0])
+
+
+def check_listed_steps_restore_only(d, steps):
+    with TrainCheckpointer(d, max_to_keep=3) as ck:
+        for s in steps:
+            m, o = state(s)
+            got_m, _, _ = ck.restore(s, model_target=m, opt_target=o)
+            np.testing.assert_array_equal(np.asarray(got_m["w"]), np.asarray(m["w"]))
