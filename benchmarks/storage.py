@@ -11,6 +11,10 @@ ratios, which keeps a shared machine's load drifts out of it. Figures and target
   checkpoint save (TrainCheckpointer, 8 float32 arrays, 4x)   >= 0.8 x write + fsync; blocking time <= 50 ms
   KV store, 32-page (2.25 MiB) prefixes of 72 KiB MLA pages,  >= 0.8 x sequential read of the slot file
     cold: one request per match_prefix call, and 8 per match_prefixes call (a server admitting a batch)
+  seekax's shard format vs ArrayRecord (grain's ArrayRecordDataSource, group_size 1) on the same 4 KiB records,
+    warm: random batches of 256 and contiguous 512 KiB batches (why seekax keeps its own format)
+Every SampleStore read checks its records' CRC-32 (verify_reads=True, the default); a context row gives the
+512 KiB block-shuffle figure with the checks off.
 plus context rows: what the disk itself gives for the same access pattern (raw random reads of one block, of
 one 2.25 MiB prefix, at 1 or 4 threads), so a figure can be judged against the device's own limit.
 
@@ -147,6 +151,16 @@ def loader_rows(root: Path, total: int, rows: list) -> None:
         f, b, r = paired(load, lambda: seq_read(shard_files(root / "tok")), files_under(root / "tok"), repeats=5)
         rows.append(row(f"block-shuffle loading, {block * 8} KiB blocks", f / MiB, "MiB/s", "seq read of the shards",
                         b / MiB, r, ">= 0.8", r >= 0.8))
+        if block == 64:  # what the read checks cost: the same figure without them
+            def load_unchecked():
+                loader, n = Loader(root / "tok", cfg, verify_reads=False), 0
+                t0 = time.perf_counter()
+                for b in loader:
+                    n += b.nbytes
+                return n, time.perf_counter() - t0
+            f0, b0, r0 = paired(load_unchecked, lambda: seq_read(shard_files(root / "tok")), files_under(root / "tok"))
+            rows.append(row("  (context) the same, read checks off", f0 / MiB, "MiB/s", "seq read of the shards",
+                            b0 / MiB, r0, "-", "-"))
         first = shard_files(root / "tok")[0]
         blk = block * 8192
         offs = np.random.default_rng(5).permutation(os.path.getsize(first) // blk) * blk
@@ -277,8 +291,41 @@ def kv_rows(root: Path, total: int, rows: list) -> None:
     kv.close()
 
 
+def arrayrecord_rows(root: Path, total: int, rows: list) -> None:
+    """The same records read through seekax's reader (checked) and grain's ArrayRecordDataSource, warm."""
+    import grain
+
+    from seekax.storage.arrayrecord import export_array_record
+    from seekax.storage.sample_store import SampleStore, write_token_store
+
+    rng = np.random.default_rng(6)
+    n4 = min(total // 4096, 16384)
+    write_token_store(root / "ar4", rng.integers(0, 256, size=(n4, 4096), dtype=np.uint8))
+    (ar_file,) = export_array_record(root / "ar4", root / "ar4.array_record")
+    ar = grain.sources.ArrayRecordDataSource([ar_file])
+    with SampleStore(root / "ar4") as store:
+        perm = rng.permutation(n4)
+        random_batches = [perm[i:i + 256] for i in range(0, n4 - 255, 256)]
+        starts = rng.permutation(n4 // 128) * 128
+        block_batches = [np.arange(s, s + 128) for s in starts]
+        for name, batches in (("random batches of 256", random_batches), ("contiguous 512 KiB batches", block_batches)):
+            def ours():
+                for b in batches:
+                    store.read(b)
+
+            def theirs():
+                for b in batches:
+                    ar.__getitems__(b.tolist())
+            ours()
+            theirs()  # warm the page cache and both readers
+            recs = sum(len(b) for b in batches)
+            f, b = recs / timed(ours), recs / timed(theirs)
+            rows.append(row(f"4 KiB records, {name}: seekax store (warm)", f, "rec/s", "ArrayRecord (warm)", b, f / b,
+                            "-", "-"))
+
+
 FIGURES = {"loader": loader_rows, "random64": random64_rows, "records4k": records4k_rows,  # fn(root, total, rows)
-           "checkpoint": checkpoint_rows, "kv": kv_rows}
+           "checkpoint": checkpoint_rows, "kv": kv_rows, "arrayrecord": arrayrecord_rows}
 
 
 def row(name, value, unit, baseline, base_value, ratio, target, ok) -> dict:

@@ -1,5 +1,6 @@
-"""`seekax data prepare|inspect|verify`: build a token sample store from parquet/text files or a synthetic corpus,
-summarise one, or check its checksums (exit 1 when a store is torn, incomplete or corrupt)."""
+"""`seekax data prepare|inspect|verify|import|export`: build a token sample store from parquet/text files or a
+synthetic corpus, summarise one, check its checksums (exit 1 when a store is torn, incomplete or corrupt), or
+move records from and to ArrayRecord files."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from seekax.ir.validate import check_int, fail
 # Library parameter -> the flag's dest, for errors that name the flag.
 PREPARE_PARAMS = {"path": "out", "paths": "input", "num_workers": "workers", "num_partitions": "partitions"}
 STORE_PARAMS = {"path": "store"}
+IMPORT_PARAMS = {"dst": "out", "path": "out"}
+EXPORT_PARAMS = {"path": "store", "num_shards": "shards"}
 
 WORDS = ("expert", "token", "latent", "pipeline", "kernel", "shard", "router", "cache", "page", "gradient",
          "warp", "tile", "schedule", "batch", "prefix", "the", "a", "of", "and", "to")
@@ -40,6 +43,11 @@ def register(sub) -> None:
     pr.add_argument("--seed", type=int, default=0, help="shuffle seed (and synthetic corpus seed)")
     pr.add_argument("--work-dir", default=None, help="intermediate partitions (default: OUT.work); reruns reuse them")
     pr.add_argument("--overwrite", action="store_true", help="replace a store already published at OUT")
+    pr.add_argument("--tokenizer", default=None, metavar="TOKENIZER_JSON",
+                    help="a Hugging Face tokenizer.json to tokenise with (ids packed as int32; its name and sha256 go "
+                         "into the manifest); default: bytes, ids 0-255 and 256 ending a document")
+    pr.add_argument("--eos-token", default=None, help="with --tokenizer: the token ending each document (default: "
+                                                      "the vocabulary's end-of-sentence token, e.g. </s>)")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
     pr.set_defaults(func=prepare)
 
@@ -53,6 +61,26 @@ def register(sub) -> None:
     ver.add_argument("store", help="sample store directory")
     ver.add_argument("--quiet", action="store_true", help="no progress bar")
     ver.set_defaults(func=verify)
+
+    imp = dsub.add_parser("import", help="ArrayRecord file(s) -> sample store", params=IMPORT_PARAMS)
+    imp.add_argument("src", nargs="+", help="ArrayRecord files or globs (read in sorted order)")
+    imp.add_argument("out", help="sample store directory to write")
+    imp.add_argument("--kind", choices=("tokens", "bytes"), default=None,
+                     help="store kind (default: what `seekax data export` recorded beside the files, else bytes)")
+    imp.add_argument("--dtype", default=None, help="tokens: element dtype of each record, e.g. int32")
+    imp.add_argument("--seq-len", type=int, default=None, help="tokens: elements per record")
+    imp.add_argument("--overwrite", action="store_true", help="replace a store already published at OUT")
+    imp.set_defaults(func=import_ar)
+
+    exp = dsub.add_parser("export", help="sample store -> ArrayRecord file(s) (grain's ArrayRecordDataSource reads "
+                                         "them)", params=EXPORT_PARAMS)
+    exp.add_argument("store", help="sample store directory")
+    exp.add_argument("out", help="ArrayRecord file to write (with --shards N: OUT-00000-of-0000N, ...)")
+    exp.add_argument("--shards", type=int, default=1, help="files to split the records into, in order")
+    exp.add_argument("--group-size", type=int, default=1, help="ArrayRecord group size (1: every record randomly "
+                                                               "readable)")
+    exp.add_argument("--overwrite", action="store_true", help="replace ArrayRecord files already at OUT")
+    exp.set_defaults(func=export_ar)
 
 
 def _synthetic(work: Path, docs: int, seed: int, files: int = 4) -> list[str]:
@@ -112,7 +140,8 @@ def prepare(args) -> int:
         if args.dedupe:
             df = df.dedupe(column)
         df = df.shuffle(seed=args.seed)
-        m = df.to_sample_store(args.out, text_column=column, seq_len=args.seq_len, overwrite=args.overwrite)
+        m = df.to_sample_store(args.out, text_column=column, seq_len=args.seq_len, overwrite=args.overwrite,
+                               tokenizer=args.tokenizer, eos_token=args.eos_token)
     print(f"seekax data prepare: wrote {m['num_records']} sequences x {args.seq_len} tokens "
           f"({m['metadata']['docs']} documents, {len(m['shards'])} shard(s)) to {args.out}")
     return 0
@@ -173,4 +202,23 @@ def verify(args) -> int:
             print(f"seekax data verify: FAIL {p}", file=sys.stderr)
         return 1
     print(f"seekax data verify: OK {args.store} ({len(store.shards)} shard(s), {store.num_records} records)")
+    return 0
+
+
+def import_ar(args) -> int:
+    from seekax.storage.arrayrecord import import_array_record
+
+    m = import_array_record(args.src, args.out, kind=args.kind, dtype=args.dtype, seq_len=args.seq_len,
+                            overwrite=args.overwrite)
+    print(f"seekax data import: wrote {m['num_records']} {m['kind']} records ({len(m['shards'])} shard(s)) "
+          f"to {args.out}")
+    return 0
+
+
+def export_ar(args) -> int:
+    from seekax.storage.arrayrecord import export_array_record
+
+    files = export_array_record(args.store, args.out, num_shards=args.shards, group_size=args.group_size,
+                                overwrite=args.overwrite)
+    print(f"seekax data export: wrote {len(files)} ArrayRecord file(s): {', '.join(files)}")
     return 0

@@ -54,3 +54,47 @@ def test_prepare_from_text_files_and_errors(tmp_path, capsys):
     (tmp_path / "half" / "shard-00000.data").write_bytes(b"x")
     assert main(["data", "verify", str(tmp_path / "half")]) == 1
     assert "incomplete" in capsys.readouterr().err
+
+
+def test_prepare_with_a_tokenizer_json(tmp_path, capsys):
+    import tokenizers
+    from tokenizers import models, pre_tokenizers, trainers
+
+    text = "the expert routes each token to a latent cache page. " * 20
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "</s>"]))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "doc.txt").write_text(text)
+    out = str(tmp_path / "store")
+    assert main(["data", "prepare", out, "--input", str(tmp_path / "doc.txt"), "--seq-len", "16", "--partitions",
+                 "1", "--executor", "inline", "--quiet", "--tokenizer", str(tmp_path / "tokenizer.json")]) == 0
+    with SampleStore(out) as s:
+        ident = s.manifest["metadata"]["tokenizer"]
+        assert ident["kind"] == "hf" and ident["eos_id"] == tok.token_to_id("</s>")
+        assert s.read(np.arange(len(s))).reshape(-1)[:8].tolist() == tok.encode(text).ids[:8]
+    capsys.readouterr()
+    assert main(["data", "prepare", str(tmp_path / "s2"), "--input", str(tmp_path / "doc.txt"), "--executor",
+                 "inline", "--quiet", "--tokenizer", str(tmp_path / "tokenizer.json"), "--eos-token", "<eot>"]) == 2
+    assert "--eos-token" in capsys.readouterr().err
+
+
+def test_export_import_array_record(tmp_path, capsys):
+    from seekax.storage.sample_store import write_token_store
+
+    seqs = np.arange(300 * 8, dtype=np.int32).reshape(300, 8)
+    write_token_store(tmp_path / "s", seqs)
+    ar = str(tmp_path / "x.array_record")
+    assert main(["data", "export", str(tmp_path / "s"), ar, "--shards", "2"]) == 0
+    assert "2 ArrayRecord file(s)" in capsys.readouterr().out
+    assert main(["data", "import", ar + "-*", str(tmp_path / "back")]) == 0
+    assert "300 tokens records" in capsys.readouterr().out
+    with SampleStore(tmp_path / "back") as s:
+        np.testing.assert_array_equal(s.read(np.arange(300)), seqs)
+    assert main(["data", "export", str(tmp_path / "s"), ar, "--shards", "2"]) == 2  # exists: a usage error
+    assert "overwrite=True" in capsys.readouterr().err
+    assert main(["data", "export", str(tmp_path / "s"), ar, "--shards", "0", "--overwrite"]) == 2
+    assert "--shards" in capsys.readouterr().err
+    assert main(["data", "import", ar + "-00000-of-00002", str(tmp_path / "t"), "--kind", "tokens", "--dtype",
+                 "int32", "--seq-len", "9"]) == 2
+    assert "src" in capsys.readouterr().err
