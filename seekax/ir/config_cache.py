@@ -6,7 +6,9 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
+
+C = TypeVar("C")
 
 
 def default_cache_path() -> Path:
@@ -55,3 +57,23 @@ class ConfigCache:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+
+
+def pick_config(explicit: C | None, *, spec_key: str | None, from_dict: Callable[[dict[str, Any]], C],
+                heuristic: Callable[[], C], use_cache: bool) -> C:
+    """Every op's one config priority: the explicit config, else the autotuned winner cached for this spec on
+    this device and jax version (`use_cache`: only when the kernel runs on the device itself, never when
+    interpreting or cross-lowering on a CPU), else `heuristic()`, which may raise NotImplementedError for a
+    shape no config covers."""
+    if explicit is not None:
+        return explicit
+    if use_cache and spec_key is not None:
+        import jax
+
+        from seekax.ir.device import detect_device
+
+        device = detect_device()
+        entry = None if device is None else ConfigCache().get(spec_key, device.name, jax.__version__)
+        if entry is not None:
+            return from_dict(entry)
+    return heuristic()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 
-
 from seekax.ir.tiling import SMEM_LIMIT_BYTES, SharedMemoryBudgetExceeded
 from seekax.ir.validate import check_int, fail
 
@@ -94,3 +93,7 @@ class MlaTileConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MlaTileConfig":
+        return cls(**d)

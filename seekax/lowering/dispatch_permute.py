@@ -15,7 +15,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from seekax.lowering.backend import resolve_backend, run_kernel
+from seekax.ir.validate import fail
+from seekax.lowering.backend import run_kernel, run_op
 from seekax.lowering.dispatch_route import exclusive_cumsum, take0
 
 
@@ -54,22 +55,29 @@ def make_permutation(local_idx: jax.Array, num_local_experts: int, alignment: in
     return Permutation(src_row=src, pair_row=pair_row.reshape(r, k).astype(jnp.int32), group_sizes=sizes)
 
 
+def validate_permute(x, perm: Permutation) -> None:
+    """The one validation point of `permute` (every backend): one row of x per received row of the plan."""
+    rows = perm.pair_row.shape[0]
+    if getattr(x, "ndim", 0) < 1 or x.shape[0] != rows:
+        raise fail("x.shape", tuple(getattr(x, "shape", ())) or None,
+                   f"[R={rows}, ...] (one row per received row of the permutation)")
+
+
 def permute(x: jax.Array, perm: Permutation, *, backend: str = "xla") -> jax.Array:
     """x: [R, ...] received rows -> [M, ...] rows grouped by local expert (padding rows are zero).
 
-    backend: "xla" (a gather), "mosaic" / "interpret" (the Hopper row-gather kernel, `permute_sm90`), "auto"
-    (mosaic on Hopper, falling back to xla for shapes the kernel does not take). Differentiable: the VJP is
-    the unweighted unpermute (a gather too, no scatter)."""
-    requested = backend
-    backend = resolve_backend(backend)
-    if backend == "xla" or x.ndim != 2:
-        return take0(x, perm.src_row)
-    try:
-        return _permute_kernel(x, perm, backend)
-    except NotImplementedError:
-        if requested != "auto":
-            raise
-        return take0(x, perm.src_row)
+    backend: "xla" (a gather), "mosaic" / "interpret" (the Hopper row-gather kernel, `permute_sm90`, for
+    x [R, H] with 128-byte tile rows), "auto" (the kernel on Hopper when it takes the shape, else xla).
+    Differentiable: the VJP is the unweighted unpermute (a gather too, no scatter)."""
+    validate_permute(x, perm)
+    return run_op(backend, kernel=lambda resolved: _permute_kernel_entry(x, perm, resolved),
+                  reference=lambda: take0(x, perm.src_row), name="permute")
+
+
+def _permute_kernel_entry(x, perm: Permutation, backend: str) -> jax.Array:
+    if x.ndim != 2:
+        raise NotImplementedError(f"x.shape={tuple(x.shape)}: the Mosaic permute gathers rows of a 2-D [R, H]")
+    return _permute_kernel(x, perm, backend)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -24,17 +24,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from seekax.ir.dispatch import DispatchSpec
+from seekax.ir.fp8 import ACT_BLOCK, FP8_DTYPE, SCALE_BLOCK
 from seekax.ir.validate import check_choice, check_int, fail
-from seekax.lowering import dispatch_transport as tr
 from seekax.lowering import dispatch_route as _route
+from seekax.lowering import dispatch_transport as tr
 from seekax.lowering.dispatch_route import Route, axis_size, high_throughput_route, low_latency_route
+from seekax.lowering.reference.fp8_gemm import quantize_fp8
 
 TRANSPORTS = ("auto", "ragged", "padded", "low_latency", "ragged_emulated")
-FP8_BLOCK = 128
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
-__all__ = ["TRANSPORTS", "Dispatched", "DispatchHandle", "dispatch_layout", "ep_combine", "ep_dispatch",
-           "resolve_transport", "validate_ep_dispatch"]
+__all__ = ["TRANSPORTS", "Dispatched", "DispatchHandle", "dispatch_layout", "ep_axis_size", "ep_combine",
+           "ep_dispatch", "resolve_transport", "validate_ep_dispatch"]
 
 
 def resolve_transport(transport: str) -> str:
@@ -75,6 +75,18 @@ def _is_tracer(a) -> bool:
     return isinstance(a, jax.core.Tracer)
 
 
+def ep_axis_size(axis_name) -> int:
+    """The EP group's size: 1 for axis_name=None (one rank), else the size of a mesh axis that an enclosing
+    `jax.shard_map` binds; any other axis name is a ValueError here, before JAX's unbound-axis NameError."""
+    if axis_name is None:
+        return 1
+    try:
+        return axis_size(axis_name)
+    except NameError:
+        raise fail("axis_name", axis_name, "a mesh axis bound by an enclosing jax.shard_map over the EP ranks "
+                   "(call ep_dispatch inside shard_map), or None for a single rank") from None
+
+
 def validate_ep_dispatch(x, topk_idx, topk_weights, *, num_experts, ep_size, transport, fp8,
                          expert_alignment, capacity) -> DispatchSpec:
     """The one validation point (every transport): shapes, dtypes, divisibility, capacity, concrete ids."""
@@ -98,33 +110,29 @@ def validate_ep_dispatch(x, topk_idx, topk_weights, *, num_experts, ep_size, tra
     if capacity is not None:
         check_int("capacity", capacity, min_value=1)
     if isinstance(x, tuple):
-        if len(x) != 2 or np.dtype(x[0].dtype).name != "float8_e4m3fn":
+        if len(x) != 2 or np.dtype(x[0].dtype).name != FP8_DTYPE:
             raise fail("x", "tuple", "(x_fp8 float8_e4m3fn [T, H], scale float32 [T, H/128])")
-        if tuple(x[1].shape) != (tokens, -(-hidden // FP8_BLOCK)):
-            raise fail("x_scale.shape", tuple(x[1].shape), f"({tokens}, {-(-hidden // FP8_BLOCK)})")
-    elif fp8 and hidden % FP8_BLOCK:
-        raise fail("x.shape", tuple(x.shape), f"hidden a multiple of {FP8_BLOCK} for the FP8 payload")
+        if tuple(x[1].shape) != (tokens, -(-hidden // SCALE_BLOCK)):
+            raise fail("x_scale.shape", tuple(x[1].shape), f"({tokens}, {-(-hidden // SCALE_BLOCK)})")
+    elif fp8 and hidden % SCALE_BLOCK:
+        raise fail("x.shape", tuple(x.shape), f"hidden a multiple of {SCALE_BLOCK} for the FP8 payload")
     if not _is_tracer(topk_idx):
         ids = np.asarray(topk_idx)
         bad = (ids < -1) | (ids >= num_experts)
         if bad.any():
             where = tuple(int(i) for i in np.argwhere(bad)[0])
             raise fail("topk_idx", int(ids[where]), f"expert ids in [-1, {num_experts}) (first bad at {where})")
-    dtype = "float8_e4m3fn" if (fp8 or isinstance(x, tuple)) else np.dtype(x_data.dtype).name
-    if dtype not in ("bfloat16", "float16", "float32", "float8_e4m3fn"):
+    dtype = FP8_DTYPE if (fp8 or isinstance(x, tuple)) else np.dtype(x_data.dtype).name
+    if dtype not in ("bfloat16", "float16", "float32", FP8_DTYPE):
         raise fail("x.dtype", dtype, "bfloat16, float16, float32 (or an FP8 tuple)")
     return DispatchSpec(tokens=tokens, hidden=hidden, num_experts=num_experts, top_k=topk_idx.shape[1],
                         ep_size=ep_size, dtype=dtype, capacity=capacity)
 
 
 def quantize_per_token(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x: [T, H] -> (e4m3 [T, H], float32 scales [T, H/128]): DeepEP's per-token 1x128 FP8 payload."""
-    t, h = x.shape
-    blocks = x.astype(jnp.float32).reshape(t, h // FP8_BLOCK, FP8_BLOCK)      # [T, H/128, 128]
-    amax = jnp.maximum(jnp.abs(blocks).max(-1), 1e-4)                          # [T, H/128]
-    scale = amax / FP8_MAX
-    q = (blocks / scale[..., None]).astype(jnp.float8_e4m3fn).reshape(t, h)
-    return q, scale
+    """x: [T, H] (H a multiple of 128) -> (e4m3 [T, H], float32 scales [T, H/128]): DeepEP's per-token 1x128
+    FP8 payload, the shared quantiser's numbers (`seekax.ir.fp8`: an all-zero block gets scale 1e-4 / 448)."""
+    return quantize_fp8(x, ACT_BLOCK)
 
 
 def _raise_on_host(bad_ids, first_id, dropped, *, num_experts, capacity):
@@ -165,7 +173,7 @@ def ep_dispatch(x, topk_idx: jax.Array, topk_weights: jax.Array | None = None, *
     DeepEP's num_max_dispatch_tokens_per_rank (copies per (source, expert); None = T).
     Differentiable in x and topk_weights (bf16/f32 payloads): the VJP is a combine.
     """
-    p = axis_size(axis_name)
+    p = ep_axis_size(axis_name)
     spec = validate_ep_dispatch(x, topk_idx, topk_weights, num_experts=num_experts, ep_size=p,
                                 transport=transport, fp8=fp8, expert_alignment=expert_alignment,
                                 capacity=capacity)
@@ -189,7 +197,7 @@ def ep_dispatch(x, topk_idx: jax.Array, topk_weights: jax.Array | None = None, *
     if isinstance(x, tuple) or fp8:
         xq, scale = x if isinstance(x, tuple) else quantize_per_token(x)
         bits = tr.send_tokens(jax.lax.bitcast_convert_type(xq, jnp.uint8), route)
-        recv_x = jax.lax.bitcast_convert_type(bits, jnp.float8_e4m3fn)
+        recv_x = jax.lax.bitcast_convert_type(bits, FP8_DTYPE)
         recv_scale = tr.send_tokens(scale.astype(jnp.float32), route)
     else:
         recv_x, recv_scale = tr.dispatch_rows(x, route), None

@@ -1,15 +1,17 @@
 """FP8 GEMMs with DeepGEMM's fine-grained scaling: quantisation, dense and MoE-grouped GEMMs, `fp8_linear`.
 
-Every op validates its arguments once (the `validate_*` functions) and then runs one backend:
-"mosaic" (the Hopper kernels in `seekax.lowering.mosaic`), "interpret" (the same kernels on the CPU
-interpreter), "xla" (the plain-jnp oracle in `seekax.lowering.reference.fp8_gemm`), or "auto" (mosaic on
-sm_90, xla elsewhere; on Hopper a shape the kernel does not handle falls back to xla).
-Tile configs: explicit `config=` > the autotuner's cache (`ir/config_cache.py`) > `choose_fp8_config`.
+Every op runs one skeleton: validate once (the `validate_*` functions; a ValueError for every backend), pick a
+tile config (explicit `config=` > the autotuner's cache, `ir/config_cache.py` > `choose_fp8_config`), then let
+`lowering.backend.run_op` choose the backend: "mosaic" (the Hopper kernels in `seekax.lowering.mosaic`),
+"interpret" (the same kernels on the CPU interpreter), "xla" (the plain-jnp oracle in
+`seekax.lowering.reference.fp8_gemm`), or "auto" (the kernel on sm_90 when it takes the shape, else xla).
+Scale conventions (e4m3, 128-wide blocks, the amax floor): `seekax.ir.fp8`.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import time
 from typing import Any, Callable
 
@@ -17,16 +19,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seekax.ir.config_cache import pick_config
+from seekax.ir.fp8 import ACT_BLOCK, FP8_DTYPE, SCALE_BLOCK, WEIGHT_BLOCK
 from seekax.ir.fp8_tiling import Fp8TileConfig, choose_fp8_config
-from seekax.ir.gemm import GemmSpec, GroupedGemmSpec
+from seekax.ir.gemm import OUT_DTYPES, GemmSpec, GroupedGemmSpec
 from seekax.ir.validate import check_array_dtype, check_shape, fail
-from seekax.lowering.backend import num_sms_for, resolve_backend, run_kernel
+from seekax.lowering.backend import check_backend, kernel_takes, num_sms_for, run_kernel, run_op
 from seekax.lowering.reference import fp8_gemm as ref
 
-FP8 = "float8_e4m3fn"
-BLOCK = ref.SCALE_BLOCK
-ACT_BLOCK, WEIGHT_BLOCK = (1, BLOCK), (BLOCK, BLOCK)
-OUT_DTYPES = ("bfloat16", "float16", "float32")
+BLOCK = SCALE_BLOCK          # the scale block along K, as the layers name it
 cdiv = ref.cdiv
 
 
@@ -42,7 +43,7 @@ def _check_rank(name: str, x: Any, ndim: int, layout: str) -> None:
 
 def _check_operand(name: str, x: Any, ndim: int, layout: str) -> None:
     _check_rank(name, x, ndim, layout)
-    check_array_dtype(name, x, (FP8,))
+    check_array_dtype(name, x, (FP8_DTYPE,))
 
 
 def _check_scale(name: str, s: Any, expected: tuple[int, ...]) -> None:
@@ -89,7 +90,7 @@ def validate_fp8_gemm_nt(a, a_scale, b, b_scale, out_dtype) -> GemmSpec:
         raise fail("b.shape", tuple(b.shape), f"[N, K] with K={k} matching a.shape={tuple(a.shape)} (K-major B)")
     _check_scale("a_scale", a_scale, (m, cdiv(k, BLOCK)))
     _check_scale("b_scale", b_scale, (cdiv(n, BLOCK), cdiv(k, BLOCK)))
-    return GemmSpec(m=m, n=n, k=k, a_dtype=FP8, b_dtype=FP8, out_dtype=_check_out_dtype(out_dtype),
+    return GemmSpec(m=m, n=n, k=k, a_dtype=FP8_DTYPE, b_dtype=FP8_DTYPE, out_dtype=_check_out_dtype(out_dtype),
                     a_scale=ACT_BLOCK, b_scale=WEIGHT_BLOCK)
 
 
@@ -160,74 +161,66 @@ def _validate_quantize(x, block) -> tuple[int, int]:
 def quantize_fp8(x, block=ACT_BLOCK, *, pow2_scale: bool = False, backend: str = "xla"):
     """x: [..., M, K] f32/bf16/f16 -> (x_fp8 [..., M, K_pad] e4m3, scale [..., ceil(M/b0), ceil(K/128)] f32).
 
-    scale = max(amax, 1e-4) / 448 per block (block = (1, 128) activations, (128, 128) weights), K
-    zero-padded to a multiple of 128; pow2_scale rounds scales up to powers of two (UE8M0-style).
-    The Mosaic kernel covers per-token (1, 128) groups with K a multiple of 128 and plain scales (bit-equal
-    to the xla path); anything else runs on XLA, which fuses this memory-bound work. The default backend is
-    "xla" (not "auto") until a GPU benchmark shows the kernel pays: callers' kernel counts stay unchanged.
+    scale = max(amax, 1e-4) / 448 per block (block = (1, 128) activations, (128, 128) weights; `seekax.ir.fp8`),
+    K zero-padded to a multiple of 128; an all-zero block gets scale 1e-4 / 448 and quantises to zeros.
+    pow2_scale rounds scales up to powers of two (UE8M0-style). The Mosaic kernel covers per-token (1, 128)
+    groups with K a multiple of 128 and plain scales (bit-equal to the xla path); anything else runs on XLA,
+    which fuses this memory-bound work. The default backend is "xla" (not "auto") until a GPU benchmark shows
+    the kernel pays: callers' kernel counts stay unchanged.
     """
     block = _validate_quantize(x, block)
 
-    def mosaic(backend):
+    def kernel(backend):
         if block != ACT_BLOCK or pow2_scale:
-            raise NotImplementedError("the quantisation kernel covers block=(1, 128) without pow2_scale")
-        from seekax.lowering.mosaic import fp8_quant_sm90
-
+            raise NotImplementedError(f"block={block}, pow2_scale={pow2_scale}: the quantisation kernel covers "
+                                      f"block={ACT_BLOCK} without pow2_scale")
         *lead, m, k = x.shape
         x2 = x.reshape(-1, k)                                                       # [T, K]
-        q, s = run_kernel(fp8_quant_sm90.build(x2.shape[0], k, x.dtype), x2, backend=backend)
+        q, s = run_kernel(_mosaic("fp8_quant_sm90.build")(x2.shape[0], k, x.dtype), x2, backend=backend)
         return q.reshape(*lead, m, k), s.reshape(*lead, m, k // BLOCK)
 
-    return _run(backend, mosaic, lambda: ref.quantize_fp8(x, block, pow2_scale=pow2_scale))
+    return run_op(backend, kernel=kernel, reference=lambda: ref.quantize_fp8(x, block, pow2_scale=pow2_scale),
+                  name="quantize_fp8")
 
 
 def dequantize_fp8(x_fp8, scale, block=ACT_BLOCK, *, dtype=jnp.float32):
-    """x_fp8: [..., M, K] e4m3, scale: [..., ceil(M/b0), ceil(K/128)] -> [..., M, K] in `dtype`."""
+    """x_fp8: [..., M, K] e4m3, scale: [..., ceil(M/b0), ceil(K/128)] -> [..., M, K] in `dtype` (XLA only)."""
     block = tuple(block) if isinstance(block, (tuple, list)) else block
     if block not in (ACT_BLOCK, WEIGHT_BLOCK):
         raise fail("block", block, f"{ACT_BLOCK} or {WEIGHT_BLOCK}")
     if getattr(x_fp8, "ndim", 0) < 2:
         raise fail("x_fp8.shape", tuple(getattr(x_fp8, "shape", ())), "[..., M, K]")
-    check_array_dtype("x_fp8", x_fp8, (FP8,))
+    check_array_dtype("x_fp8", x_fp8, (FP8_DTYPE,))
     *lead, m, k = x_fp8.shape
     _check_scale("scale", scale, (*lead, cdiv(m, block[0]), cdiv(k, BLOCK)))
     return ref.dequantize_fp8(x_fp8, scale, block, dtype=dtype)
 
 
-# ----------------------------------------------------------------------------------------------- dispatch
-def _run(requested: str, mosaic: Callable[[str], Any], xla: Callable[[], Any]) -> Any:
-    """Run the Mosaic path for "mosaic"/"interpret"; "auto" on Hopper falls back to xla on NotImplementedError."""
-    backend = resolve_backend(requested)
-    if backend == "xla":
-        return xla()
-    try:
-        return mosaic(backend)
-    except NotImplementedError:
-        if requested != "auto":
-            raise
-        return xla()
+# ----------------------------------------------------------------------------------------------- the GEMMs
+def _mosaic(name: str) -> Callable[..., Any]:
+    """`module.function` of `seekax.lowering.mosaic`, imported on the kernel path only (the ops import
+    without the kernels, and a CPU-only caller never loads them)."""
+    module, function = name.split(".")
+    return getattr(importlib.import_module(f"seekax.lowering.mosaic.{module}"), function)
 
 
 def _config(spec, config: Fp8TileConfig | None, backend: str, **heuristic) -> Fp8TileConfig:
-    """Explicit config > autotuned winner cached for this spec/device/jax > heuristic."""
-    if config is not None:
-        return config
-    if backend == "mosaic":
-        cached = _cached_config(spec)
-        if cached is not None:
-            return cached
-    return choose_fp8_config(spec, **heuristic)
+    """Explicit config > autotuned winner cached for this spec/device/jax (on the device only) > heuristic."""
+    return pick_config(config, spec_key=spec.key(), from_dict=Fp8TileConfig.from_dict,
+                       heuristic=lambda: choose_fp8_config(spec, **heuristic), use_cache=backend == "mosaic")
 
 
-def _cached_config(spec) -> Fp8TileConfig | None:
-    from seekax.ir.config_cache import ConfigCache
-    from seekax.ir.device import detect_device
+def _run_gemm(spec, args: tuple, *, build: str, reference: Callable[..., Any], backend: str,
+              config: Fp8TileConfig | None, num_sms: int | None, **heuristic) -> jax.Array:
+    """The four GEMMs after validation: the kernel path picks a config and builds `build` (a
+    `module.function` of `seekax.lowering.mosaic`, called as build(spec, config, num_sms)); `run_op` chooses."""
 
-    dev = detect_device()
-    if dev is None:
-        return None
-    entry = ConfigCache().get(spec.key(), dev.name, jax.__version__)
-    return None if entry is None else Fp8TileConfig.from_dict(entry)
+    def kernel(resolved):
+        cfg = _config(spec, config, resolved, **heuristic)
+        return run_kernel(_mosaic(build)(spec, cfg, num_sms or num_sms_for(resolved)), *args, backend=resolved)
+
+    return run_op(backend, kernel=kernel, reference=lambda: reference(*args, out_dtype=spec.out_dtype),
+                  name=reference.__name__)
 
 
 def fp8_gemm_nt(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16, backend: str = "auto",
@@ -235,18 +228,11 @@ def fp8_gemm_nt(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16, backend: str 
     """out[M, N] = (a * a_scale) @ (b * b_scale)^T, fp32 accumulation promoted every 128-K block.
 
     a: [M, K] e4m3, a_scale: [M, ceil(K/128)] f32; b: [N, K] e4m3 (K-major), b_scale: [ceil(N/128), ceil(K/128)].
-    Mosaic kernel: any M (masked tail), N a multiple of 64, K a multiple of 128 (quantize_fp8 pads K).
+    Mosaic kernel: M >= 1 (masked tail), N a multiple of 16, K a multiple of 128 (quantize_fp8 pads K).
     """
     spec = validate_fp8_gemm_nt(a, a_scale, b, b_scale, out_dtype)
-
-    def mosaic(backend):
-        from seekax.lowering.mosaic import fp8_gemm_sm90
-
-        cfg = _config(spec, config, backend)
-        kernel = fp8_gemm_sm90.build(spec, cfg, num_sms or num_sms_for(backend))
-        return run_kernel(kernel, a, a_scale, b, b_scale, backend=backend)
-
-    return _run(backend, mosaic, lambda: ref.fp8_gemm_nt(a, a_scale, b, b_scale, out_dtype=spec.out_dtype))
+    return _run_gemm(spec, (a, a_scale, b, b_scale), build="fp8_gemm_sm90.build", reference=ref.fp8_gemm_nt,
+                     backend=backend, config=config, num_sms=num_sms)
 
 
 def m_grouped_fp8_gemm_nt_contiguous(a, a_scale, b, b_scale, group_sizes, *, out_dtype=jnp.bfloat16,
@@ -256,18 +242,12 @@ def m_grouped_fp8_gemm_nt_contiguous(a, a_scale, b, b_scale, group_sizes, *, out
 
     a: [M, K] e4m3, a_scale: [M, ceil(K/128)]; b: [G, N, K] e4m3, b_scale: [G, ceil(N/128), ceil(K/128)];
     group_sizes: [G] int32, >= 0, sum <= M (checked when concrete; under jit the caller's contract) -> [M, N].
+    Mosaic kernel: M >= 1, N a multiple of 16 with output rows of >= 128 bytes, K a multiple of 128.
     """
     spec = validate_m_grouped_contiguous(a, a_scale, b, b_scale, group_sizes, out_dtype)
-
-    def mosaic(backend):
-        from seekax.lowering.mosaic import fp8_grouped_gemm_sm90
-
-        cfg = _config(spec, config, backend, min_block_n=128 // np.dtype(spec.out_dtype).itemsize)
-        kernel = fp8_grouped_gemm_sm90.build_contiguous(spec, cfg, num_sms or num_sms_for(backend))
-        return run_kernel(kernel, a, a_scale, b, b_scale, group_sizes, backend=backend)
-
-    return _run(backend, mosaic, lambda: ref.m_grouped_fp8_gemm_nt_contiguous(
-        a, a_scale, b, b_scale, group_sizes, out_dtype=spec.out_dtype))
+    return _run_gemm(spec, (a, a_scale, b, b_scale, group_sizes), build="fp8_grouped_gemm_sm90.build_contiguous",
+                     reference=ref.m_grouped_fp8_gemm_nt_contiguous, backend=backend, config=config,
+                     num_sms=num_sms, min_block_n=128 // np.dtype(spec.out_dtype).itemsize)
 
 
 def m_grouped_fp8_gemm_nt_masked(a, a_scale, b, b_scale, masked_m, *, out_dtype=jnp.bfloat16,
@@ -276,19 +256,11 @@ def m_grouped_fp8_gemm_nt_masked(a, a_scale, b, b_scale, masked_m, *, out_dtype=
     """Fixed-buffer decode layout (DeepEP low-latency): out[g, r] = a[g, r] @ b[g]^T for r < masked_m[g], else 0.
 
     a: [G, M_max, K] e4m3, a_scale: [G, M_max, ceil(K/128)]; b: [G, N, K], b_scale: [G, ceil(N/128), ceil(K/128)];
-    masked_m: [G] int32 in [0, M_max] -> [G, M_max, N].
+    masked_m: [G] int32 in [0, M_max] -> [G, M_max, N]. Mosaic kernel: M_max >= 1, N a multiple of 16, K of 128.
     """
     spec = validate_m_grouped_masked(a, a_scale, b, b_scale, masked_m, out_dtype)
-
-    def mosaic(backend):
-        from seekax.lowering.mosaic import fp8_grouped_gemm_sm90
-
-        cfg = _config(spec, config, backend)
-        kernel = fp8_grouped_gemm_sm90.build_masked(spec, cfg, num_sms or num_sms_for(backend))
-        return run_kernel(kernel, a, a_scale, b, b_scale, masked_m, backend=backend)
-
-    return _run(backend, mosaic, lambda: ref.m_grouped_fp8_gemm_nt_masked(
-        a, a_scale, b, b_scale, masked_m, out_dtype=spec.out_dtype))
+    return _run_gemm(spec, (a, a_scale, b, b_scale, masked_m), build="fp8_grouped_gemm_sm90.build_masked",
+                     reference=ref.m_grouped_fp8_gemm_nt_masked, backend=backend, config=config, num_sms=num_sms)
 
 
 def k_grouped_fp8_gemm_tn_contiguous(a, a_scale, b, b_scale, group_sizes_k, *, out_dtype=jnp.float32,
@@ -299,19 +271,13 @@ def k_grouped_fp8_gemm_tn_contiguous(a, a_scale, b, b_scale, group_sizes_k, *, o
     a: [sum_K, M] e4m3 and b: [sum_K, N] e4m3, token-major as the forward produced them (dY and X of each
     expert, rows sorted by expert); a_scale: [sum_K/128, M], b_scale: [sum_K/128, N] f32 (one scale per 128
     tokens per column); group_sizes_k: [G] int32, multiples of 128 summing to sum_K -> [G, M, N] (f32 default).
-    The Mosaic kernel transposes the operands to token(K)-major, as FP8 wgmma needs.
+    The Mosaic kernel (sum_K, M >= 1, N a multiple of 16) transposes the operands to token(K)-major, as FP8
+    wgmma needs.
     """
     spec = validate_k_grouped(a, a_scale, b, b_scale, group_sizes_k, out_dtype)
-
-    def mosaic(backend):
-        from seekax.lowering.mosaic import fp8_k_grouped_gemm_sm90
-
-        cfg = _config(spec, config, backend)
-        kernel = fp8_k_grouped_gemm_sm90.build(spec, cfg, num_sms or num_sms_for(backend))
-        return run_kernel(kernel, a, a_scale, b, b_scale, group_sizes_k, backend=backend)
-
-    return _run(backend, mosaic, lambda: ref.k_grouped_fp8_gemm_tn_contiguous(
-        a, a_scale, b, b_scale, group_sizes_k, out_dtype=spec.out_dtype))
+    return _run_gemm(spec, (a, a_scale, b, b_scale, group_sizes_k), build="fp8_k_grouped_gemm_sm90.build",
+                     reference=ref.k_grouped_fp8_gemm_tn_contiguous, backend=backend, config=config,
+                     num_sms=num_sms)
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -361,7 +327,7 @@ def fp8_linear(x, w, *, backend: str = "auto"):
                    f"[..., K] with K={w.shape[1]} matching w.shape={tuple(w.shape)}")
     check_array_dtype("x", x, ("float32", "bfloat16", "float16"))
     check_array_dtype("w", w, ("float32", "bfloat16", "float16"))
-    resolve_backend(backend)
+    check_backend(backend)
     x, w = _same_varying_axes(x, w)
     return _fp8_linear(x, w, backend)
 
@@ -398,20 +364,20 @@ def autotune_fp8_gemm_nt(m: int, n: int, k: int, *, candidates=None, out_dtype=j
     dev = detect_device()
     if dev is None:
         raise NotImplementedError("autotuning needs a Hopper GPU")
-    fn, avals = lowering_example(m, n, k)
+    _, avals = lowering_example(m, n, k)
     rng = np.random.default_rng(0)
     a = jnp.asarray(rng.standard_normal((m, k)), jnp.float8_e4m3fn)
     b = jnp.asarray(rng.standard_normal((n, k)), jnp.float8_e4m3fn)
     sa = jnp.ones(avals[1].shape, jnp.float32)
     sb = jnp.ones(avals[3].shape, jnp.float32)
     spec = validate_fp8_gemm_nt(a, sa, b, sb, out_dtype)
+    build = _mosaic("fp8_gemm_sm90.build")
+    runnable = [c for c in candidates or candidate_fp8_configs(spec)
+                if kernel_takes(lambda c=c: build(spec, c, num_sms_for("mosaic")))]
     best, best_t = None, float("inf")
-    for cfg in candidates or candidate_fp8_configs(spec):
+    for cfg in runnable:
         f = jax.jit(functools.partial(fp8_gemm_nt, backend="mosaic", config=cfg, out_dtype=out_dtype))
-        try:
-            f(a, sa, b, sb).block_until_ready()
-        except (ValueError, NotImplementedError):
-            continue
+        f(a, sa, b, sb).block_until_ready()
         t0 = time.perf_counter()
         for _ in range(iters):
             out = f(a, sa, b, sb)

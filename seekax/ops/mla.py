@@ -1,8 +1,12 @@
-"""`mla_decode` (FlashMLA): MLA decode over a paged latent KV cache, one validated call for every backend,
-plus `mla_metadata`, the split-KV tile scheduler that gives every CTA equal work.
+"""`mla_decode` (FlashMLA): MLA decode over a paged latent KV cache, plus `mla_metadata`, the split-KV tile
+scheduler that gives every CTA equal work, and the FP8-cache and sparse (top-k) variants.
 
-Backends: "mosaic" (the Hopper kernel, `lowering/mosaic/mla_decode_sm90.py`), "interpret" (the same
-kernel on the CPU interpreter), "xla" (the plain-JAX reference), "auto" (mosaic on sm_90, else xla).
+Every variant runs one skeleton: validate once (`validate_mla_decode`; a ValueError for every backend), then
+`lowering.backend.run_op` chooses the backend. The kernel path checks what the Hopper kernel takes (576/512
+dims, 64-token pages, bf16/f16; NotImplementedError otherwise), picks a tile config (explicit > the
+autotuned cache > the default) and launches `lowering/mosaic/mla_decode_sm90.py`; "interpret" runs the
+same kernel on the CPU interpreter, "xla" the plain-JAX reference, "auto" the kernel on sm_90 when it takes
+the problem, else the reference.
 """
 
 from __future__ import annotations
@@ -14,16 +18,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seekax.ir.config_cache import pick_config
+from seekax.ir.fp8 import FP8_DTYPE, SCALE_BLOCK
 from seekax.ir.mla import MlaDecodeSpec
 from seekax.ir.mla_tiling import MlaTileConfig
 from seekax.ir.validate import check_int, fail
-from seekax.lowering.backend import num_sms_for, resolve_backend
+from seekax.lowering.backend import num_sms_for, run_op
 from seekax.lowering.mla_split import MlaMetadata as MlaMetadata
 from seekax.lowering.mla_split import mla_metadata as mla_metadata
-from seekax.lowering.mla_split import num_parts_for as num_parts_for
 from seekax.lowering.mla_split import split_ranges as split_ranges
+from seekax.lowering.reference import mla_decode as ref
 
-KERNEL_QK_DIM, KERNEL_V_DIM = 576, 512
+KERNEL_Q_DTYPES = ("bfloat16", "float16")
 
 
 def _concrete(x) -> np.ndarray | None:
@@ -34,7 +40,7 @@ def _concrete(x) -> np.ndarray | None:
 
 
 class MlaProblem(NamedTuple):
-    """What validation found; `spec()` is the kernel-sized MlaDecodeSpec (576/512-style dims only)."""
+    """What validation found: the sizes, dtypes and the resolved softmax scale of one decode call."""
 
     batch: int
     q_len: int
@@ -46,18 +52,22 @@ class MlaProblem(NamedTuple):
     kv_dtype: str
     causal: bool
     mean_len: int
+    softmax_scale: float
 
     def spec(self) -> MlaDecodeSpec:
+        """The kernel-sized spec (the config cache's key); only for problems the kernel takes."""
         return MlaDecodeSpec(batch=self.batch, seq_len=self.mean_len, q_len=self.q_len, q_heads=self.q_heads,
                              qk_dim=self.qk_dim, v_dim=self.v_dim, page_size=self.page_size,
                              q_dtype=self.q_dtype, kv_dtype=self.kv_dtype, causal=self.causal)
 
 
 def validate_mla_decode(q, kv_cache, block_table, seq_lens, *, v_dim, softmax_scale, causal,
-                        kernel: bool = False, kv_dtypes=("bfloat16", "float16"), same_dtype: bool = True) -> MlaProblem:
-    """The one validation point for every backend. `kernel`: the Mosaic kernel's stricter contract
-    (qk_dim 576, v_dim 512). Length values are checked when concrete (eager calls); under jit they are
-    trusted (the kernel clamps to the block table, the reference masks)."""
+                        metadata: MlaMetadata | None = None, config: MlaTileConfig | None = None,
+                        kv_dtypes=("bfloat16", "float16", "float32"), same_dtype: bool = True) -> MlaProblem:
+    """The one validation point for every backend (the reference's contract; the kernel's narrower one is
+    `_check_kernel_takes`). Length values are checked when concrete (eager calls); under jit they are trusted
+    (the kernel clamps to the block table, the reference masks). `metadata` must be planned for this batch
+    and the tile config's block."""
     if getattr(q, "ndim", None) != 4:
         raise fail("q.shape", getattr(q, "shape", None), "[batch, q_len, heads, qk_dim]")
     if getattr(kv_cache, "ndim", None) != 4:
@@ -71,21 +81,14 @@ def validate_mla_decode(q, kv_cache, block_table, seq_lens, *, v_dim, softmax_sc
     v_dim = check_int("v_dim", v_dim, min_value=1)
     if v_dim > d:
         raise fail("v_dim", v_dim, f"<= qk_dim={d} (V is a prefix of the latent)")
-    if kernel and d != KERNEL_QK_DIM:
-        raise fail("q.shape", tuple(q.shape), f"qk_dim {KERNEL_QK_DIM} (512 latent + 64 rope) for the kernel")
-    if kernel and v_dim != KERNEL_V_DIM:
-        raise fail("v_dim", v_dim, f"{KERNEL_V_DIM} for the kernel")
-    if kernel and page != 64:
-        raise fail("kv_cache.shape", tuple(kv_cache.shape), "64-token pages for the kernel")
     if num_pages < 1:
         raise fail("kv_cache.shape", tuple(kv_cache.shape), "at least one page")
     qd, kvd = np.dtype(q.dtype).name, np.dtype(kv_cache.dtype).name
-    q_dtypes = ("bfloat16", "float16") if kernel else ("bfloat16", "float16", "float32")
+    q_dtypes = ("bfloat16", "float16", "float32")
     if qd not in q_dtypes:
-        raise fail("q.dtype", qd, f"one of {q_dtypes}" + (" for the kernel" if kernel else ""))
-    kv_dtypes = tuple(kv_dtypes) + (() if kernel else ("float32",))
+        raise fail("q.dtype", qd, f"one of {q_dtypes}")
     if kvd not in kv_dtypes:
-        raise fail("kv_cache.dtype", kvd, f"one of {kv_dtypes}")
+        raise fail("kv_cache.dtype", kvd, f"one of {tuple(kv_dtypes)}")
     if same_dtype and kvd != qd:
         raise fail("kv_cache.dtype", kvd, f"q.dtype={qd}")
     if getattr(block_table, "ndim", None) != 2 or block_table.shape[0] != b:
@@ -100,6 +103,14 @@ def validate_mla_decode(q, kv_cache, block_table, seq_lens, *, v_dim, softmax_sc
         raise fail("softmax_scale", softmax_scale, "a positive float or None (1/sqrt(qk_dim))")
     if not isinstance(causal, bool):
         raise fail("causal", causal, "a bool")
+    if config is not None and not isinstance(config, MlaTileConfig):
+        raise fail("config", config, "an MlaTileConfig or None")
+    block = (config or MlaTileConfig()).block_n
+    if metadata is not None and (getattr(metadata, "block", None) != block
+                                 or getattr(metadata.block_start, "shape", None) != (b,)):
+        raise fail("metadata", f"MlaMetadata(block={getattr(metadata, 'block', None)}, "
+                               f"batch={getattr(getattr(metadata, 'block_start', None), 'shape', None)})",
+                   f"block={block} and batch={b} (from mla_metadata(seq_lens))")
     capacity = block_table.shape[1] * page
     lens = _concrete(seq_lens)
     if lens is not None and lens.size:
@@ -109,8 +120,42 @@ def validate_mla_decode(q, kv_cache, block_table, seq_lens, *, v_dim, softmax_sc
             raise fail("seq_lens", lens.tolist(), f"lengths <= the block table's capacity "
                                                   f"{block_table.shape[1]} pages x {page} = {capacity}")
     mean_len = int(lens.mean()) if lens is not None and lens.size else capacity
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
     return MlaProblem(batch=b, q_len=s_q, q_heads=h, qk_dim=d, v_dim=v_dim, page_size=page, q_dtype=qd,
-                      kv_dtype=kvd, causal=causal, mean_len=mean_len)
+                      kv_dtype=kvd, causal=causal, mean_len=mean_len, softmax_scale=scale)
+
+
+def _check_kernel_takes(p: MlaProblem, config: MlaTileConfig | None, *, cache: str,
+                        scales_shape: tuple[int, ...] = ()) -> None:
+    """The Hopper decode kernel's contract, checked at its entry: NotImplementedError (one line) for a valid
+    problem it does not take. cache: "bf16" | "fp8" (DeepSeek-V3.2's cache, its scales of `scales_shape`) |
+    "sparse" | "sparse_fp8" (token ids instead of pages: no page-size rule)."""
+    k = config or MlaTileConfig()
+    if (p.qk_dim, p.v_dim) != (k.qk_dim, k.v_dim):
+        raise NotImplementedError(f"qk_dim={p.qk_dim}, v_dim={p.v_dim}: the MLA decode kernel takes qk_dim "
+                                  f"{k.qk_dim} (latent + rope) and v_dim {k.v_dim}")
+    if not cache.startswith("sparse") and p.page_size != k.block_n:
+        raise NotImplementedError(f"page_size={p.page_size}: the MLA decode kernel takes {k.block_n}-token pages")
+    if min(p.batch, p.q_len, p.q_heads) == 0:
+        raise NotImplementedError(f"batch={p.batch}, q_len={p.q_len}, heads={p.q_heads}: nothing to launch")
+    if cache.endswith("fp8"):
+        if p.q_dtype != "bfloat16":
+            raise NotImplementedError(f"q.dtype={p.q_dtype}: the FP8-cache kernel takes bfloat16 (its rope and "
+                                      "tile are bf16)")
+        if scales_shape[-1] != k.v_dim // SCALE_BLOCK:
+            raise NotImplementedError(f"scales.shape={scales_shape}: the FP8-cache kernel takes one scale per token "
+                                      f"and {SCALE_BLOCK} channels ([..., {k.v_dim // SCALE_BLOCK}])")
+    elif p.q_dtype not in KERNEL_Q_DTYPES:
+        raise NotImplementedError(f"q.dtype={p.q_dtype}: the MLA decode kernel takes one of {KERNEL_Q_DTYPES}")
+
+
+def _tile_config(p: MlaProblem, config: MlaTileConfig | None, backend: str, *, stages: int,
+                 kv_dtype: str | None = None) -> MlaTileConfig:
+    """Explicit > autotuned winner cached for this spec on this device > the default with `stages` KV slots
+    (2 for the bf16 cache; 1 where a staging slot sits beside the bf16 tile: FP8 and sparse)."""
+    spec_key = p._replace(kv_dtype=kv_dtype or p.kv_dtype, page_size=MlaTileConfig().block_n).spec().key()
+    return pick_config(config, spec_key=spec_key, from_dict=MlaTileConfig.from_dict,
+                       heuristic=lambda: MlaTileConfig(stages=stages), use_cache=backend == "mosaic")
 
 
 def mla_decode(q: jax.Array, kv_cache: jax.Array, block_table: jax.Array, seq_lens: jax.Array, *,
@@ -122,53 +167,44 @@ def mla_decode(q: jax.Array, kv_cache: jax.Array, block_table: jax.Array, seq_le
     q: [B, q_len, H, 576] bf16; kv_cache: [num_pages, 64, 1, 576] (V = first v_dim channels);
     block_table: [B, max_pages] int32; seq_lens: [B] int32 -> out [B, q_len, H, v_dim] (q.dtype),
     lse [B, H, q_len] float32. Causal for q_len > 1: query i sees keys < seq_len - q_len + i + 1.
-    A query with no visible key returns out = 0, lse = -inf. The "xla" backend also accepts other head
-    dims and float32 (small demo models, exact tests); the kernel requires bf16/f16, 576/512, 64-token pages.
+    A query with no visible key returns out = 0, lse = -inf. The reference also takes other head dims and
+    float32 (small demo models, exact tests); the kernel takes bf16/f16, 576/512 and 64-token pages.
     """
-    strict = backend in ("mosaic", "interpret")  # asked for the kernel by name: its contract is an error
-    backend = resolve_backend(backend)
-    spec = validate_mla_decode(q, kv_cache, block_table, seq_lens, v_dim=v_dim, softmax_scale=softmax_scale,
-                               causal=causal, kernel=strict)
-    if backend == "mosaic" and ((spec.qk_dim, spec.v_dim, spec.page_size) != (KERNEL_QK_DIM, KERNEL_V_DIM, 64)
-                                or spec.q_dtype == "float32"):
-        backend = "xla"  # "auto" on Hopper with a small or float32 model: only the reference handles it
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(spec.qk_dim)
-    if backend == "xla":
-        from seekax.lowering.reference import mla_decode as ref
+    p = validate_mla_decode(q, kv_cache, block_table, seq_lens, v_dim=v_dim, softmax_scale=softmax_scale,
+                            causal=causal, metadata=metadata, config=config)
 
-        return ref.mla_decode(q, kv_cache, block_table, seq_lens, v_dim=v_dim, softmax_scale=scale, causal=causal)
-    return _run_kernel(q, kv_cache, block_table, seq_lens, spec, metadata=metadata, config=config or MlaTileConfig(),
-                       softmax_scale=scale, causal=causal, backend=backend, num_sms=num_sms)
+    def kernel(backend):
+        _check_kernel_takes(p, config, cache="bf16")
+        cfg = _tile_config(p, config, backend, stages=2)
+        return _run_kernel(q, kv_cache, block_table, seq_lens, p, metadata=metadata, config=cfg, backend=backend,
+                           num_sms=num_sms)
+
+    return run_op(backend, kernel=kernel, name="mla_decode", reference=lambda: ref.mla_decode(
+        q, kv_cache, block_table, seq_lens, v_dim=p.v_dim, softmax_scale=p.softmax_scale, causal=causal))
 
 
-def _run_kernel(q, cache, block_table, seq_lens, spec: MlaProblem, *, metadata, config: MlaTileConfig,
-                softmax_scale: float, causal: bool, backend: str, num_sms: int | None):
-    """The kernel path shared by the bf16 and FP8 caches: check or build the split metadata, then launch."""
+def _run_kernel(q, cache, block_table, seq_lens, p: MlaProblem, *, metadata, config: MlaTileConfig,
+                backend: str, num_sms: int | None):
+    """The kernel path shared by the bf16 and FP8 caches: build the split metadata unless given, then launch."""
     from seekax.lowering.mosaic import mla_decode_sm90
 
-    if metadata is not None and (metadata.block != config.block_n or metadata.block_start.shape != (spec.batch,)):
-        raise fail("metadata", f"MlaMetadata(block={metadata.block}, batch={metadata.block_start.shape[0]})",
-                   f"block={config.block_n} and batch={spec.batch} (from mla_metadata(seq_lens))")
     if metadata is None:
-        metadata = mla_metadata(seq_lens, num_sms or num_sms_for(backend), q_len=spec.q_len,
-                                num_heads=spec.q_heads, block=config.block_n)
-    return mla_decode_sm90.mla_decode(q, cache, block_table, seq_lens, metadata, softmax_scale=softmax_scale,
-                                      causal=causal, config=config, interpret=backend == "interpret")
+        metadata = mla_metadata(seq_lens, num_sms or num_sms_for(backend), q_len=p.q_len, num_heads=p.q_heads,
+                                block=config.block_n)
+    return mla_decode_sm90.mla_decode(q, cache, block_table, seq_lens, metadata, softmax_scale=p.softmax_scale,
+                                      causal=p.causal, config=config, interpret=backend == "interpret")
 
 
 def mla_decode_split_xla(q, kv_cache, block_table, seq_lens, metadata: MlaMetadata, *, v_dim: int = 512,
                          softmax_scale: float | None = None, causal: bool = True):
     """The split-KV algorithm in plain JAX: one partial per metadata split, then the combine. Same result
     as `mla_decode(..., backend="xla")` up to float32 rounding; the executable spec of the kernel's plan."""
-    from seekax.lowering.reference import mla_decode as ref
-
-    spec = validate_mla_decode(q, kv_cache, block_table, seq_lens, v_dim=v_dim, softmax_scale=softmax_scale,
-                               causal=causal)
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(spec.qk_dim)
+    p = validate_mla_decode(q, kv_cache, block_table, seq_lens, v_dim=v_dim, softmax_scale=softmax_scale,
+                            causal=causal, metadata=metadata)
     b, lo, hi = split_ranges(metadata)                                        # [T] each
-    bc = jnp.clip(b, 0, spec.batch - 1)
+    bc = jnp.clip(b, 0, p.batch - 1)
     out_p, lse_p = ref.mla_decode_partial(q[bc], kv_cache, block_table[bc], seq_lens[bc], lo, hi,
-                                          v_dim=v_dim, softmax_scale=scale, causal=causal)
+                                          v_dim=v_dim, softmax_scale=p.softmax_scale, causal=causal)
     return ref.combine_splits(out_p, lse_p, metadata.split_offsets, out_dtype=q.dtype)
 
 
@@ -180,31 +216,32 @@ def mla_decode_fp8(q: jax.Array, latent_fp8: jax.Array, scales: jax.Array, rope:
     [P, page, 1, 512] e4m3, scales [P, page, 1, 4] float32 (one per token and 128 channels), rope
     [P, page, 1, 64] bf16. Same outputs as `mla_decode`. "mosaic"/"interpret": the Hopper kernel reads the
     FP8 pages (656 bytes per token instead of 1152) and dequantises them in shared memory, so K and V enter
-    the bf16 wgmma rounded to bf16; "xla": dequantise to float32, then the reference."""
-    from seekax.lowering.reference import mla_decode as ref
+    the bf16 wgmma rounded to bf16 (it takes bf16 q, 576/512 dims, 64-token pages, 4 scales a token);
+    "xla": dequantise to float32, then the reference."""
+    dequantised = _fp8_cache_shape(latent_fp8, scales, rope)                  # what the reference sees
+    p = validate_mla_decode(q, dequantised, block_table, seq_lens, v_dim=latent_fp8.shape[-1],
+                            softmax_scale=softmax_scale, causal=causal, metadata=metadata, config=config,
+                            kv_dtypes=("float32",), same_dtype=False)
 
-    strict = backend in ("mosaic", "interpret")
-    backend = resolve_backend(backend)
-    dequantised = _fp8_cache_shape(latent_fp8, scales, rope)                  # what the kernel sees
-    spec = validate_mla_decode(q, dequantised, block_table, seq_lens, v_dim=latent_fp8.shape[-1],
-                               softmax_scale=softmax_scale, causal=causal, kernel=strict, kv_dtypes=("float32",),
-                               same_dtype=False)
-    kernel_ok = _fp8_kernel_ok(spec, scales, strict) and spec.page_size == 64
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(spec.qk_dim)
-    v = spec.v_dim
-    if backend == "xla" or not kernel_ok:
-        kv = ref.dequantize_fp8_latent(latent_fp8, scales, rope)                   # [P, page, 1, v + rope] f32
-        return ref.mla_decode(q, kv, block_table, seq_lens, v_dim=v, softmax_scale=scale, causal=causal)
-    config = config or MlaTileConfig(stages=1)           # two fp8 slots + the bf16 tile exceed 227 KiB
-    return _run_kernel(q, (latent_fp8, scales, rope), block_table, seq_lens, spec, metadata=metadata, config=config,
-                       softmax_scale=scale, causal=causal, backend=backend, num_sms=num_sms)
+    def kernel(backend):
+        _check_kernel_takes(p, config, cache="fp8", scales_shape=tuple(scales.shape))
+        cfg = _tile_config(p, config, backend, stages=1, kv_dtype=FP8_DTYPE)  # two fp8 slots exceed 227 KiB
+        return _run_kernel(q, (latent_fp8, scales, rope), block_table, seq_lens, p, metadata=metadata, config=cfg,
+                           backend=backend, num_sms=num_sms)
+
+    def reference():
+        kv = ref.dequantize_fp8_latent(latent_fp8, scales, rope)                 # [P, page, 1, v + rope] f32
+        return ref.mla_decode(q, kv, block_table, seq_lens, v_dim=p.v_dim, softmax_scale=p.softmax_scale,
+                              causal=causal)
+
+    return run_op(backend, kernel=kernel, reference=reference, name="mla_decode_fp8")
 
 
 def _fp8_cache_shape(latent_fp8, scales, rope) -> jax.ShapeDtypeStruct:
     """Check DeepSeek-V3.2's FP8 cache arrays against each other; the dequantised cache's shape (float32)."""
-    if getattr(latent_fp8, "ndim", None) != 4 or np.dtype(latent_fp8.dtype).name != "float8_e4m3fn":
+    if getattr(latent_fp8, "ndim", None) != 4 or np.dtype(latent_fp8.dtype).name != FP8_DTYPE:
         raise fail("latent_fp8", (getattr(latent_fp8, "shape", None), str(getattr(latent_fp8, "dtype", None))),
-                   "a float8_e4m3fn array [num_pages, page_size, 1, v_dim]")
+                   f"a {FP8_DTYPE} array [num_pages, page_size, 1, v_dim]")
     p, page, h, v = latent_fp8.shape
     if getattr(scales, "shape", None) is None or scales.shape[:3] != (p, page, h) or scales.ndim != 4 \
             or v % scales.shape[-1] or np.dtype(scales.dtype).name != "float32":
@@ -215,14 +252,17 @@ def _fp8_cache_shape(latent_fp8, scales, rope) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct((p, page, h, v + rope.shape[-1]), jnp.float32)
 
 
-def _fp8_kernel_ok(spec: MlaProblem, scales, strict: bool) -> bool:
-    """Whether the FP8-cache kernel takes this problem; asked for by name (`strict`), a clear error if not."""
-    tiles_ok = scales.shape[-1] == KERNEL_V_DIM // 128
-    if strict and not tiles_ok:
-        raise fail("scales", scales.shape[-1], f"one scale per 128 channels ({KERNEL_V_DIM // 128}) for the kernel")
-    if strict and spec.q_dtype != "bfloat16":
-        raise fail("q.dtype", spec.q_dtype, "bfloat16 for the FP8-cache kernel (its rope and tile are bf16)")
-    return (spec.qk_dim, spec.v_dim) == (KERNEL_QK_DIM, KERNEL_V_DIM) and tiles_ok and spec.q_dtype == "bfloat16"
+def _validate_sparse(q, kv_cache, indices, *, v_dim, softmax_scale, **kv) -> MlaProblem:
+    """Sparse decode's validation: the indices, then the dense checks over a token table of one entry."""
+    if getattr(indices, "ndim", None) != 3 or indices.shape[:2] != tuple(getattr(q, "shape", (None, None))[:2]):
+        raise fail("indices.shape", getattr(indices, "shape", None), "[batch, q_len, topk] matching q")
+    if np.dtype(indices.dtype).name != "int32":
+        raise fail("indices.dtype", np.dtype(indices.dtype).name, "int32")
+    if indices.shape[2] < 1:
+        raise fail("indices.shape", tuple(indices.shape), "topk >= 1")
+    b = q.shape[0] if getattr(q, "ndim", None) == 4 else 0                 # a bad q fails in the dense checks
+    return validate_mla_decode(q, kv_cache, jnp.zeros((b, 1), jnp.int32), jnp.zeros((b,), jnp.int32), v_dim=v_dim,
+                               softmax_scale=softmax_scale, causal=False, **kv)
 
 
 def mla_decode_sparse(q: jax.Array, kv_cache: jax.Array, indices: jax.Array, *, v_dim: int = 512,
@@ -235,20 +275,16 @@ def mla_decode_sparse(q: jax.Array, kv_cache: jax.Array, indices: jax.Array, *, 
     "mosaic"/"interpret": the Hopper kernel with one "batch" per query token, its valid ids moved to the
     front (a stable sort of [B, s_q, topk] ids, in XLA) and gathered row by row by TMA inside the kernel;
     split-KV over the valid counts as for `mla_decode`. "xla": the reference (gather, then attend)."""
-    from seekax.lowering.reference import mla_decode as ref
+    p = _validate_sparse(q, kv_cache, indices, v_dim=v_dim, softmax_scale=softmax_scale, config=config)
 
-    _check_indices(q, indices)
-    strict = backend in ("mosaic", "interpret")
-    backend = resolve_backend(backend)
-    b = q.shape[0]
-    spec = validate_mla_decode(q, kv_cache, jnp.zeros((b, 1), jnp.int32), jnp.zeros((b,), jnp.int32), v_dim=v_dim,
-                               softmax_scale=softmax_scale, causal=False, kernel=strict)
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(spec.qk_dim)
-    if backend == "xla" or (spec.qk_dim, spec.v_dim) != (KERNEL_QK_DIM, KERNEL_V_DIM) or spec.q_dtype == "float32":
-        return ref.mla_decode_sparse(q, kv_cache, indices, v_dim=v_dim, softmax_scale=scale)
-    flat = kv_cache.reshape(-1, spec.qk_dim)
-    return _run_sparse_kernel(q, lambda ids: flat, flat.shape[0], indices, spec, softmax_scale=scale,
-                              config=config, backend=backend, num_sms=num_sms)
+    def kernel(backend):
+        _check_kernel_takes(p, config, cache="sparse")
+        flat = kv_cache.reshape(-1, p.qk_dim)
+        return _run_sparse_kernel(q, lambda ids: flat, flat.shape[0], indices, p, config=config, backend=backend,
+                                  num_sms=num_sms)
+
+    return run_op(backend, kernel=kernel, name="mla_decode_sparse", reference=lambda: ref.mla_decode_sparse(
+        q, kv_cache, indices, v_dim=p.v_dim, softmax_scale=p.softmax_scale))
 
 
 def mla_decode_sparse_fp8(q: jax.Array, latent_fp8: jax.Array, scales: jax.Array, rope: jax.Array,
@@ -259,43 +295,32 @@ def mla_decode_sparse_fp8(q: jax.Array, latent_fp8: jax.Array, scales: jax.Array
     FlashMLA's sparse decode serves. "mosaic"/"interpret": the kernel gathers latent and rope rows by TMA and
     dequantises them in shared memory; each query token's scales are gathered in XLA first (16 B per token,
     too small for a TMA row copy). "xla": dequantise to float32, then the sparse reference."""
-    from seekax.lowering.reference import mla_decode as ref
-
-    _check_indices(q, indices)
-    strict = backend in ("mosaic", "interpret")
-    backend = resolve_backend(backend)
-    b = q.shape[0]
     dequantised = _fp8_cache_shape(latent_fp8, scales, rope)
-    spec = validate_mla_decode(q, dequantised, jnp.zeros((b, 1), jnp.int32), jnp.zeros((b,), jnp.int32),
-                               v_dim=latent_fp8.shape[-1], softmax_scale=softmax_scale, causal=False, kernel=strict,
-                               kv_dtypes=("float32",), same_dtype=False)
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(spec.qk_dim)
-    if backend == "xla" or not _fp8_kernel_ok(spec, scales, strict):
+    p = _validate_sparse(q, dequantised, indices, v_dim=latent_fp8.shape[-1], softmax_scale=softmax_scale,
+                         config=config, kv_dtypes=("float32",), same_dtype=False)
+
+    def kernel(backend):
+        _check_kernel_takes(p, config, cache="sparse_fp8", scales_shape=tuple(scales.shape))
+        lat, sc, rp = (x.reshape(-1, x.shape[-1]) for x in (latent_fp8, scales, rope))    # [tokens, ...]
+        return _run_sparse_kernel(q, lambda ids: (lat, jnp.take(sc, ids, axis=0), rp), lat.shape[0], indices, p,
+                                  config=config, backend=backend, num_sms=num_sms, kv_dtype=FP8_DTYPE)
+
+    def reference():
         kv = ref.dequantize_fp8_latent(latent_fp8, scales, rope)
-        return ref.mla_decode_sparse(q, kv, indices, v_dim=spec.v_dim, softmax_scale=scale)
-    lat, sc, rp = (x.reshape(-1, x.shape[-1]) for x in (latent_fp8, scales, rope))    # [tokens, ...]
-    return _run_sparse_kernel(q, lambda ids: (lat, jnp.take(sc, ids, axis=0), rp), lat.shape[0], indices, spec,
-                              softmax_scale=scale, config=config, backend=backend, num_sms=num_sms)
+        return ref.mla_decode_sparse(q, kv, indices, v_dim=p.v_dim, softmax_scale=p.softmax_scale)
+
+    return run_op(backend, kernel=kernel, reference=reference, name="mla_decode_sparse_fp8")
 
 
-def _check_indices(q, indices) -> None:
-    if getattr(indices, "ndim", None) != 3 or indices.shape[:2] != tuple(getattr(q, "shape", (None, None))[:2]):
-        raise fail("indices.shape", getattr(indices, "shape", None), "[batch, q_len, topk] matching q")
-    if np.dtype(indices.dtype).name != "int32":
-        raise fail("indices.dtype", np.dtype(indices.dtype).name, "int32")
-    if indices.shape[2] < 1:
-        raise fail("indices.shape", tuple(indices.shape), "topk >= 1")
-
-
-def _run_sparse_kernel(q, cache_for, tokens: int, indices, spec: MlaProblem, *, softmax_scale: float,
-                       config: MlaTileConfig | None, backend: str, num_sms: int | None):
+def _run_sparse_kernel(q, cache_for, tokens: int, indices, p: MlaProblem, *, config: MlaTileConfig | None,
+                       backend: str, num_sms: int | None, kv_dtype: str | None = None):
     """Sparse decode as dense decode over a token table: one "batch" per query token, its valid ids first
     (a stable sort), padded to whole 64-token steps, their count as its length. `cache_for(ids)` gives the
     kernel's cache arguments (the FP8 cache gathers its scales by the ids)."""
     from seekax.lowering.mosaic import mla_decode_sm90
 
-    config = config or MlaTileConfig(stages=1)           # a second staging slot + the bf16 tile exceed 227 KiB
-    b, s_q, heads = spec.batch, spec.q_len, spec.q_heads
+    config = _tile_config(p, config, backend, stages=1, kv_dtype=kv_dtype)   # a 2nd staging slot: > 227 KiB
+    b, s_q, heads = p.batch, p.q_len, p.q_heads
     ids = indices.reshape(b * s_q, indices.shape[2])                                  # one "batch" per query
     valid = (ids >= 0) & (ids < tokens)
     order = jnp.argsort(~valid, axis=1, stable=True)                                  # valid ids first
@@ -306,7 +331,7 @@ def _run_sparse_kernel(q, cache_for, tokens: int, indices, spec: MlaProblem, *, 
     metadata = mla_metadata(counts, num_sms or num_sms_for(backend), q_len=1, num_heads=heads,
                             block=config.block_n)
     out, lse = mla_decode_sm90.mla_decode(
-        q.reshape(b * s_q, 1, heads, spec.qk_dim), cache_for(ids), ids, counts, metadata,
-        softmax_scale=softmax_scale, causal=False, config=config, interpret=backend == "interpret", sparse=True)
-    out = out.reshape(b, s_q, heads, spec.v_dim)                                      # [B, s_q, H, 512]
+        q.reshape(b * s_q, 1, heads, p.qk_dim), cache_for(ids), ids, counts, metadata,
+        softmax_scale=p.softmax_scale, causal=False, config=config, interpret=backend == "interpret", sparse=True)
+    out = out.reshape(b, s_q, heads, p.v_dim)                                         # [B, s_q, H, 512]
     return out, jnp.transpose(lse.reshape(b, s_q, heads), (0, 2, 1))                 # [B, H, s_q]

@@ -67,11 +67,34 @@ def test_bad_shapes_name_the_argument(a_shape, b_shape, match):
         matmul_nt(jnp.zeros(a_shape, jnp.bfloat16), jnp.zeros(b_shape, jnp.bfloat16), backend="xla")
 
 
-def test_untiled_shape_is_rejected_by_the_kernel():
-    a = jax.ShapeDtypeStruct((100, 256), jnp.bfloat16)
-    b = jax.ShapeDtypeStruct((256, 256), jnp.bfloat16)
-    with pytest.raises(ValueError, match="^m=100"):
-        cross_lower(functools.partial(matmul_nt, backend="mosaic"), a, b)
+@pytest.mark.parametrize("m, n, k, dtype, match", [
+    (100, 256, 256, jnp.bfloat16, "^m=100"),       # no masked M tail in this kernel
+    (0, 256, 256, jnp.bfloat16, "^m=0"),           # nothing to launch
+    (128, 40, 256, jnp.bfloat16, "^n=40"),         # no tile divides N
+])
+def test_valid_shapes_the_kernel_does_not_take(m, n, k, dtype, match):
+    """The kernel's contract: a one-line NotImplementedError when asked for by name (lowering or interpreting)."""
+    a = jax.ShapeDtypeStruct((m, k), dtype)
+    b = jax.ShapeDtypeStruct((n, k), dtype)
+    with pytest.raises(NotImplementedError, match=match):
+        cross_lower(functools.partial(matmul_nt, backend="mosaic", out_dtype=jnp.bfloat16), a, b)
+    with pytest.raises(NotImplementedError, match=match):
+        jax.eval_shape(functools.partial(matmul_nt, backend="interpret", out_dtype=jnp.bfloat16), a, b)
+
+
+def test_auto_at_m100_on_a_pretend_hopper_falls_back_to_the_reference(rng, monkeypatch, caplog):
+    """On sm_90, "auto" tries the kernel; it declines M=100 and the XLA reference computes the product."""
+    from seekax.lowering import backend
+
+    monkeypatch.setattr(backend, "is_hopper", lambda: True)
+    a, b, ref = _inputs(rng, 100, 256, 128)
+    with caplog.at_level("DEBUG", logger=backend.__name__):
+        out = matmul_nt(a, b, backend="auto", out_dtype=jnp.float32)
+    assert out.shape == (100, 256) and out.dtype == jnp.float32
+    assert rel_err(out, ref) < 1e-6                          # bf16 products are exact in the f32 accumulation
+    assert "matmul_nt: the kernel declined (m=100" in caplog.text
+    with pytest.raises(NotImplementedError, match="^m=100"):
+        matmul_nt(a, b, backend="mosaic")
 
 
 @pytest.mark.gpu

@@ -56,6 +56,21 @@ def test_bad_input_clear_errors():
              np.zeros((16, 8), np.float32), np.zeros((16, 2), np.int32))
 
 
+@pytest.mark.parametrize("axis_name", ["ep", ("ep", "dp")])
+def test_an_axis_name_outside_shard_map_is_a_clear_error(axis_name):
+    """Eager or under jit, an axis no shard_map binds: a ValueError naming axis_name, not JAX's NameError."""
+    x, idx = jnp.zeros((4, 128), jnp.bfloat16), jnp.zeros((4, 2), jnp.int32)
+    with pytest.raises(ValueError, match=r"^axis_name=.*inside shard_map") as eager:
+        ep.ep_dispatch(x, idx, num_experts=8, axis_name=axis_name)
+    assert not isinstance(eager.value, NameError) and eager.value.__cause__ is None
+    with pytest.raises(ValueError, match=r"^axis_name="):
+        jax.jit(lambda x: ep.ep_dispatch(x, idx, num_experts=8, axis_name=axis_name).x)(x)
+    mesh = jax.make_mesh((4,), ("ep",))                                        # inside shard_map: fine
+    out = _run(mesh, lambda x, i: ep.ep_dispatch(x, i, num_experts=8, axis_name="ep").num_recv,
+               np.zeros((16, 128), np.float32), np.zeros((16, 2), np.int32))
+    assert out.shape == (4,) and ep.ep_axis_size(None) == 1
+
+
 def test_traced_ids_out_of_range_raise_at_run_time():
     mesh = jax.make_mesh((4,), ("ep",))
     idx = np.zeros((16, 2), np.int32)

@@ -93,30 +93,51 @@ def _args(b=2, s_q=1, h=16, d=576, pages=4, page=64, max_pages=2, qd=jnp.bfloat1
             jnp.zeros((b, max_pages), jnp.int32), jnp.ones((b,), jnp.int32))
 
 
+@pytest.mark.parametrize("backend", ["xla", "interpret", "mosaic", "auto"])
 @pytest.mark.parametrize("change, kwargs, match", [
     (lambda a: (a[0][..., :512], *a[1:]), {}, "kv_cache.shape"),                      # q/kv dims differ
     (lambda a: a, {"v_dim": 640}, "v_dim"),
-    (lambda a: (a[0][..., :512], a[1][..., :512], *a[2:]), {"backend": "interpret"}, "q.shape"),  # kernel: 576
-    (lambda a: a, {"v_dim": 256, "backend": "interpret"}, "v_dim"),
     (lambda a: (*a[:3], jnp.asarray([3, 129], jnp.int32)), {}, "seq_lens"),           # beyond 2 pages x 64
     (lambda a: (*a[:3], jnp.asarray([3, -1], jnp.int32)), {}, "seq_lens"),            # negative
     (lambda a: (a[0].astype(jnp.int8), *a[1:]), {}, "^q.dtype"),
-    (lambda a: (a[0].astype(jnp.float32), a[1].astype(jnp.float32), *a[2:]), {"backend": "interpret"}, "^q.dtype"),
     (lambda a: (a[0], a[1].astype(jnp.float16), *a[2:]), {}, "kv_cache.dtype"),
     (lambda a: (a[0], a[1].astype(jnp.float8_e4m3fn), *a[2:]), {}, "kv_cache.dtype"),   # FP8: mla_decode_fp8
     (lambda a: (*a[:2], a[2].astype(jnp.int64) if jax.config.x64_enabled else a[2].astype(jnp.int16), a[3]), {},
      "block_table.dtype"),
     (lambda a: (*a[:3], a[3][:1]), {}, "seq_lens.shape"),
     (lambda a: (a[0], a[1][:, :, :1].repeat(2, 2), *a[2:]), {}, "kv_cache.shape"),   # two KV heads
-    (lambda a: a, {"backend": "cuda"}, "backend"),
     (lambda a: a, {"softmax_scale": -1.0}, "softmax_scale"),
-    (lambda a: a, {"backend": "interpret", "metadata": "wrong"}, "metadata"),   # planned for 3 sequences, not 2
+    (lambda a: a, {"metadata": "wrong"}, "metadata"),                            # planned for 3 sequences, not 2
 ])
-def test_bad_input_is_a_clear_value_error(change, kwargs, match):
+def test_bad_input_is_a_clear_value_error_on_every_backend(change, kwargs, match, backend):
+    """Invalid input fails in the one validation, before any backend: the same ValueError everywhere."""
     if kwargs.get("metadata") == "wrong":
         kwargs = {**kwargs, "metadata": mla_metadata(jnp.ones((3,), jnp.int32), num_parts=2)}
     with pytest.raises(ValueError, match=match):
-        mla_decode(*change(_args()), **{"backend": "xla", **kwargs})
+        mla_decode(*change(_args()), **{"backend": backend, **kwargs})
+
+
+def test_unknown_backend_is_a_value_error():
+    with pytest.raises(ValueError, match="^backend='cuda'"):
+        mla_decode(*_args(), backend="cuda")
+
+
+@pytest.mark.parametrize("change, kwargs, match", [
+    (lambda a: (a[0][..., :512], a[1][..., :512], *a[2:]), {}, "qk_dim=512"),          # the kernel: 576
+    (lambda a: a, {"v_dim": 256}, "v_dim=256"),
+    (lambda a: (a[0].astype(jnp.float32), a[1].astype(jnp.float32), *a[2:]), {}, "q.dtype=float32"),
+    (lambda a: _args(page=32, max_pages=4), {}, "page_size=32"),
+])
+@pytest.mark.parametrize("backend", ["interpret", "mosaic"])
+def test_valid_input_the_kernel_does_not_take(rng, change, kwargs, match, backend):
+    """Asked for by name, the kernel declines with a one-line NotImplementedError; "xla" (and "auto", which
+    falls back) compute it."""
+    args = change(_args())
+    with pytest.raises(NotImplementedError, match=match) as declined:
+        mla_decode(*args, backend=backend, **kwargs)
+    assert "\n" not in str(declined.value)
+    out, lse = mla_decode(*args, backend="xla", **kwargs)
+    assert out.shape[-1] == kwargs.get("v_dim", 512) and lse.shape == (2, 16, 1)
 
 
 @pytest.mark.parametrize("kwargs, match", [

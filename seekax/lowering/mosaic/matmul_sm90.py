@@ -17,7 +17,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from seekax.ir.tiling import GemmTileConfig
-from seekax.ir.validate import fail
 from seekax.lowering.mosaic.gemm_common import epilogue_smem, store_tile, tile_slices
 from seekax.lowering.mosaic.pipeline_common import (WARPGROUP_PARAMS, k_pipeline, k_tile_spec, pipeline_allocations,
                                                     swizzled)
@@ -68,17 +67,23 @@ def _kernel(a_gmem, b_gmem, out_gmem, *, config: GemmTileConfig):
 
 
 def check_problem(m: int, n: int, k: int, config: GemmTileConfig) -> None:
-    """Shapes this kernel handles: every dimension a multiple of the CTA tile (no masked tails here)."""
-    if m % config.cta_block_m:
-        raise fail("m", m, f"a multiple of the CTA tile's {config.cta_block_m} rows for {config}")
+    """Shapes this kernel handles: every dimension a multiple of the CTA tile (no masked tails here). Valid input
+    outside them raises NotImplementedError (backend "auto" then runs the XLA reference)."""
+    if m % config.cta_block_m or m == 0:
+        raise NotImplementedError(f"m={m}: the matmul kernel needs a positive multiple of the CTA tile's "
+                                  f"{config.cta_block_m} rows ({config})")
     if n % config.cta_block_n:
-        raise fail("n", n, f"a multiple of the CTA tile's {config.cta_block_n} columns for {config}")
+        raise NotImplementedError(f"n={n}: the matmul kernel needs a multiple of the CTA tile's "
+                                  f"{config.cta_block_n} columns ({config})")
     if k % config.block_k:
-        raise fail("k", k, f"a multiple of block_k={config.block_k}")
+        raise NotImplementedError(f"k={k}: the matmul kernel needs a multiple of block_k={config.block_k}")
 
 
 def build(m: int, n: int, k: int, dtype, out_dtype, config: GemmTileConfig, num_sms: int):
     """The pallas kernel callable f(a [M, K], b [N, K]) -> [M, N]. Validates shapes and shared memory first."""
+    if jnp.dtype(dtype).name not in ("bfloat16", "float16"):
+        raise NotImplementedError(f"dtype={jnp.dtype(dtype).name}: the matmul kernel takes bfloat16 or float16 "
+                                  "(FP8: seekax.ops.fp8)")
     check_problem(m, n, k, config)
     config.check_smem(jnp.dtype(dtype).name, jnp.dtype(out_dtype).name)
     return plgpu.kernel(

@@ -45,7 +45,8 @@ def quantize_fp8(x, block=(1, SCALE_BLOCK), *, pow2_scale: bool = False):
     amax = jnp.max(jnp.abs(xb), axis=(-3, -1))                                    # [..., Mb, Kb]
     scale = jnp.maximum(amax, AMAX_FLOOR) / FP8_MAX                               # [..., Mb, Kb]
     if pow2_scale:
-        scale = jnp.exp2(jnp.ceil(jnp.log2(scale)))                               # [..., Mb, Kb]
+        mant, exp = jnp.frexp(scale)                          # scale = mant * 2^exp, mant in [0.5, 1): exact
+        scale = jnp.ldexp(jnp.ones_like(scale), exp - (mant == 0.5))              # [..., Mb, Kb] 2^k >= scale
     q = jnp.clip(xb / scale[..., :, None, :, None], -FP8_MAX, FP8_MAX)            # [..., Mb, b0, Kb, 128]
     q = q.reshape(*lead, mb * b0, kb * b1)[..., :m, :].astype(FP8_DTYPE)         # [..., M, K_pad]
     return q, scale

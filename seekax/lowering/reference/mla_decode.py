@@ -12,6 +12,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from seekax.ir.fp8 import SCALE_BLOCK
+from seekax.lowering.reference.fp8_gemm import quantize_fp8
+
 
 def key_limits(seq_lens, q_len: int, causal: bool):
     """[B, q_len] int32: query i of batch b sees keys j < limit[b, i]."""
@@ -91,18 +94,15 @@ def combine_splits(out_parts, lse_parts, split_offsets, *, out_dtype):
     return (out / norm).astype(out_dtype), lse
 
 
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
-
-
-def quantize_fp8_latent(kv_cache, *, v_dim: int = 512, tile: int = 128):
+def quantize_fp8_latent(kv_cache, *, v_dim: int = 512, tile: int = SCALE_BLOCK):
     """DeepSeek-V3.2's FP8 cache layout: kv_cache [P, page, 1, D] -> latent e4m3 [P, page, 1, v_dim], one
-    float32 scale per token and `tile` channels [P, page, 1, v_dim/tile], rope kept as bf16 [P, page, 1, D-v_dim]."""
-    p, page, h, d = kv_cache.shape
-    lat = kv_cache[..., :v_dim].astype(jnp.float32).reshape(p, page, h, v_dim // tile, tile)  # [P, pg, 1, nt, tile]
-    amax = jnp.max(jnp.abs(lat), axis=-1, keepdims=True)                                       # [P, pg, 1, nt, 1]
-    scale = jnp.where(amax > 0, amax / FP8_MAX, 1.0)
-    q = (lat / scale).astype(jnp.float8_e4m3fn).reshape(p, page, h, v_dim)                     # [P, pg, 1, v_dim]
-    return q, scale[..., 0], kv_cache[..., v_dim:].astype(jnp.bfloat16)
+    float32 scale per token and `tile` channels [P, page, 1, v_dim/tile], rope kept as bf16 [P, page, 1, D-v_dim].
+    The latent goes through the shared quantiser (`fp8_gemm.quantize_fp8`, per (1, tile) block): an all-zero
+    tile gets scale 1e-4 / 448 and zeros, as DeepGEMM's and DeepEP's do."""
+    p, page, h, _ = kv_cache.shape
+    lat, scale = quantize_fp8(kv_cache[..., :v_dim].reshape(p * page * h, v_dim), (1, tile))   # [N, v], [N, v/t]
+    return (lat.reshape(p, page, h, v_dim), scale.reshape(p, page, h, v_dim // tile),
+            kv_cache[..., v_dim:].astype(jnp.bfloat16))
 
 
 def dequantize_fp8_latent(latent_fp8, scales, rope):
