@@ -62,6 +62,7 @@ tail -n 5 "$out/pytest_gpu.log"
 echo "== other benchmarks"
 bench matmul 60 15
 bench ep_dispatch 60 10
+bench deepseek_layer 90 5
 if [ "${SEEKAX_GPU_CHECK_ALL:-0}" = 1 ]; then
   for name in eplb schedules storage; do bench "$name" 60 5; done
 fi

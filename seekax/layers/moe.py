@@ -149,18 +149,24 @@ def _expert_b(w):
     return quantize_fp8(w, WEIGHT_BLOCK)
 
 
-def _fp8_gemm_contiguous(a, a_scale, w, sizes, backend):
+def _gemm_out(out_dtype):
+    """The down projection's output dtype: the activations' for bf16/f16 (DeepGEMM's; half the epilogue's
+    shared memory and the combine's bytes), float32 otherwise."""
+    return out_dtype if jnp.dtype(out_dtype).name in ("bfloat16", "float16") else jnp.float32
+
+
+def _fp8_gemm_contiguous(a, a_scale, w, sizes, backend, out_dtype=jnp.float32):
     from seekax.ops.fp8 import m_grouped_fp8_gemm_nt_contiguous
 
     wq, ws = _expert_b(w)
-    return m_grouped_fp8_gemm_nt_contiguous(a, a_scale, wq, ws, sizes, out_dtype=jnp.float32, backend=backend)
+    return m_grouped_fp8_gemm_nt_contiguous(a, a_scale, wq, ws, sizes, out_dtype=out_dtype, backend=backend)
 
 
-def _fp8_gemm_masked(a, a_scale, w, masked_m, backend):
+def _fp8_gemm_masked(a, a_scale, w, masked_m, backend, out_dtype=jnp.float32):
     from seekax.ops.fp8 import m_grouped_fp8_gemm_nt_masked
 
     wq, ws = _expert_b(w)
-    return m_grouped_fp8_gemm_nt_masked(a, a_scale, wq, ws, masked_m, out_dtype=jnp.float32, backend=backend)
+    return m_grouped_fp8_gemm_nt_masked(a, a_scale, wq, ws, masked_m, out_dtype=out_dtype, backend=backend)
 
 
 def _quant(a):
@@ -176,7 +182,7 @@ def _experts_contiguous(rows, scale, sizes, params, cfg, out_dtype, backend):
         g = _fp8_gemm_contiguous(rows, scale, w1, sizes, backend)                           # [M, I]
         u = _fp8_gemm_contiguous(rows, scale, w3, sizes, backend)
         aq, a_s = _quant(jax.nn.silu(g) * u)
-        return _fp8_gemm_contiguous(aq, a_s, w2, sizes, backend).astype(out_dtype)
+        return _fp8_gemm_contiguous(aq, a_s, w2, sizes, backend, _gemm_out(out_dtype)).astype(out_dtype)
     dot = lambda a, w: jax.lax.ragged_dot(a, jnp.swapaxes(w, 1, 2), sizes,  # noqa: E731
                                           preferred_element_type=jnp.float32)
     a = (jax.nn.silu(dot(rows, w1)) * dot(rows, w3)).astype(out_dtype)                      # [M, I]
@@ -190,7 +196,7 @@ def _experts_masked(x, scale, counts, params, cfg, out_dtype, backend):
         g = _fp8_gemm_masked(x, scale, w1, counts, backend)
         u = _fp8_gemm_masked(x, scale, w3, counts, backend)
         aq, a_s = _quant(jax.nn.silu(g) * u)
-        return _fp8_gemm_masked(aq, a_s, w2, counts, backend).astype(out_dtype)
+        return _fp8_gemm_masked(aq, a_s, w2, counts, backend, _gemm_out(out_dtype)).astype(out_dtype)
     dot = lambda a, w: jnp.einsum("gmk,gnk->gmn", a, w, preferred_element_type=jnp.float32)  # noqa: E731
     a = (jax.nn.silu(dot(x, w1)) * dot(x, w3)).astype(out_dtype)
     return dot(a, w2).astype(out_dtype)

@@ -97,14 +97,14 @@ def validate_params(params: dict, cfg: DeepseekConfig) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- training
-def _ffn(p: dict, h: jax.Array, cfg: DeepseekConfig, layer: int, ep_axis, backend: str):
+def _ffn(p: dict, h: jax.Array, cfg: DeepseekConfig, layer: int, ep_axis, backend: str, transport: str = "auto"):
     """The post-attention half: h [B, S, H] -> (h + ffn(norm(h)), topk_idx [B, S, K] or None)."""
     b, s, d = h.shape
     x = _rms_norm(h, p["mlp_norm"], cfg.eps)
     if not cfg.is_moe(layer):
         return h + swiglu_mlp(x, p["mlp"], backend=backend), None
     y, aux = moe_layer(x.reshape(b * s, d), p["moe"], cfg=moe_config_for(p["moe"], cfg), axis_name=ep_axis,
-                       backend=backend)
+                       transport=transport, backend=backend)
     return h + y.reshape(b, s, d).astype(h.dtype), aux["topk_idx"].reshape(b, s, -1)
 
 
@@ -183,13 +183,23 @@ def serve_step(params: dict, tokens: jax.Array, caches: list, cfg: DeepseekConfi
     validate_params(params, cfg)
     if len(caches) != cfg.num_layers:
         raise fail("len(caches)", len(caches), f"one cache per layer = {cfg.num_layers}")
-    h = jnp.take(params["embed"], tokens, axis=0)                                                       # [B, T, H]
+    h = jnp.take(params["embed"], tokens, axis=0)                                     # [B, T, H]
     new, experts = [], {}
     for i, p in enumerate(params["layers"]):
-        a, cache = mla_attention(p["attn"], _rms_norm(h, p["attn_norm"], cfg.eps), caches[i], config=cfg.mla,
-                                 mode=mode, num_new=num_new, backend=backend)
+        h, cache, idx = layer_step(p, h, caches[i], cfg, i, mode=mode, num_new=num_new, backend=backend)
         new.append(cache)
-        h, idx = _ffn(p, h + a, cfg, i, None, backend)
         if idx is not None:
             experts[i] = idx
     return logits_from_hidden(params, h, cfg), new, experts
+
+
+def layer_step(p: dict, h: jax.Array, cache: PagedLatentCache, cfg: DeepseekConfig, layer: int, *,
+               mode: str = "decode", num_new: jax.Array | None = None, ep_axis=None, transport: str = "auto",
+               backend: str = "auto"):
+    """One decoder layer over the next T tokens h [B, T, H] of every sequence, through its paged latent cache.
+    ep_axis: the routed experts' axis when called inside `jax.shard_map` (this rank's tokens and expert
+    slice); transport: the dispatch's (see `moe_layer`). -> (h [B, T, H], cache, topk_idx [B, T, K] or None)."""
+    a, cache = mla_attention(p["attn"], _rms_norm(h, p["attn_norm"], cfg.eps), cache, config=cfg.mla, mode=mode,
+                             num_new=num_new, backend=backend)
+    h, idx = _ffn(p, h + a, cfg, layer, ep_axis, backend, transport)
+    return h, cache, idx
