@@ -103,7 +103,7 @@ def choose_gemm_config(m: int, n: int, k: int, in_dtype: str, out_dtype: str = "
     block_k = max(block_k, 32)
     block_n = next((b for b in (128, 64, 32, 16, 8) if n % (2 * b) == 0), None)
     if block_n is None:
-        raise NotImplementedError(f"n={n}: the matmul kernel needs a multiple of 16 (the xla path runs it)")
+        raise NotImplementedError(f"n={n}: the matmul kernel needs a multiple of 16")
     block_m = 128 if m >= 256 else 64
     best = None
     for stages in (6, 5, 4, 3, 2):
