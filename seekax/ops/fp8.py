@@ -198,8 +198,8 @@ def dequantize_fp8(x_fp8, scale, block=ACT_BLOCK, *, dtype=jnp.float32):
 
 # ----------------------------------------------------------------------------------------------- the GEMMs
 def _mosaic(name: str) -> Callable[..., Any]:
-    """`module.function` of `seekax.lowering.mosaic`, imported on the kernel path only (the ops import
-    without the kernels, and a CPU-only caller never loads them)."""
+    """`module.function` of `seekax.lowering.mosaic`, imported on the kernel path only: a caller that never
+    asks for a kernel never loads one."""
     module, function = name.split(".")
     return getattr(importlib.import_module(f"seekax.lowering.mosaic.{module}"), function)
 
