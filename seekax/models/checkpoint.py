@@ -23,7 +23,7 @@ from seekax.ir.validate import fail
 from seekax.layers.linear import Fp8Weight, cdiv
 from seekax.models.deepseek_config import DeepseekConfig, load_config
 from seekax.models.hf_names import TensorSpec, mtp_shared_copies, tensor_specs
-from seekax.models.safetensors_dir import DTYPES, INDEX, NAMES, SafetensorsDir
+from seekax.models.safetensors_dir import DTYPES, INDEX, NAMES, SafetensorsDir, empty
 
 FLOAT_DTYPES = ("F32", "BF16", "F16")
 FP8_DTYPE = "F8_E4M3"
@@ -96,7 +96,8 @@ def load_checkpoint(model_dir: str | os.PathLike, cfg: DeepseekConfig | None = N
 
     dtype: float weights cast to it (default: as stored; the router at least float32). quantize: float linear
     weights become 128x128 block FP8. ep_rank/ep_size: read routed experts [rank*E/ep, (rank+1)*E/ep) only.
-    mtp: read the multi-token-prediction modules when the checkpoint has them. Leaves are numpy arrays.
+    mtp: read the multi-token-prediction modules when the checkpoint has them. Leaves are numpy arrays (MLA
+    matrices as transposed views of the stored [out, in] tensors).
     """
     cfg = cfg or load_config(model_dir)
     with SafetensorsDir(model_dir) as st:
@@ -114,30 +115,31 @@ def load_checkpoint(model_dir: str | os.PathLike, cfg: DeepseekConfig | None = N
         bar = _bar(total, progress)
         stacks: dict[tuple, Any] = {}
         for s in specs:
-            t = st.read(s.name)
-            scale = st.read(scale_name(s.name)) if fp8[s.name] else None
-            bar.update(st.tensors[s.name].nbytes)
-            if scale is None and quantize and s.fp8_ok:
-                t, scale = _quantize(t)
-            if scale is None:
-                t = _cast(t, s, dtype)
-                if s.kind == "transpose":
-                    t = np.ascontiguousarray(t.T)
+            info = st.tensors[s.name]
+            direct = fp8[s.name] or (not (quantize and s.fp8_ok) and _cast_to(info.dtype, s, dtype) is None)
             if s.kind == "expert":
                 buf = stacks.get(s.path)
                 if buf is None:
-                    buf = stacks[s.path] = (np.empty((s.num_experts, *t.shape), t.dtype),
-                                            None if scale is None else np.empty((s.num_experts, *scale.shape),
-                                                                                np.float32))
-                buf[0][s.expert] = t
-                if scale is not None:
-                    buf[1][s.expert] = scale
+                    buf = stacks[s.path] = _expert_stack(st, s, fp8[s.name], quantize, dtype)
+                if direct:                                                     # straight into the stacked leaf
+                    st.read(s.name, out=buf[0][s.expert])
+                    if fp8[s.name]:
+                        st.read(scale_name(s.name), out=buf[1][s.expert])
+                else:
+                    t, scale = _convert(st.read(s.name), None, s, quantize, dtype)
+                    buf[0][s.expert] = t
+                    if scale is not None:
+                        buf[1][s.expert] = scale
                 if s.expert == s.num_experts - 1:
                     _set(params, s.path, buf[0] if buf[1] is None else Fp8Weight(weight=buf[0], scale_inv=buf[1]))
                     del stacks[s.path]
-                continue
-            _set(params, s.path, t if scale is None else Fp8Weight(weight=t, scale_inv=scale))
-            del t
+            else:
+                t, scale = _convert(st.read(s.name), st.read(scale_name(s.name)) if fp8[s.name] else None, s,
+                                    quantize, dtype)
+                if scale is None and s.kind == "transpose":
+                    t = t.T                                                    # a view: no second copy
+                _set(params, s.path, t if scale is None else Fp8Weight(weight=t, scale_inv=scale))
+            bar.update(info.nbytes)
         bar.close()
     for layer in [*params["layers"], *[m["layer"] for m in params.get("mtp", [])]]:
         if "moe" in layer and "gate_bias" not in layer["moe"]:
@@ -145,13 +147,36 @@ def load_checkpoint(model_dir: str | os.PathLike, cfg: DeepseekConfig | None = N
     return cfg, params
 
 
-def _cast(t: np.ndarray, spec: TensorSpec, dtype) -> np.ndarray:
-    """To `dtype` when given; the router's weight and bias never below float32 then (routing runs in it)."""
+def _cast_to(stored: str, spec: TensorSpec, dtype) -> np.dtype | None:
+    """The dtype a float tensor becomes (None: kept as stored). `dtype` when given; the router's weight and
+    bias never below float32 then (routing runs in it)."""
     if dtype is None:
-        return t
-    if spec.path[-1] in ("gate", "gate_bias") and np.dtype(dtype).itemsize < 4:
-        return t.astype(np.float32, copy=False)
-    return t.astype(np.dtype(dtype), copy=False)
+        return None
+    want = np.dtype(dtype)
+    if spec.path[-1] in ("gate", "gate_bias") and want.itemsize < 4:
+        want = np.dtype(np.float32)
+    return None if want == np.dtype(DTYPES[stored]) else want
+
+
+def _convert(t: np.ndarray, scale, spec: TensorSpec, quantize: bool, dtype):
+    """(values, scales or None): FP8 as stored; float quantised (`quantize`, linear weights) or cast."""
+    if scale is not None:
+        return t, scale
+    if quantize and spec.fp8_ok:
+        return _quantize(t)
+    want = _cast_to(NAMES[t.dtype.name], spec, dtype)
+    return (t if want is None else t.astype(want)), None
+
+
+def _expert_stack(st: SafetensorsDir, spec: TensorSpec, is_fp8: bool, quantize: bool, dtype):
+    """The stacked leaf [E_local, ...] (and scales) one layer's routed experts are read into."""
+    info = st.tensors[spec.name]
+    n, k = spec.shape
+    scales = (spec.num_experts, cdiv(n, BLOCK), cdiv(k, BLOCK))
+    if is_fp8 or (quantize and spec.fp8_ok):
+        return empty((spec.num_experts, *spec.shape), DTYPES[FP8_DTYPE]), np.empty(scales, np.float32)
+    want = _cast_to(info.dtype, spec, dtype) or DTYPES[info.dtype]
+    return empty((spec.num_experts, *spec.shape), want), None
 
 
 def _bar(total: int, on: bool):

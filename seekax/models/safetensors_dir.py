@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+import mmap
 import os
 import struct
 
@@ -24,6 +25,19 @@ DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dt
           "U8": np.uint8, "BOOL": np.bool_}
 NAMES = {np.dtype(v).name: k for k, v in DTYPES.items()}
 INDEX = "model.safetensors.index.json"
+HUGE = 4 << 20   # arrays at least this large are backed by transparent huge pages where the kernel allows
+
+
+def empty(shape, dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array. Large ones are anonymous mappings advised to use huge pages: a
+    checkpoint load writes every byte of its params once, and 4 KiB page faults would dominate that copy."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    if nbytes < HUGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return np.empty(shape, dtype)
+    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(m, dtype).reshape(shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,24 +100,27 @@ class SafetensorsDir:
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
-    def read(self, name: str) -> np.ndarray:
-        """One tensor, read now into a new array of its stored dtype."""
+    def read(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
+        """One tensor in its stored dtype, read now into `out` (a C-contiguous array of its shape and dtype,
+        e.g. one expert's row of a stacked leaf) or into a new array."""
         info = self.tensors[name]
         if info.dtype not in DTYPES:
             raise fail(f"checkpoint tensor {name!r} dtype", info.dtype, f"one of {sorted(DTYPES)}")
+        if out is None:
+            out = empty(info.shape, DTYPES[info.dtype])
+        elif out.dtype != DTYPES[info.dtype] or tuple(out.shape) != info.shape or not out.flags.c_contiguous:
+            raise fail("out", f"{out.dtype}{tuple(out.shape)}", f"a C-contiguous {info.dtype}{info.shape} array")
         f = self._handles.get(info.file)
         if f is None:
             f = self._handles[info.file] = open(info.file, "rb", buffering=0)
-        buf = bytearray(info.nbytes)
-        f.seek(info.start)
-        view, got = memoryview(buf), 0
+        view, got = memoryview(out.reshape(-1).view(np.uint8)), 0
         while got < info.nbytes:
-            k = f.readinto(view[got:])
+            k = os.preadv(f.fileno(), [view[got:]], info.start + got)
             if not k:
                 raise fail(f"checkpoint tensor {name!r}", f"{got} of {info.nbytes} bytes", "the whole tensor "
                            f"(file {info.file} truncated)")
             got += k
-        return np.frombuffer(buf, DTYPES[info.dtype]).reshape(info.shape)
+        return out
 
     def close(self) -> None:
         for f in self._handles.values():
