@@ -3,7 +3,8 @@ sequential read of the same files, and its peak memory against the params plus o
 
 A synthetic DeepSeek-V3-shaped checkpoint (random bytes, two sizes of layer; bf16, and native FP8 with
 block scales) is written to a temporary folder. Each measurement runs in a fresh process, after one
-untimed read of the files (both sides read from the page cache): `raw_s` reads every file front to back
+untimed read of the files (both sides read from the page cache), raw and load runs interleaved, the fastest
+of `--repeats` of each kept: `raw_s` reads every file front to back
 in 64 MiB chunks into one reused buffer; `load_s` is `load_checkpoint` (headers checked, then tensor by
 tensor into the params). `peak_extra_MB` is the loader process's peak RSS (VmHWM) minus its RSS just
 before the call; `bound_MB` is the params' bytes plus the largest tensor's.
@@ -103,7 +104,9 @@ def child(mode: str, path: str) -> dict:
 
 
 def main() -> None:
-    args = parser(__doc__).parse_args()
+    p = parser(__doc__)
+    p.add_argument("--repeats", type=int, default=5, help="fresh-process runs of each side (the fastest counts)")
+    args = p.parse_args()
     sizes = [dict(hidden=1024, layers=2, experts=8, moe_inter=256)] if args.quick else \
         [dict(hidden=2048, layers=3, experts=32, moe_inter=1024), dict(hidden=4096, layers=2, experts=32,
                                                                      moe_inter=1536)]
@@ -113,8 +116,9 @@ def main() -> None:
             with tempfile.TemporaryDirectory(dir=os.environ.get("SEEKAX_BENCH_TMP")) as tmp:
                 largest = write_checkpoint(tmp, fp8=fp8, **size)
                 child("raw", tmp)                                                   # warm the page cache
-                raw = min((child("raw", tmp) for _ in range(3)), key=lambda r: r["seconds"])
-                load = min((child("load", tmp) for _ in range(3)), key=lambda r: r["seconds"])
+                runs = [(child("raw", tmp), child("load", tmp)) for _ in range(args.repeats)]   # interleaved
+                raw = min((r for r, _ in runs), key=lambda r: r["seconds"])
+                load = min((x for _, x in runs), key=lambda r: r["seconds"])
                 bound = load["params"] + largest
                 rows.append({"hidden": size["hidden"], "layers": size["layers"], "experts": size["experts"],
                              "dtype": "fp8" if fp8 else "bf16", "GB": raw["bytes"] / 1e9, "raw_s": raw["seconds"],

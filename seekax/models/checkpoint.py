@@ -111,40 +111,69 @@ def load_checkpoint(model_dir: str | os.PathLike, cfg: DeepseekConfig | None = N
             if len(kinds) > 1:
                 raise fail(f"routed experts {'.'.join(map(str, path))}", "some FP8, some not", "one dtype per layer")
         params = _skeleton(cfg, has_mtp)
-        total = sum(st.tensors[s.name].nbytes for s in specs)
-        bar = _bar(total, progress)
-        stacks: dict[tuple, Any] = {}
-        for s in specs:
-            info = st.tensors[s.name]
-            direct = fp8[s.name] or (not (quantize and s.fp8_ok) and _cast_to(info.dtype, s, dtype) is None)
-            if s.kind == "expert":
-                buf = stacks.get(s.path)
-                if buf is None:
-                    buf = stacks[s.path] = _expert_stack(st, s, fp8[s.name], quantize, dtype)
-                if direct:                                                     # straight into the stacked leaf
-                    st.read(s.name, out=buf[0][s.expert])
-                    if fp8[s.name]:
-                        st.read(scale_name(s.name), out=buf[1][s.expert])
-                else:
-                    t, scale = _convert(st.read(s.name), None, s, quantize, dtype)
-                    buf[0][s.expert] = t
-                    if scale is not None:
-                        buf[1][s.expert] = scale
-                if s.expert == s.num_experts - 1:
-                    _set(params, s.path, buf[0] if buf[1] is None else Fp8Weight(weight=buf[0], scale_inv=buf[1]))
-                    del stacks[s.path]
-            else:
-                t, scale = _convert(st.read(s.name), st.read(scale_name(s.name)) if fp8[s.name] else None, s,
-                                    quantize, dtype)
-                if scale is None and s.kind == "transpose":
-                    t = t.T                                                    # a view: no second copy
-                _set(params, s.path, t if scale is None else Fp8Weight(weight=t, scale_inv=scale))
-            bar.update(info.nbytes)
+        bar = _bar(sum(st.tensors[s.name].nbytes for s in specs), progress)
+        _stream(st, specs, fp8, params, quantize, dtype, bar)
         bar.close()
     for layer in [*params["layers"], *[m["layer"] for m in params.get("mtp", [])]]:
         if "moe" in layer and "gate_bias" not in layer["moe"]:
             layer["moe"]["gate_bias"] = np.zeros((cfg.moe.num_experts,), np.float32)  # V2: no correction bias
     return cfg, params
+
+
+def _stream(st: SafetensorsDir, specs: list[TensorSpec], fp8: dict, params: dict, quantize: bool, dtype, bar,
+            workers: int = 4) -> None:
+    """Read every tensor into params. Reads run on `workers` threads (positional reads release the GIL, so
+    the copies out of the page cache and the first touch of fresh memory overlap); conversions and placement
+    run here, in checkpoint order, with at most 2 * workers tensors in flight."""
+    import collections
+    from concurrent.futures import ThreadPoolExecutor
+
+    stacks: dict[tuple, Any] = {}
+
+    def fetch(s: TensorSpec, dest):
+        if dest is not None:                                                   # straight into the params leaf
+            st.read(s.name, out=dest[0])
+            if fp8[s.name]:
+                st.read(scale_name(s.name), out=dest[1])
+            return None
+        return st.read(s.name), (st.read(scale_name(s.name)) if fp8[s.name] else None)
+
+    def finish(s: TensorSpec, got, buf):
+        if s.kind == "expert":
+            if got is not None:
+                t, scale = _convert(got[0], None, s, quantize, dtype)
+                buf[0][s.expert] = t
+                if scale is not None:
+                    buf[1][s.expert] = scale
+            if s.expert == s.num_experts - 1:
+                _set(params, s.path, buf[0] if buf[1] is None else Fp8Weight(weight=buf[0], scale_inv=buf[1]))
+                del stacks[s.path]
+        else:
+            t, scale = _convert(got[0], got[1], s, quantize, dtype)
+            if scale is None and s.kind == "transpose":
+                t = t.T                                                        # a view: no second copy
+            _set(params, s.path, t if scale is None else Fp8Weight(weight=t, scale_inv=scale))
+        bar.update(st.tensors[s.name].nbytes)
+
+    window: collections.deque = collections.deque()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for s in specs:
+            direct = fp8[s.name] or (not (quantize and s.fp8_ok) and
+                                     _cast_to(st.tensors[s.name].dtype, s, dtype) is None)
+            buf, dest = None, None
+            if s.kind == "expert":
+                buf = stacks.get(s.path)
+                if buf is None:
+                    buf = stacks[s.path] = _expert_stack(st, s, fp8[s.name], quantize, dtype)
+                if direct:
+                    dest = (buf[0][s.expert], None if buf[1] is None else buf[1][s.expert])
+            window.append((s, pool.submit(fetch, s, dest), buf))
+            while len(window) > 2 * workers:
+                w = window.popleft()
+                finish(w[0], w[1].result(), w[2])
+        while window:
+            w = window.popleft()
+            finish(w[0], w[1].result(), w[2])
 
 
 def _cast_to(stored: str, spec: TensorSpec, dtype) -> np.dtype | None:

@@ -14,6 +14,7 @@ import json
 import mmap
 import os
 import struct
+import threading
 
 import ml_dtypes
 import numpy as np
@@ -71,7 +72,8 @@ def read_header(path: str) -> dict[str, TensorInfo]:
 
 
 class SafetensorsDir:
-    """All tensors of a checkpoint directory, by name; one open file handle per shard."""
+    """All tensors of a checkpoint directory, by name; one open file handle per shard. `read` is thread-safe
+    (positional reads)."""
 
     def __init__(self, model_dir: str | os.PathLike):
         self.dir = os.fspath(model_dir)
@@ -96,6 +98,7 @@ class SafetensorsDir:
                 if name not in self.tensors:
                     raise fail(f"checkpoint tensor {name!r}", "missing", f"in {file}, where {INDEX} puts it")
         self._handles: dict[str, object] = {}
+        self._lock = threading.Lock()
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -110,9 +113,10 @@ class SafetensorsDir:
             out = empty(info.shape, DTYPES[info.dtype])
         elif out.dtype != DTYPES[info.dtype] or tuple(out.shape) != info.shape or not out.flags.c_contiguous:
             raise fail("out", f"{out.dtype}{tuple(out.shape)}", f"a C-contiguous {info.dtype}{info.shape} array")
-        f = self._handles.get(info.file)
-        if f is None:
-            f = self._handles[info.file] = open(info.file, "rb", buffering=0)
+        with self._lock:                                  # reads may come from several threads
+            f = self._handles.get(info.file)
+            if f is None:
+                f = self._handles[info.file] = open(info.file, "rb", buffering=0)
         view, got = memoryview(out.reshape(-1).view(np.uint8)), 0
         while got < info.nbytes:
             k = os.preadv(f.fileno(), [view[got:]], info.start + got)
