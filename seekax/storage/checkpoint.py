@@ -145,7 +145,12 @@ class TrainCheckpointer:
             self._failure = err
             return
         if step is not None and jax.process_index() == 0 and (self.directory / str(step)).is_dir():
-            write_manifest(self.directory / str(step))  # the step is committed: record what it holds
+            try:
+                write_manifest(self.directory / str(step))  # the step is committed: record what it holds
+            except OSError as e:  # the step stays restorable, unchecked; said once like a failed save
+                self._failure = e if isinstance(e, StorageFullError) else OSError(
+                    e.errno, f"checkpoint step {step} is committed but its checksum manifest was not written ({e}); "
+                             "it restores unchecked")
 
     def _report(self) -> None:
         err, self._failure = self._failure, None

@@ -182,3 +182,20 @@ def check_listed_steps_restore_only(d, steps):
             m, o = state(s)
             got_m, _, _ = ck.restore(s, model_target=m, opt_target=o)
             np.testing.assert_array_equal(np.asarray(got_m["w"]), np.asarray(m["w"]))
+
+
+def test_manifest_write_failure_reported_once_step_still_restores(tmp_path, monkeypatch):
+    import seekax.storage.checkpoint as checkpoint_module
+    from seekax.storage.atomic import StorageFullError
+
+    def full(step_dir):
+        raise StorageFullError(28, "no space left while writing the manifest")
+    m, o = state(0)
+    with TrainCheckpointer(tmp_path / "c") as ck:
+        monkeypatch.setattr(checkpoint_module, "write_manifest", full)
+        ck.save(0, model=m, opt_state=o, loader_state={"step": 0})
+        got, _, _ = ck.restore(0, model_target=m, opt_target=o)  # committed: restores (unchecked)
+        np.testing.assert_array_equal(np.asarray(got["w"]), np.asarray(m["w"]))
+        with pytest.raises(StorageFullError, match="manifest"):
+            ck.wait()
+        ck.wait()  # once
