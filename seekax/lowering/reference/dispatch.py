@@ -1,7 +1,8 @@
 """Numpy reference of DeepEP's dispatch/combine semantics over a whole EP group (the test oracle).
 
 Global view: rank r holds x[r] [T, H], topk_idx[r] [T, K] (global expert ids, -1 = unselected) and
-topk_weights[r] [T, K]; expert e lives on rank e // (E / P). Written as plain loops over ranks and tokens,
+topk_weights[r] [T, K]; expert e lives on rank e // (E / P). num_tokens[r] (default T) is rank r's own
+token count: its rows from num_tokens[r] on are ignored. Written as plain loops over ranks and tokens,
 independent of the JAX implementation's index arithmetic.
 """
 
@@ -29,28 +30,34 @@ def dispatch_layout(topk_idx: np.ndarray, num_experts: int, ep_size: int):
     return in_rank.sum(0), per_expert, in_rank
 
 
+def _counts(num_tokens, p: int, t: int) -> list[int]:
+    return [t] * p if num_tokens is None else [int(n) for n in np.asarray(num_tokens).reshape(p)]
+
+
 @dataclasses.dataclass
 class RankRecv:
     """What one destination rank receives in the high-throughput (normal) mode."""
 
     x: np.ndarray             # [N, H], grouped by source rank ascending, source order kept
-    topk_idx: np.ndarray      # [N, K] local expert ids, -1 where the expert is not on this rank
-    topk_weights: np.ndarray  # [N, K] weights, 0 where not local
-    tokens_per_expert: np.ndarray  # [E_local] received (token, local expert) pairs, aligned up
+    topk_idx: np.ndarray | None      # [N, K] local expert ids, -1 where the expert is not on this rank
+    topk_weights: np.ndarray | None  # [N, K] weights, 0 where not local
+    tokens_per_expert: np.ndarray | None  # [E_local] received (token, local expert) pairs, aligned up
     src: list                 # [(source rank, source token)] per received row
 
 
-def dispatch(x, topk_idx, topk_weights, num_experts: int, expert_alignment: int = 1) -> list[RankRecv]:
+def dispatch(x, topk_idx, topk_weights, num_experts: int, expert_alignment: int = 1,
+             num_tokens=None) -> list[RankRecv]:
     """x: [P, T, H], topk_idx/topk_weights: [P, T, K] -> per destination rank, one copy per (token, rank)."""
     x, topk_idx, topk_weights = (np.asarray(a) for a in (x, topk_idx, topk_weights))
     p, t, k = topk_idx.shape
+    n_tok = _counts(num_tokens, p, t)
     e_local = num_experts // p
     out = []
     for d in range(p):
         lo, hi = d * e_local, (d + 1) * e_local
         rows, ids, ws, src = [], [], [], []
         for s in range(p):
-            for i in range(t):
+            for i in range(n_tok[s]):
                 sel = [(lo <= e < hi) for e in topk_idx[s, i]]
                 if not any(sel):
                     continue
@@ -67,6 +74,20 @@ def dispatch(x, topk_idx, topk_weights, num_experts: int, expert_alignment: int 
     return out
 
 
+def dispatch_by_rank(x, is_token_in_rank, num_tokens=None) -> list[RankRecv]:
+    """Dispatch without top-k. x: [P, T, H], is_token_in_rank: [P, T, P] bool (source, token, destination)
+    -> per destination rank, one copy of every token marked for it, source rank ascending, source order."""
+    x, mask = np.asarray(x), np.asarray(is_token_in_rank, bool)
+    p, t = mask.shape[:2]
+    n_tok = _counts(num_tokens, p, t)
+    out = []
+    for d in range(p):
+        src = [(s, i) for s in range(p) for i in range(n_tok[s]) if mask[s, i, d]]
+        rows = np.array([x[s, i] for s, i in src]).reshape(-1, x.shape[2])
+        out.append(RankRecv(x=rows, topk_idx=None, topk_weights=None, tokens_per_expert=None, src=src))
+    return out
+
+
 def combine(ys: list, recv: list[RankRecv], num_tokens: int, weighted: bool = False) -> np.ndarray:
     """ys[d]: [N_d, H] per destination (one row per received copy) -> [P, T, H] in float64: the sum of each
     token's copies at its source position; weighted scales each copy by the sum of its local weights."""
@@ -80,6 +101,12 @@ def combine(ys: list, recv: list[RankRecv], num_tokens: int, weighted: bool = Fa
     return out
 
 
+def combine_weights(ws: list, recv: list[RankRecv], num_tokens: int) -> np.ndarray:
+    """DeepEP's combined_topk_weights. ws[d]: [N_d, K] per received row -> [P, T, K] float64, each token's
+    rows summed at its source position (zeros for tokens that sent nothing)."""
+    return combine(ws, recv, num_tokens)
+
+
 @dataclasses.dataclass
 class RankRecvLL:
     """What one rank receives in the low-latency mode: one copy per (token, selected local expert)."""
@@ -89,9 +116,10 @@ class RankRecvLL:
     src: list              # per local expert: [(source rank, source token, k)] per valid row
 
 
-def ll_dispatch(x, topk_idx, num_experts: int, max_tokens_per_rank: int) -> list[RankRecvLL]:
+def ll_dispatch(x, topk_idx, num_experts: int, max_tokens_per_rank: int, num_tokens=None) -> list[RankRecvLL]:
     x, topk_idx = np.asarray(x), np.asarray(topk_idx)
     p, t, k = topk_idx.shape
+    n_tok = _counts(num_tokens, p, t)
     e_local, m = num_experts // p, max_tokens_per_rank
     out = []
     for d in range(p):
@@ -101,7 +129,7 @@ def ll_dispatch(x, topk_idx, num_experts: int, max_tokens_per_rank: int) -> list
         for le in range(e_local):
             e = d * e_local + le
             for s in range(p):
-                for i in range(t):
+                for i in range(n_tok[s]):
                     for j in range(k):
                         if topk_idx[s, i, j] == e:
                             buf[le, counts[le]] = x[s, i]
@@ -121,4 +149,16 @@ def ll_combine(ys: list, recv: list[RankRecvLL], topk_weights, weighted: bool = 
             for row, (s, i, j) in enumerate(rows):
                 w = topk_weights[s, i, j] if weighted else 1.0
                 out[s, i] += w * np.asarray(ys[d][le, row], np.float64)
+    return out
+
+
+def ll_combine_weights(ws: list, recv: list[RankRecvLL], num_tokens: int, top_k: int) -> np.ndarray:
+    """ws[d]: [E_local, P * M] one weight per received copy -> [P, T, K] float64: each copy's weight at its
+    source slot (t, k); zeros for slots that sent no copy."""
+    p = len(recv)
+    out = np.zeros((p, num_tokens, top_k), np.float64)
+    for d in range(p):
+        for le, rows in enumerate(recv[d].src):
+            for row, (s, i, j) in enumerate(rows):
+                out[s, i, j] = ws[d][le, row]
     return out
