@@ -221,7 +221,7 @@ def _tensors_to_save(params: dict, cfg: DeepseekConfig, dtype):
     for s in tensor_specs(cfg, mtp=has_mtp):
         leaf = _get(params, s.path)
         if s.kind == "expert":
-            leaf = jax.tree.map(lambda a: a[s.expert], leaf)
+            leaf = jax.tree.map(lambda a: np.asarray(a)[s.expert], leaf)
         if isinstance(leaf, Fp8Weight):
             yield s.name, np.asarray(leaf.weight)
             yield scale_name(s.name), np.asarray(leaf.scale_inv, np.float32)
