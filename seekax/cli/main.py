@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "seekax.cli.data",
     "seekax.cli.bench",
     "seekax.cli.generate",
+    "seekax.cli.train",
 )
 
 
@@ -48,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         from seekax.cli.demo import configure_env
 
         configure_env(argv)  # host devices must be set before jax is first imported
+    elif argv[:1] == ["train"]:
+        from seekax.cli.train import configure_env
+
+        configure_env(argv)
     try:
         return _run(build_parser(), argv)
     except BrokenPipeError:
