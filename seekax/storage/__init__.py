@@ -1,8 +1,13 @@
 """The storage runtime (the roles of 3FS and smallpond): sample store, grain loader, orbax checkpoints,
-KV-cache page store, DuckDB data preparation. Loader and TrainCheckpointer load lazily (they pull in jax,
-grain and orbax; data-preparation worker processes import this package and need none of them)."""
+KV-cache page store, DuckDB data preparation, ArrayRecord import/export. Loader and TrainCheckpointer load
+lazily (they pull in jax, grain and orbax; data-preparation worker processes import this package and need none
+of them)."""
 
+from seekax.storage.arrayrecord import export_array_record as export_array_record
+from seekax.storage.arrayrecord import import_array_record as import_array_record
 from seekax.storage.atomic import StorageFullError as StorageFullError
+from seekax.storage.checkpoint_crc import CorruptCheckpointError as CorruptCheckpointError
+from seekax.storage.extras import require_data_extra as require_data_extra
 from seekax.storage.kv_store import KVPageStore as KVPageStore
 from seekax.storage.prep import Session as Session
 from seekax.storage.sample_store import CorruptStoreError as CorruptStoreError
