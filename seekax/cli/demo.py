@@ -78,6 +78,8 @@ def check_args(args) -> None:
 
 def run(args) -> int:
     from seekax.demo import main as demo
+    from seekax.storage.extras import require_data_extra
 
+    require_data_extra(feature="seekax demo")
     check_args(args)
     return demo.main(args)

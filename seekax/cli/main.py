@@ -13,6 +13,7 @@ import os
 import sys
 
 from seekax.cli.parser import CommandParser
+from seekax.storage.extras import MissingExtraError
 
 # (module, subcommand) in menu order. A module's register() adds its subparser and sets `func`.
 COMMAND_MODULES = (
@@ -81,6 +82,10 @@ def _run(parser: CommandParser, argv: list[str]) -> int:
             raise
         sys.stdout.flush()
         return args.cli_parser.fail_usage(message)
+    except MissingExtraError as e:  # an optional dependency group is not installed: one line, exit 1
+        sys.stdout.flush()
+        print(f"{args.cli_parser.prog}: error: {e}", file=sys.stderr)
+        return 1
     sys.stdout.flush()  # a closed pipe surfaces here rather than at interpreter exit
     return rc
 

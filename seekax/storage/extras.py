@@ -10,6 +10,11 @@ DATA_EXTRA = ("grain", "duckdb", "pyarrow")
 INSTALL = "pip install 'seekax[data]'"
 
 
+class MissingExtraError(ImportError):
+    """An optional dependency group (a pip extra) is not installed; the message names the command that
+    installs it. The CLI prints it as one line."""
+
+
 def require_data_extra(*modules: str, feature: str = "this feature") -> None:
     """Raise ImportError naming the `[data]` extra if any of `modules` (default: grain, duckdb, pyarrow) is
     missing. `feature` says what needs them, e.g. "seekax demo"."""
@@ -20,5 +25,5 @@ def require_data_extra(*modules: str, feature: str = "this feature") -> None:
         except ImportError:
             missing.append(name)
     if missing:
-        raise ImportError(f"{feature} needs the [data] extra, which is not installed (missing: "
+        raise MissingExtraError(f"{feature} needs the [data] extra, which is not installed (missing: "
                           f"{', '.join(missing)}); install it with: {INSTALL}", name=missing[0])

@@ -193,3 +193,23 @@ def test_bench_without_the_repository_says_where_benchmarks_live(tmp_path, monke
     assert err.startswith(f"seekax bench: error: no benchmarks at {tmp_path / 'benchmarks'}: they live in the "
                           "seekax repository's benchmarks/ folder")
 
+
+
+def test_missing_data_extra_is_one_line(monkeypatch, capsys):
+    """Without the [data] extra, `seekax demo` names the extra to install in one line (exit 1), no traceback."""
+    import builtins
+
+    from seekax.cli.main import main
+
+    real_import = builtins.__import__
+
+    def no_grain(name, *args, **kwargs):
+        if name == "grain" or name.startswith("grain."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(__import__("sys").modules, "grain", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_grain)
+    assert main(["demo", "--steps", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "seekax[data]" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -40,7 +40,7 @@ def test_missing_extra_names_it(blocked, code, feature, missing):
                        cwd=Path(__file__).resolve().parents[2])
     assert r.returncode == 0, r.stderr[-2000:]
     kind, name, msg = r.stdout.strip().split(" | ", 2)
-    assert kind == "ImportError" and name == missing, r.stdout
+    assert kind == "MissingExtraError" and name == missing, r.stdout  # an ImportError subclass
     assert msg.startswith(feature) and f"missing: {missing}" in msg and INSTALL in msg, msg
 
 
