@@ -59,18 +59,26 @@ def num_parts_for(num_sms: int, q_rows: int, block_m: int = 64) -> int:
 
 
 def mla_metadata(seq_lens, num_sms: int | None = None, *, q_len: int = 1, num_heads: int = 128,
-                 block: int = 64, num_parts: int | None = None) -> MlaMetadata:
+                 block: int = 64, num_parts: int | None = None, kv_heads: int = 1) -> MlaMetadata:
     """seq_lens [B] int32 -> the split schedule, jit-able (computed on device from the lengths).
-    num_parts defaults to num_sms // ceil(q_len * num_heads / 64) so that all row tiles fill the SMs."""
+    num_parts defaults to num_sms // ceil(q_len * num_heads / kv_heads / 64) so that all row tiles fill the SMs.
+    kv_heads > 1 (FlashMLA's h_kv): the plan has one "batch" per (sequence, KV head), b * kv_heads + g, each
+    with the q_len x num_heads / kv_heads query rows of KV head g."""
     if getattr(seq_lens, "ndim", None) != 1:
         raise fail("seq_lens.shape", getattr(seq_lens, "shape", None), "[batch]")
     check_int("block", block, min_value=1)
+    kv_heads = check_int("kv_heads", kv_heads, min_value=1)
     if num_parts is None:
         num_sms = check_int("num_sms", num_sms if num_sms is not None else num_sms_for("auto"), min_value=1)
-        rows = check_int("q_len", q_len, min_value=1) * check_int("num_heads", num_heads, min_value=1)
+        heads = check_int("num_heads", num_heads, min_value=1)
+        if heads % kv_heads:
+            raise fail("num_heads", heads, f"a multiple of kv_heads={kv_heads}")
+        rows = check_int("q_len", q_len, min_value=1) * (heads // kv_heads)
         num_parts = num_parts_for(num_sms, rows)
     num_parts = check_int("num_parts", num_parts, min_value=1)
     lens = jnp.maximum(seq_lens.astype(jnp.int32), 0)                       # [B]
+    if kv_heads > 1:
+        lens = jnp.repeat(lens, kv_heads)                                    # [B * kv_heads]
     n_blocks = (lens + block - 1) // block                                   # [B]
     cost = n_blocks + FIXED_OVERHEAD_BLOCKS                                  # [B]
     ends = jnp.cumsum(cost)                                                  # [B]

@@ -105,7 +105,10 @@ def _args(b=2, s_q=1, h=16, d=576, pages=4, page=64, max_pages=2, qd=jnp.bfloat1
     (lambda a: (*a[:2], a[2].astype(jnp.int64) if jax.config.x64_enabled else a[2].astype(jnp.int16), a[3]), {},
      "block_table.dtype"),
     (lambda a: (*a[:3], a[3][:1]), {}, "seq_lens.shape"),
-    (lambda a: (a[0], a[1][:, :, :1].repeat(2, 2), *a[2:]), {}, "kv_cache.shape"),   # two KV heads
+    (lambda a: (a[0], a[1][:, :, :1].repeat(3, 2), *a[2:]), {}, "kv_cache.shape"),   # 3 KV heads for 16 q heads
+    (lambda a: a, {"attn_sink": jnp.zeros((8,), jnp.float32)}, "attn_sink"),          # one per query head: 16
+    (lambda a: a, {"attn_sink": jnp.zeros((16,), jnp.int32)}, "attn_sink"),
+    (lambda a: a, {"lse_empty": 0.0}, "lse_empty"),
     (lambda a: a, {"softmax_scale": -1.0}, "softmax_scale"),
     (lambda a: a, {"metadata": "wrong"}, "metadata"),                            # planned for 3 sequences, not 2
 ])
@@ -126,7 +129,7 @@ def test_unknown_backend_is_a_value_error():
     (lambda a: (a[0][..., :512], a[1][..., :512], *a[2:]), {}, "qk_dim=512"),          # the kernel: 576
     (lambda a: a, {"v_dim": 256}, "v_dim=256"),
     (lambda a: (a[0].astype(jnp.float32), a[1].astype(jnp.float32), *a[2:]), {}, "q.dtype=float32"),
-    (lambda a: _args(page=32, max_pages=4), {}, "page_size=32"),
+    (lambda a: _args(page=48, max_pages=3), {}, "page_size=48"),
 ])
 @pytest.mark.parametrize("backend", ["interpret", "mosaic"])
 def test_valid_input_the_kernel_does_not_take(rng, change, kwargs, match, backend):

@@ -55,7 +55,7 @@ from seekax.ir.validate import check_choice
 from seekax.lowering.backend import interpret_context
 from seekax.lowering.mosaic import interpret_run_state
 from seekax.lowering.mosaic.pipeline_common import COMPUTE_WG_REGISTERS, MEMORY_WG_REGISTERS, swizzled
-from seekax.lowering.reference.mla_decode import combine_splits
+from seekax.lowering.reference.mla_decode import apply_sink, combine_splits, fill_empty_lse, merge_kv_heads
 
 CACHES = ("bf16", "fp8", "sparse", "sparse_fp8")
 LOG2E = math.log2(math.e)
@@ -70,12 +70,30 @@ class CacheLayout:
     fp8: pages of e4m3 latents, f32 scales and bf16 rope, dequantised by wg 1. sparse: the table holds token ids
     and wg 2 gathers one row per token. staged (either): TMA fills staging slots and wg 1 writes the single bf16
     tile; otherwise (the bf16 cache) TMA writes each page straight into one of `stages` bf16 tiles.
+    page (paged caches): tokens per page; a 64-key step is part of one page (a multiple of 64) or spans 64 / page
+    pages (16, 32), one TMA each. extra (sparse): a second cache whose token ids follow the first's.
     """
 
     cache: str
+    page: int = 64
+    extra: bool = False
 
     def __post_init__(self):
         check_choice("cache", self.cache, CACHES)
+        if not self.sparse and not (self.page % 64 == 0 or self.page in (16, 32)):
+            raise ValueError(f"page={self.page}: expected 16, 32 or a multiple of 64")
+        if self.extra and not self.sparse:
+            raise ValueError(f"extra={self.extra}: an extra cache is a sparse decode's (cache={self.cache!r})")
+
+    def copies_per_step(self, bn: int) -> int:
+        """TMA copies (per cache array) that fill one step: one row each (sparse), one per page, or one."""
+        return bn if self.sparse else max(1, bn // self.page)
+
+    def gathered_scales(self, bn: int) -> bool:
+        """FP8 scales come gathered per batch ([B, tokens, 4], by the wrapper) rather than read from their pages:
+        sparse (a token's 16 B is below a TMA row), and pages shorter than a step (a step's 64 scales are not
+        one vector)."""
+        return self.fp8 and (self.sparse or self.page < bn)
 
     @property
     def fp8(self) -> bool:
@@ -122,9 +140,11 @@ def _scratch_types(config: MlaTileConfig, layout: CacheLayout, *, dtype, kv_dtyp
         kv_ready, kv_consumed = plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_barriers=1)
     else:               # TMA writes `stages` tiles (kv_ready); both compute warpgroups release one (kv_consumed)
         kv = plgpu.SMEM((stages, bn, d), kv_dtype, transforms=swizzled(kv_dtype, d))
-        kv_ready, kv_consumed = (plgpu.Barrier(num_barriers=stages),
+        copies = layout.copies_per_step(bn)
+        kv_ready, kv_consumed = (plgpu.Barrier(num_barriers=stages) if copies == 1 else
+                                 plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
                                  plgpu.Barrier(num_arrivals=2, num_barriers=stages))
-    arrivals = bn if layout.sparse else 1
+    arrivals = layout.copies_per_step(bn)
     staging = {}
     if layout.fp8:
         v = config.v_dim
@@ -167,6 +187,8 @@ class _Gmem:
     kv: Any                     # bf16 pages or token rows; fp8: the e4m3 latent
     scales: Any                 # fp8 only
     rope: Any                   # fp8 only
+    extra_kv: Any               # sparse with an extra cache: its token rows (fp8: its latent)
+    extra_rope: Any             # sparse fp8 with an extra cache
     table: Any                  # page ids, or (sparse) token ids
     lens: Any
     out: Any                    # partials
@@ -205,7 +227,8 @@ class _DecodeCta:
     scale_log2: float           # softmax scale x log2(e): the softmax runs in base 2
     causal: bool
     q_len: int
-    heads: int
+    heads: int                  # query heads per KV head (the rows of one query token)
+    kv_heads: int               # the cache's KV heads: batch b reads KV head b % kv_heads
     rt: Any                     # this CTA's row tile
     part: Any                   # this CTA's part
     payload: Any                # blocks per part
@@ -231,6 +254,22 @@ class _DecodeCta:
         """Batch b's j-th page id, clamped into the cache (entries past a sequence's pages are never trusted)."""
         table = self.gmem.table
         return jnp.clip(table[b, jnp.minimum(j, table.shape[1] - 1)], 0, self.gmem.kv.shape[0] - 1)
+
+    def kv_head(self, b):
+        """The KV head batch b reads (the wrapper lays batches out as sequence x KV head)."""
+        return 0 if self.kv_heads == 1 else lax.rem(b, self.kv_heads)
+
+    def step_pages(self, b, j):
+        """Where step j of batch b lives: [(page id, its rows, the rows of the slot they fill or None = all)]. A page
+        of 64 keys is one step; a longer page holds page / 64 steps; a shorter one is 64 / page of a step."""
+        bn, page = self.config.block_n, self.layout.page
+        if page == bn:
+            return [(self.page_of(b, j), slice(None), None)]
+        if page > bn:
+            per = page // bn
+            return [(self.page_of(b, j // per), pl.ds(lax.rem(j, per) * bn, bn), None)]
+        n = bn // page
+        return [(self.page_of(b, j * n + i), slice(None), pl.ds(i * page, page)) for i in range(n)]
 
     # ------------------------------------------------------------------------------------------ wg 0: softmax
     def softmax_wg(self):
@@ -424,7 +463,7 @@ class _DecodeCta:
     def dequantise_latent(self, b, j, slot, valid):
         """FP8 (wg 1): latent channels [0, 512) of a staging slot into the bf16 tile, one scale group of 128
         channels at a time: e4m3 x the token's scale in f32, zeroed at or past the length, rounded to bf16.
-        Scales are read from global memory as a row vector (sparse: pre-gathered per query token)."""
+        Scales are read from global memory as a row vector (sparse and pages < 64: pre-gathered per batch)."""
         smem, bn, sparse = self.smem, self.config.block_n, self.layout.sparse
         key = plgpu.broadcasted_iota(jnp.int32, (bn, SCALE_BLOCK), 0, layout=plgpu.Layout.WGMMA)
         keep = key < valid
@@ -432,7 +471,11 @@ class _DecodeCta:
             x = plgpu.load(smem.latent.at[slot, :, pl.ds(g * SCALE_BLOCK, SCALE_BLOCK)], layout=plgpu.Layout.WGMMA,
                            optimized=not sparse)
             scales = self.gmem.scales
-            row = scales.at[b, pl.ds(j * bn, bn), g] if sparse else scales.at[self.page_of(b, j), :, 0, g]
+            if self.layout.gathered_scales(bn):
+                row = scales.at[b, pl.ds(j * bn, bn), g]
+            else:
+                (page, rows, _), = self.step_pages(b, j)
+                row = scales.at[page, rows, self.kv_head(b), g]
             sc = plgpu.load(row, layout=ROW, optimized=False)
             y = x.astype(jnp.float32) * lax.broadcast_in_dim(sc, x.shape, [0])
             y = jnp.where(keep, y, jnp.zeros_like(y)).astype(self.gmem.q.dtype)
@@ -471,55 +514,74 @@ class _DecodeCta:
             plgpu.barrier_wait(slot_free.at[lax.rem(step, stages)])
 
     def copy_page(self, b, j, slot):
-        """Paged: batch b's j-th page, the bf16 page into tile `slot`, or the FP8 latent and rope into staging slot
-        `slot`."""
-        page, g, s = self.page_of(b, j), self.gmem, self.smem
-        if self.layout.fp8:
-            plgpu.copy_gmem_to_smem(g.kv.at[page, :, 0, :], s.latent.at[slot], s.latent_ready.at[slot])
-            plgpu.copy_gmem_to_smem(g.rope.at[page, :, 0, :], s.rope.at[slot], s.rope_ready.at[slot])
-        else:
-            plgpu.copy_gmem_to_smem(g.kv.at[page, :, 0, :], s.kv.at[slot], s.kv_ready.at[slot])
+        """Paged: step j of batch b (its KV head's rows of one page, or of 64 / page pages, one TMA each), the bf16
+        rows into tile `slot`, or the FP8 latent and rope into staging slot `slot`."""
+        g, s, head = self.gmem, self.smem, self.kv_head(b)
+        at = lambda ref, rows: ref.at[slot] if rows is None else ref.at[slot, rows]  # noqa: E731
+        for page, src, dst in self.step_pages(b, j):
+            if self.layout.fp8:
+                plgpu.copy_gmem_to_smem(g.kv.at[page, src, head, :], at(s.latent, dst), s.latent_ready.at[slot])
+                plgpu.copy_gmem_to_smem(g.rope.at[page, src, head, :], at(s.rope, dst), s.rope_ready.at[slot])
+            else:
+                plgpu.copy_gmem_to_smem(g.kv.at[page, src, head, :], at(s.kv, dst), s.kv_ready.at[slot])
 
     def gather_tokens(self, b, j, slot):
         """Sparse: the 64 token ids of batch b's step j, one single-row TMA each into staging slot `slot`
-        (ids past the length are 0: one row, re-read from L2)."""
+        (ids past the length are 0: one row, re-read from L2). With an extra cache, ids past the main cache's
+        tokens are the extra cache's."""
         g, s, bn = self.gmem, self.smem, self.config.block_n
+
+        def copy_row(kv, rope, token, r):
+            if self.layout.fp8:
+                plgpu.copy_gmem_to_smem(kv.at[pl.ds(token, 1)], s.latent.at[slot, pl.ds(r, 1)],
+                                        s.latent_ready.at[slot])
+                plgpu.copy_gmem_to_smem(rope.at[pl.ds(token, 1)], s.rope.at[slot, pl.ds(r, 1)],
+                                        s.rope_ready.at[slot])
+            else:
+                plgpu.copy_gmem_to_smem(kv.at[pl.ds(token, 1)], s.rows.at[slot, pl.ds(r, 1)], s.rows_ready.at[slot])
 
         @pl.loop(0, bn)
         def _gather(r):
-            token = jnp.clip(g.table[b, j * bn + r], 0, g.kv.shape[0] - 1)
-            if self.layout.fp8:
-                plgpu.copy_gmem_to_smem(g.kv.at[pl.ds(token, 1)], s.latent.at[slot, pl.ds(r, 1)],
-                                        s.latent_ready.at[slot])
-                plgpu.copy_gmem_to_smem(g.rope.at[pl.ds(token, 1)], s.rope.at[slot, pl.ds(r, 1)],
-                                        s.rope_ready.at[slot])
-            else:
-                plgpu.copy_gmem_to_smem(g.kv.at[pl.ds(token, 1)], s.rows.at[slot, pl.ds(r, 1)], s.rows_ready.at[slot])
+            if not self.layout.extra:
+                copy_row(g.kv, g.rope, jnp.clip(g.table[b, j * bn + r], 0, g.kv.shape[0] - 1), r)
+                return
+            main = g.kv.shape[0]
+            token = jnp.clip(g.table[b, j * bn + r], 0, main + g.extra_kv.shape[0] - 1)
+            pl.when(token < main)(lambda: copy_row(g.kv, g.rope, token, r))
+            pl.when(token >= main)(lambda: copy_row(g.extra_kv, g.extra_rope, token - main, r))
 
 
 def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, part_batches_ref, payload_ref,
             q_ref, *refs, config: MlaTileConfig, scale_log2: float, causal: bool, q_len: int, heads: int,
-            cache: str):
-    """q_ref [B, R, 576]; then the cache: kv_ref [pages, 64, 1, 576] (bf16), or for "fp8" latent_ref
-    [pages, 64, 1, 512] e4m3, scales_ref [pages, 64, 1, 4] f32, rope_ref [pages, 64, 1, 64] bf16, or for
-    "sparse" kv_ref [tokens, 576], or for "sparse_fp8" latent_ref [tokens, 512], scales_ref [B, max_tokens, 4]
-    (gathered), rope_ref [tokens, 64]; then table_ref [B, max_pages] (sparse: [B, max_tokens] token ids);
-    lens_ref [B]; out_ref [T, R, 512] f32 partials; lse_ref [T, R] f32 (natural log)."""
-    layout = CacheLayout(cache)
-    if layout.fp8:
-        kv_ref, scales_ref, rope_ref, table_ref, lens_ref, out_ref, lse_ref = refs
+            cache: str, extra: bool):
+    """q_ref [B, R, 576]; then the cache: kv_ref [pages, page, h_kv, 576] (bf16), or for "fp8" latent_ref
+    [pages, page, h_kv, 512] e4m3, scales_ref [pages, page, h_kv, 4] f32 (pages < 64: gathered per batch,
+    [B, tokens, 4]), rope_ref [pages, page, h_kv, 64] bf16, or for "sparse" kv_ref [tokens, 576] (extra: then
+    extra_kv_ref [tokens2, 576]), or for "sparse_fp8" latent_ref [tokens, 512], scales_ref [B, max_tokens, 4]
+    (gathered), rope_ref [tokens, 64] (extra: then extra latent and rope); then table_ref [B, max_pages] (sparse:
+    [B, max_tokens] token ids); lens_ref [B]; out_ref [T, R, 512] f32 partials; lse_ref [T, R] f32 (natural log).
+    Batch b of a paged cache with h_kv heads reads KV head b % h_kv; `heads` is the query heads per KV head."""
+    fp8, sparse = cache in ("fp8", "sparse_fp8"), cache.startswith("sparse")
+    n_cache = (3 if fp8 else 1) + ((2 if fp8 else 1) if extra else 0)
+    cache_refs, (table_ref, lens_ref, out_ref, lse_ref) = refs[:n_cache], refs[n_cache:]
+    if fp8:
+        kv_ref, scales_ref, rope_ref, *extra_refs = cache_refs
     else:
-        (kv_ref, table_ref, lens_ref, out_ref, lse_ref), scales_ref, rope_ref = refs, None, None
+        (kv_ref, *extra_refs), scales_ref, rope_ref = cache_refs, None, None
+    extra_kv_ref, extra_rope_ref = (extra_refs + [None, None])[:2]
+    layout = CacheLayout(cache, page=64 if sparse else kv_ref.shape[1], extra=extra)
     gmem = _Gmem(block_start=block_start_ref, n_blocks=n_blocks_ref, first_part=first_part_ref,
-                split_offsets=split_offsets_ref, part_batches=part_batches_ref, payload=payload_ref, q=q_ref,
-                kv=kv_ref, scales=scales_ref, rope=rope_ref, table=table_ref, lens=lens_ref, out=out_ref, lse=lse_ref)
+                 split_offsets=split_offsets_ref, part_batches=part_batches_ref, payload=payload_ref, q=q_ref,
+                 kv=kv_ref, scales=scales_ref, rope=rope_ref, extra_kv=extra_kv_ref, extra_rope=extra_rope_ref,
+                 table=table_ref, lens=lens_ref, out=out_ref, lse=lse_ref)
     rt, part, wg = lax.axis_index("rt"), lax.axis_index("part"), lax.axis_index("wg")
     payload = payload_ref[0]
     batches = (part_batches_ref[part, 0], part_batches_ref[part, 1])
 
     def scoped(smem: Scratch):
         cta = _DecodeCta(gmem=gmem, smem=smem, config=config, layout=layout, scale_log2=scale_log2, causal=causal,
-                        q_len=q_len, heads=heads, rt=rt, part=part, payload=payload, batches=batches)
+                         q_len=q_len, heads=heads, kv_heads=1 if sparse else kv_ref.shape[2], rt=rt, part=part,
+                         payload=payload, batches=batches)
         pl.when(wg == 0)(cta.softmax_wg)
         pl.when(wg == 1)(cta.value_wg)
         pl.when(wg == 2)(cta.memory_wg)
@@ -530,17 +592,18 @@ def _kernel(block_start_ref, n_blocks_ref, first_part_ref, split_offsets_ref, pa
 
 
 def build(*, batch: int, rows: int, num_parts: int, max_splits: int, config: MlaTileConfig, scale: float,
-          causal: bool, q_len: int, heads: int, cache: str = "bf16"):
+          causal: bool, q_len: int, heads: int, cache: str = "bf16", extra: bool = False):
     """The kernel callable f(metadata arrays..., q [B, rows, 576], kv_cache | (latent, scales, rope) | flat
-    tokens, block_table | token table, seq_lens) -> (out partials [max_splits, rows, 512] f32, lse partials
-    [max_splits, rows] f32). `cache`: one of CACHES. Runs on the GPU or, unchanged, in the CPU interpreter."""
-    layout = CacheLayout(cache)
+    tokens (+ the extra cache's), block_table | token table, seq_lens) -> (out partials [max_splits, rows, 512]
+    f32, lse partials [max_splits, rows] f32). `cache`: one of CACHES; `heads`: query heads per KV head. Runs on
+    the GPU or, unchanged, in the CPU interpreter."""
+    layout = CacheLayout(cache, extra=extra)
     config.check_smem("float8_e4m3fn" if layout.fp8 else "bfloat16", sparse=layout.sparse)
     if rows % config.block_m:
         raise ValueError(f"rows={rows}: expected a multiple of block_m={config.block_m} (the wrapper pads)")
     interpret_run_state.enable()         # the interpreter then runs pv's in-place accumulation as the GPU does
     body = functools.partial(_kernel, config=config, scale_log2=scale * LOG2E, causal=causal, q_len=q_len,
-                             heads=heads, cache=cache)
+                             heads=heads, cache=cache, extra=extra)
     return plgpu.kernel(
         body,
         out_type=(jax.ShapeDtypeStruct((max_splits, rows, config.v_dim), jnp.float32),
@@ -554,38 +617,68 @@ def build(*, batch: int, rows: int, num_parts: int, max_splits: int, config: Mla
     )
 
 
-def mla_decode(q, kv_cache, block_table, seq_lens, metadata, *, softmax_scale: float, causal: bool,
-               config: MlaTileConfig, interpret: bool = False, sparse: bool = False):
-    """Validated inputs (ops.mla.validate_mla_decode) -> out [B, q_len, H, 512] q.dtype, lse [B, H, q_len].
-    `kv_cache`: the bf16 cache [pages, 64, 1, 576], or DeepSeek-V3.2's FP8 cache as a tuple (latent e4m3
-    [pages, 64, 1, 512], scales f32 [pages, 64, 1, 4], rope bf16 [pages, 64, 1, 64]), validated by
-    ops.mla.mla_decode_fp8; the kernel dequantises each page in shared memory. `sparse`: kv_cache is the
-    flat bf16 cache [tokens, 576] or the flat FP8 cache (latent [tokens, 512], scales gathered per batch
-    [B, max_tokens, 4], rope [tokens, 64]), block_table [B, max_tokens] token ids with the valid ones first
-    and seq_lens [B] their count (ops.mla.mla_decode_sparse[_fp8] builds these, one "batch" per query)."""
-    fp8 = isinstance(kv_cache, tuple)
-    mode = ("sparse_fp8" if fp8 else "sparse") if sparse else ("fp8" if fp8 else "bf16")
-    cache = kv_cache if fp8 else (kv_cache,)
+def _step_scales(scales, table, kv_heads: int, bn: int):
+    """FP8 pages shorter than a step: each batch's scales in token order, [B, tokens, 4] f32 (tokens: the block
+    table's capacity rounded up to whole steps), so a step's 64 scales are one row vector. scales [P, page, h_kv,
+    4]; table [B, max_pages] (batch b: KV head b % h_kv). 16 B a token of the table's capacity, in XLA."""
+    num_pages, page = scales.shape[:2]
+    b, max_pages = table.shape
+    t = jnp.arange(-(-max_pages * page // bn) * bn, dtype=jnp.int32)                     # [tokens]
+    pages = jnp.clip(table[:, jnp.minimum(t // page, max_pages - 1)], 0, num_pages - 1)  # [B, tokens]
+    heads = jnp.arange(b, dtype=jnp.int32)[:, None] % kv_heads                          # [B, 1]
+    return scales[pages, t[None] % page, heads]                                          # [B, tokens, 4]
+
+
+def mla_decode(q, cache: tuple, block_table, seq_lens, metadata, *, mode: str, softmax_scale: float, causal: bool,
+               config: MlaTileConfig, interpret: bool = False, extra: bool = False, attn_sink=None,
+               lse_empty: float = -math.inf):
+    """Validated inputs (ops.mla) -> out [B, q_len, H, 512] q.dtype, lse [B, H, q_len] f32. `mode`: one of CACHES.
+    `cache`: "bf16" (kv [pages, page, h_kv, 576],), "fp8" DeepSeek-V3.2's cache (latent e4m3 [pages, page, h_kv,
+    512], scales f32 [pages, page, h_kv, 4], rope bf16 [pages, page, h_kv, 64]); "sparse" (flat bf16 [tokens,
+    576],) or "sparse_fp8" (latent [tokens, 512], scales gathered per batch [B, max_tokens, 4], rope [tokens, 64]),
+    with `extra` followed by the extra cache's rows (bf16) or latent and rope (fp8); then block_table [B, max_pages]
+    (sparse: [B, max_tokens] token ids, valid ones first, extra ids offset by the main cache's tokens) and seq_lens
+    [B] (sparse: the valid counts; ops.mla builds these, one "batch" per query token). Several KV heads: the kernel
+    runs one batch per (sequence, KV head), its rows that head's query heads. attn_sink [H] and lse_empty are
+    applied by the combine."""
+    layout = CacheLayout(mode, extra=extra)
     b, q_len, heads, d = q.shape
-    rows = q_len * heads
+    kv_heads = 1 if layout.sparse else cache[0].shape[2]
+    hpk, bn = heads // kv_heads, config.block_n
+    rows = q_len * hpk
     rows_p = -(-rows // config.block_m) * config.block_m
-    qf = q.reshape(b, rows, d)                                                  # rows ordered (q_len, heads)
+    if kv_heads == 1:
+        qf = q.reshape(b, rows, d)                                              # rows ordered (q_len, heads)
+    else:                                                                       # batch b * h_kv + g: KV head g
+        qf = jnp.transpose(q.reshape(b, q_len, kv_heads, hpk, d), (0, 2, 1, 3, 4)).reshape(b * kv_heads, rows, d)
+        block_table, seq_lens = jnp.repeat(block_table, kv_heads, axis=0), jnp.repeat(seq_lens, kv_heads)
     if rows_p != rows:
-        qf = jnp.pad(qf, ((0, 0), (0, rows_p - rows), (0, 0)))                 # [B, rows_p, 576]
-    kernel = build(batch=b, rows=rows_p, num_parts=metadata.num_parts, max_splits=metadata.max_splits,
-                   config=config, scale=softmax_scale, causal=causal, q_len=q_len, heads=heads, cache=mode)
+        qf = jnp.pad(qf, ((0, 0), (0, rows_p - rows), (0, 0)))                 # [B*h_kv, rows_p, 576]
+    if layout.fp8 and not layout.sparse and cache[0].shape[1] < bn:
+        cache = (cache[0], _step_scales(cache[1], block_table, kv_heads, bn), cache[2])
+    kernel = build(batch=qf.shape[0], rows=rows_p, num_parts=metadata.num_parts, max_splits=metadata.max_splits,
+                   config=config, scale=softmax_scale, causal=causal, q_len=q_len, heads=hpk, cache=mode, extra=extra)
     ctx = interpret_context if interpret else contextlib.nullcontext  # a fresh context per kernel call
     with ctx():
         out_p, lse_p = kernel(metadata.block_start, metadata.n_blocks, metadata.first_part, metadata.split_offsets,
                               metadata.part_batches, metadata.payload, qf, *cache, block_table, seq_lens)
+    bg, v = qf.shape[0], config.v_dim
     if config.combine == "kernel":
         from seekax.lowering.mosaic import mla_combine_sm90
 
+        sink = None
+        if attn_sink is not None:                                               # [h_kv, rows_p]: row r's head
+            sink = jnp.broadcast_to(attn_sink.astype(jnp.float32).reshape(kv_heads, 1, hpk), (kv_heads, q_len, hpk))
+            sink = jnp.pad(sink.reshape(kv_heads, rows), ((0, 0), (0, rows_p - rows)))
         with ctx():
-            out, lse = mla_combine_sm90.combine(metadata.split_offsets, out_p, lse_p, out_dtype=q.dtype)
-        out = out[:, :rows].reshape(b, q_len, heads, config.v_dim)                 # [B, q_len, H, 512]
-        return out, jnp.transpose(lse[:, :rows].reshape(b, q_len, heads), (0, 2, 1))  # [B, H, q_len]
+            out, lse = mla_combine_sm90.combine(metadata.split_offsets, out_p, lse_p, out_dtype=q.dtype,
+                                                sink_rows=sink, lse_empty=lse_empty)
+        out = out[:, :rows].reshape(bg, q_len, hpk, v)                             # [B*h_kv, q_len, H/h_kv, 512]
+        lse = jnp.transpose(lse[:, :rows].reshape(bg, q_len, hpk), (0, 2, 1))      # [B*h_kv, H/h_kv, q_len]
+        return merge_kv_heads(out, lse, kv_heads=kv_heads)
     t = metadata.max_splits
-    out_p = out_p[:, :rows].reshape(t, q_len, heads, config.v_dim)              # [T, q_len, H, 512]
-    lse_p = jnp.transpose(lse_p[:, :rows].reshape(t, q_len, heads), (0, 2, 1))  # [T, H, q_len]
-    return combine_splits(out_p, lse_p, metadata.split_offsets, out_dtype=q.dtype)
+    out_p = out_p[:, :rows].reshape(t, q_len, hpk, v)                              # [T, q_len, H/h_kv, 512]
+    lse_p = jnp.transpose(lse_p[:, :rows].reshape(t, q_len, hpk), (0, 2, 1))       # [T, H/h_kv, q_len]
+    out, lse = merge_kv_heads(*combine_splits(out_p, lse_p, metadata.split_offsets, out_dtype=jnp.float32),
+                              kv_heads=kv_heads)
+    return apply_sink(out, lse, attn_sink).astype(q.dtype), fill_empty_lse(lse, lse_empty)
