@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from seekax.ir.tiling import GemmTileConfig, SharedMemoryBudgetExceeded
-from seekax.ir.validate import check_int
+from seekax.ir.validate import check_int, fail
 from seekax.lowering.inspect import EMIT_STAGES, lower_for_hopper
 
 # Library parameter -> the flag's dest, for errors that name the flag.
@@ -47,26 +47,31 @@ def _fp8_gemm(args):
     return lowering_example(args.m, args.n, args.k)
 
 
-def _fp8_cache(pages: int) -> tuple:
+def _fp8_cache(pages: int, page: int = 64, kv_heads: int = 1) -> tuple:
     """DeepSeek-V3.2's FP8 cache as shapes: latent e4m3, a scale per token and 128 channels, bf16 rope."""
-    return (jax.ShapeDtypeStruct((pages, 64, 1, 512), jnp.float8_e4m3fn),
-            jax.ShapeDtypeStruct((pages, 64, 1, 4), jnp.float32),
-            jax.ShapeDtypeStruct((pages, 64, 1, 64), jnp.bfloat16))
+    return (jax.ShapeDtypeStruct((pages, page, kv_heads, 512), jnp.float8_e4m3fn),
+            jax.ShapeDtypeStruct((pages, page, kv_heads, 4), jnp.float32),
+            jax.ShapeDtypeStruct((pages, page, kv_heads, 64), jnp.bfloat16))
 
 
 def _mla(args, *, fp8: bool, sparse: bool):
-    """MLA decode at FlashMLA's shapes: --batch, --seq-len (context tokens), --heads, --q-len; 64-token pages.
-    Sparse: --topk token ids per query token out of the --batch x --seq-len cached tokens."""
+    """MLA decode at FlashMLA's shapes: --batch, --seq-len (context tokens), --heads, --q-len, --kv-heads (FlashMLA's
+    h_kv), --page-size. Sparse: --topk token ids per query token out of the --batch x --seq-len cached tokens."""
     from seekax.ops import mla
 
-    _check_sizes(args, "batch", "seq_len", "heads", "q_len", *(("topk",) if sparse else ()))
-    pages = args.batch * -(-args.seq_len // 64)
+    _check_sizes(args, "batch", "seq_len", "heads", "q_len", "kv_heads", "page_size", *(("topk",) if sparse else ()))
+    if args.heads % args.kv_heads:
+        raise fail("kv_heads", args.kv_heads, f"a divisor of --heads={args.heads}")
+    if sparse and args.kv_heads != 1:
+        raise fail("kv_heads", args.kv_heads, "1 for sparse decode (FlashMLA's sparse decode takes one KV head)")
+    page, heads = args.page_size, args.kv_heads
+    pages = args.batch * -(-args.seq_len // page)
     q = jax.ShapeDtypeStruct((args.batch, args.q_len, args.heads, 576), jnp.bfloat16)
-    cache = _fp8_cache(pages) if fp8 else (jax.ShapeDtypeStruct((pages, 64, 1, 576), jnp.bfloat16),)
+    cache = _fp8_cache(pages, page, heads) if fp8 else (jax.ShapeDtypeStruct((pages, page, heads, 576), jnp.bfloat16),)
     if sparse:
         rest = (jax.ShapeDtypeStruct((args.batch, args.q_len, args.topk), jnp.int32),)
     else:
-        rest = (jax.ShapeDtypeStruct((args.batch, -(-args.seq_len // 64)), jnp.int32),     # block table
+        rest = (jax.ShapeDtypeStruct((args.batch, -(-args.seq_len // page)), jnp.int32),   # block table
                 jax.ShapeDtypeStruct((args.batch,), jnp.int32))                          # lengths
     fn = getattr(mla, "mla_decode" + ("_sparse" if sparse else "") + ("_fp8" if fp8 else ""))
     return functools.partial(fn, backend="mosaic"), (q, *cache, *rest)
@@ -95,6 +100,11 @@ def register(sub) -> None:
     p.add_argument("--seq-len", type=int, default=4096, help="mla_decode*: context tokens per sequence")
     p.add_argument("--heads", type=int, default=128, help="mla_decode*: query heads")
     p.add_argument("--q-len", type=int, default=1, help="mla_decode*: query tokens per sequence (MTP: 2)")
+    p.add_argument("--kv-heads", type=int, default=1,
+                   help="mla_decode, mla_decode_fp8: KV heads (FlashMLA's h_kv), each with --heads / --kv-heads "
+                        "query heads")
+    p.add_argument("--page-size", type=int, default=64,
+                   help="mla_decode*: tokens per cache page (the kernel takes 16, 32 or a multiple of 64)")
     p.add_argument("--topk", type=int, default=2048, help="mla_decode_sparse: token ids per query token")
     p.add_argument("--emit", choices=EMIT_STAGES, default="report", help="which stage to print")
     p.add_argument("--check", action="store_true",
