@@ -26,16 +26,20 @@ from seekax.ops import fp8  # noqa: E402
 
 NK = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
 DENSE = [(m, n, k) for m in (4096, 64, 128) for n, k in NK]   # large M first: ordered for a timed GPU run
+K_TAIL = [(4096, 7168, 576), (4096, 7168, 2112)]              # DeepGEMM's dgrad K: not multiples of 128
+SMALL_M = [(m, n, k) for n, k in ((7168, 2048), (2112, 7168)) for m in (1, 8, 16, 32)]   # decode; M = 64 in DENSE
 CONTIGUOUS = [(4, 8192, 4096, 7168), (4, 8192, 7168, 2048), (8, 4096, 4096, 7168), (8, 4096, 7168, 2048)]
 MASKED = [(g, m, n, k) for g, m in ((1, 1024), (2, 512), (4, 256)) for n, k in ((4096, 7168), (7168, 2048))]
 QUANTIZE = [(4096, 7168), (32768, 7168), (4096, 2048)]
-QUICK_DENSE, QUICK_QUANTIZE = [(64, 256, 256), (128, 512, 384)], [(256, 512)]
+QUICK_DENSE, QUICK_QUANTIZE = [(64, 256, 256), (128, 512, 384), (64, 256, 576), (8, 512, 256)], [(256, 512)]
 QUICK_CONTIGUOUS, QUICK_MASKED = [(2, 128, 256, 256)], [(2, 64, 256, 256)]
 
 
 def _quant(key, shape, block, scale=1.0):
+    """e4m3 operand with exactly shape[-1] columns (quantize_fp8 pads K to 128; a K tail is cut off again)."""
     x = jax.random.normal(key, shape, jnp.float32) * scale
-    return fp8.quantize_fp8(x, block)
+    q, s = fp8.quantize_fp8(x, block)
+    return q[..., :shape[-1]], s
 
 
 def _tile(spec, backend, **heuristic) -> str:
@@ -136,9 +140,11 @@ def main() -> None:
             print("autotuned", (m, n, k), fp8.autotune_fp8_gemm_nt(m, n, k), flush=True)
     dense = [(dense_row, sh, "dense") for sh in (QUICK_DENSE if quick else DENSE)]
     plan = dense[:len(NK)] if not quick else []          # the large-M dense shapes, then grouped, then small M
+    plan += [(dense_row, sh, "dense") for sh in ([] if quick else K_TAIL)]
     plan += [(contiguous_row, sh, "contiguous") for sh in (QUICK_CONTIGUOUS if quick else CONTIGUOUS)]
     plan += [(masked_row, sh, "masked") for sh in (QUICK_MASKED if quick else MASKED)]
     plan += dense[len(NK):] if not quick else dense
+    plan += [(dense_row, sh, "dense") for sh in ([] if quick else SMALL_M)]
     plan += [(quantize_row, sh, "quantize") for sh in (QUICK_QUANTIZE if quick else QUANTIZE)]
     rows = []
     for fn, shape, kind in plan:

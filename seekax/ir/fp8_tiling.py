@@ -12,7 +12,7 @@ import dataclasses
 import math
 from typing import Any
 
-from seekax.ir.fp8 import SCALE_BLOCK
+from seekax.ir.fp8 import ACT_BLOCK, SCALE_BLOCK
 from seekax.ir.tiling import SMEM_LIMIT_BYTES, SharedMemoryBudgetExceeded, WgSplit
 from seekax.ir.validate import check_int, fail
 
@@ -112,6 +112,11 @@ _LAYOUTS = ((128, 2, WgSplit.M), (128, 2, WgSplit.N), (64, 2, WgSplit.M), (64, 2
             (32, 1, WgSplit.M), (16, 1, WgSplit.M))
 
 
+def uses_col_scales(spec) -> bool:
+    """Whether the kernel pipelines a per-column b_scale row per K block (k-grouped, dense with (1, 128) B scales)."""
+    return getattr(spec, "layout", None) == "k_grouped" or tuple(getattr(spec, "b_scale", None) or ()) == ACT_BLOCK
+
+
 def choose_fp8_config(spec, limit: int = SMEM_LIMIT_BYTES, sm_count: int = 132, min_block_n: int = 16) -> Fp8TileConfig:
     """Heuristic from a GemmSpec/GroupedGemmSpec: the first CTA layout (largest first) that divides N,
     does not pad M past one 64-row block more than needed, and gives every one of `sm_count` SMs an output
@@ -120,7 +125,7 @@ def choose_fp8_config(spec, limit: int = SMEM_LIMIT_BYTES, sm_count: int = 132, 
     stores rows at arbitrary offsets from an unswizzled tile and wants rows of >= 128 bytes."""
     m, n, k = spec.m, spec.n, spec.k
     out_itemsize = _out_itemsize(spec)
-    col_scales = getattr(spec, "layout", None) == "k_grouped"   # the k-grouped kernel pipelines b scales too
+    col_scales = uses_col_scales(spec)
     options = []
     for bn, wgs, split in _LAYOUTS:
         cfg = Fp8TileConfig(block_m=64, block_n=bn, num_compute_wgs=wgs, wg_split=split,
@@ -145,7 +150,8 @@ def candidate_fp8_configs(spec, limit: int = SMEM_LIMIT_BYTES) -> list[Fp8TileCo
             if spec.n % cfg.cta_block_n:
                 continue
             for width in (1, 4, 8):
-                c = _deepest(dataclasses.replace(cfg, grid_tile_width=width), _out_itemsize(spec), k_steps, limit)
+                c = _deepest(dataclasses.replace(cfg, grid_tile_width=width), _out_itemsize(spec), k_steps, limit,
+                             uses_col_scales(spec))
                 out.append(c)
                 if c.stages > 2:
                     out.append(dataclasses.replace(c, stages=c.stages - 1))

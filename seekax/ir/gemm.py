@@ -21,6 +21,13 @@ def _itemsize(dtype: str) -> int:
     return np.dtype(dtype).itemsize
 
 
+def _check_accumulate(accumulate, out_dtype: str) -> None:
+    if not isinstance(accumulate, bool):
+        raise fail("accumulate", accumulate, "a bool")
+    if accumulate and out_dtype != "float32":
+        raise fail("out_dtype", out_dtype, '"float32" when accumulating into c (c and the output are float32)')
+
+
 def _check_scale(name: str, value, is_fp8: bool) -> tuple[int, int] | None:
     if not is_fp8:
         if value is not None:
@@ -36,7 +43,8 @@ def _check_scale(name: str, value, is_fp8: bool) -> tuple[int, int] | None:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GemmSpec(KernelSpec):
-    """out[m, n] = sum_k a[m, k] * b[n, k] (layout "nt": both operands K-major, as FP8 wgmma needs)."""
+    """out[m, n] = sum_k a[m, k] * b[n, k] (layout "nt": both operands K-major, as FP8 wgmma needs), plus a
+    float32 c[m, n] when `accumulate`."""
 
     op: ClassVar[str] = "gemm"
     m: int
@@ -48,6 +56,7 @@ class GemmSpec(KernelSpec):
     a_scale: tuple[int, int] | None = None
     b_scale: tuple[int, int] | None = None
     layout: str = "nt"
+    accumulate: bool = False
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -66,6 +75,7 @@ class GemmSpec(KernelSpec):
         check_choice("layout", self.layout, ("nt", "nn", "tn"))
         if self.is_fp8 and self.layout != "nt":
             raise fail("layout", self.layout, '"nt" for FP8 (Hopper FP8 wgmma needs K-major A and B)')
+        _check_accumulate(self.accumulate, self.out_dtype)
 
     @property
     def is_fp8(self) -> bool:
@@ -87,8 +97,9 @@ class GemmSpec(KernelSpec):
         return 2.0 * self.m * self.n * self.k
 
     def min_bytes(self) -> float:
+        c = 4 * self.m * self.n if self.accumulate else 0
         return (self.m * self.k * _itemsize(self.a_dtype) + self.n * self.k * _itemsize(self.b_dtype)
-                + self.m * self.n * _itemsize(self.out_dtype) + self.scale_bytes())
+                + self.m * self.n * _itemsize(self.out_dtype) + self.scale_bytes() + c)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -98,7 +109,8 @@ class GroupedGemmSpec(KernelSpec):
     layout "contiguous": a [m, k] rows sorted by group (m = total rows), b [G, n, k].
     layout "masked":     a [G, m, k] fixed buffers (m = max rows per group), b [G, n, k]; `expected_m`
                          rows per group are valid on average (DeepEP low-latency decode).
-    layout "k_grouped":  weight gradients: a [k, m], b [k, n] with k split in G groups -> out [G, m, n].
+    layout "k_grouped":  weight gradients: a [k, m], b [k, n] with k split in G groups -> out [G, m, n]; with
+                         `accumulate`, plus a float32 c [G, m, n].
     """
 
     op: ClassVar[str] = "grouped_gemm"
@@ -112,6 +124,7 @@ class GroupedGemmSpec(KernelSpec):
     out_dtype: str = "bfloat16"
     alignment: int = 128
     expected_m: int | None = None
+    accumulate: bool = False
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -130,6 +143,9 @@ class GroupedGemmSpec(KernelSpec):
             set_("expected_m", check_int("expected_m", self.expected_m))
             if self.layout == "masked" and self.expected_m > self.m:
                 raise fail("expected_m", self.expected_m, f"<= m={self.m} (the per-group buffer size)")
+        _check_accumulate(self.accumulate, self.out_dtype)
+        if self.accumulate and self.layout != "k_grouped":
+            raise fail("accumulate", self.accumulate, 'False unless layout="k_grouped" (the layout that adds c)')
 
     @property
     def is_fp8(self) -> bool:
@@ -156,7 +172,8 @@ class GroupedGemmSpec(KernelSpec):
         fp8 = self.is_fp8
         if self.layout == "k_grouped":
             scales = 4 * math.ceil(self.k / SCALE_BLOCK) * (self.m + self.n) if fp8 else 0
-            return self.k * (self.m * ai + self.n * bi) + self.num_groups * self.m * self.n * oi + scales
+            c = 4 * self.num_groups * self.m * self.n if self.accumulate else 0
+            return self.k * (self.m * ai + self.n * bi) + self.num_groups * self.m * self.n * oi + scales + c
         rows = self.valid_rows()
         kb = math.ceil(self.k / SCALE_BLOCK)
         scales = 4 * kb * (rows + self.num_groups * math.ceil(self.n / SCALE_BLOCK)) if fp8 else 0

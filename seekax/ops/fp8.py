@@ -80,18 +80,48 @@ def _check_sizes(name: str, sizes: Any, groups: int, *, total: int, exact: bool 
         raise fail(name, v.tolist(), f"multiples of {multiple_of}")
 
 
-def validate_fp8_gemm_nt(a, a_scale, b, b_scale, out_dtype) -> GemmSpec:
-    """a: [M, K] e4m3, a_scale: [M, ceil(K/128)] f32, b: [N, K] e4m3 (K-major), b_scale: [ceil(N/128), ceil(K/128)]."""
+def _resolve_out_dtype(out_dtype, c, default: str = "bfloat16") -> str:
+    """out_dtype None: `default`, or float32 when accumulating into c (c + A B is float32, as DeepGEMM's)."""
+    if out_dtype is None:
+        return "float32" if c is not None else default
+    name = _check_out_dtype(out_dtype)
+    if c is not None and name != "float32":
+        raise fail("out_dtype", out_dtype, "float32 (or None) when c is given: c + A B is float32")
+    return name
+
+
+def _check_c(c, expected: tuple[int, ...], layout: str) -> None:
+    """The accumulator input: float32 of the output's shape."""
+    if c is None:
+        return
+    _check_rank("c", c, len(expected), layout)
+    check_array_dtype("c", c, ("float32",))
+    check_shape("c", c.shape, expected)
+
+
+def _check_block(name: str, block) -> tuple[int, int]:
+    block = tuple(block) if isinstance(block, (tuple, list)) else block
+    if block not in (ACT_BLOCK, WEIGHT_BLOCK):
+        raise fail(name, block, f"{WEIGHT_BLOCK} (a scale per 128 x 128 block of B) or {ACT_BLOCK} (per row and "
+                                "128 columns, the weight gradient's recipe)")
+    return block
+
+
+def validate_fp8_gemm_nt(a, a_scale, b, b_scale, out_dtype, *, b_block=WEIGHT_BLOCK, c=None) -> GemmSpec:
+    """a: [M, K] e4m3, a_scale: [M, ceil(K/128)] f32, b: [N, K] e4m3 (K-major), b_scale: [ceil(N/128), ceil(K/128)]
+    (b_block (128, 128)) or [N, ceil(K/128)] (b_block (1, 128)); c: [M, N] f32 or None."""
     _check_operand("a", a, 2, "[M, K]")
     _check_operand("b", b, 2, "[N, K] (K-major)")
     m, k = a.shape
     n = b.shape[0]
     if b.shape[1] != k:
         raise fail("b.shape", tuple(b.shape), f"[N, K] with K={k} matching a.shape={tuple(a.shape)} (K-major B)")
+    b_block = _check_block("b_block", b_block)
     _check_scale("a_scale", a_scale, (m, cdiv(k, BLOCK)))
-    _check_scale("b_scale", b_scale, (cdiv(n, BLOCK), cdiv(k, BLOCK)))
-    return GemmSpec(m=m, n=n, k=k, a_dtype=FP8_DTYPE, b_dtype=FP8_DTYPE, out_dtype=_check_out_dtype(out_dtype),
-                    a_scale=ACT_BLOCK, b_scale=WEIGHT_BLOCK)
+    _check_scale("b_scale", b_scale, (cdiv(n, b_block[0]), cdiv(k, BLOCK)))
+    _check_c(c, (m, n), f"[M, N] = [{m}, {n}]")
+    return GemmSpec(m=m, n=n, k=k, a_dtype=FP8_DTYPE, b_dtype=FP8_DTYPE, out_dtype=_resolve_out_dtype(out_dtype, c),
+                    a_scale=ACT_BLOCK, b_scale=b_block, accumulate=c is not None)
 
 
 def _validate_grouped_b(b, b_scale, k: int, name_k: str) -> tuple[int, int]:
@@ -103,12 +133,39 @@ def _validate_grouped_b(b, b_scale, k: int, name_k: str) -> tuple[int, int]:
     return g, n
 
 
-def validate_m_grouped_contiguous(a, a_scale, b, b_scale, group_sizes, out_dtype) -> GroupedGemmSpec:
+def _check_m_indices(m_indices, m: int, groups: int) -> None:
+    """m_indices: [M] int32 in [-1, G); when concrete, each group's rows also form one run (the layout DeepEP's
+    dispatch emits: rows sorted by expert, -1 padding rows between experts)."""
+    _check_rank("m_indices", m_indices, 1, f"[M] = [{m}] (one group id per row, -1 for padding)")
+    check_shape("m_indices", m_indices.shape, (m,))
+    check_array_dtype("m_indices", m_indices, ("int32",))
+    if not _is_concrete(m_indices):
+        return  # traced under jit: the layout is the caller's contract (documented in the op)
+    v = np.asarray(m_indices)
+    bad = np.flatnonzero((v < -1) | (v >= groups))
+    if bad.size:
+        raise fail("m_indices", f"{int(v[bad[0]])} at row {int(bad[0])}", f"group ids in [-1, G={groups})")
+    for g in np.unique(v[v >= 0]):
+        rows = np.flatnonzero(v == g)
+        if rows[-1] - rows[0] + 1 != rows.size:
+            raise fail("m_indices", f"group {int(g)} at rows {rows[0]}..{rows[-1]} with gaps",
+                       "each group's rows contiguous (padding rows, -1, only between groups)")
+
+
+def validate_m_grouped_contiguous(a, a_scale, b, b_scale, group_sizes, out_dtype, *,
+                                  m_indices=None) -> GroupedGemmSpec:
+    """a: [M, K] e4m3 (rows sorted by group), b: [G, N, K]; exactly one of group_sizes [G] and m_indices [M]."""
     _check_operand("a", a, 2, "[M, K] (rows sorted by group)")
     m, k = a.shape
     g, n = _validate_grouped_b(b, b_scale, k, f"a.shape={tuple(a.shape)}")
     _check_scale("a_scale", a_scale, (m, cdiv(k, BLOCK)))
-    _check_sizes("group_sizes", group_sizes, g, total=m)
+    if (group_sizes is None) == (m_indices is None):
+        raise fail("group_sizes", group_sizes if m_indices is None else "given with m_indices",
+                   "exactly one of group_sizes [G] and m_indices [M]")
+    if m_indices is None:
+        _check_sizes("group_sizes", group_sizes, g, total=m)
+    else:
+        _check_m_indices(m_indices, m, g)
     return GroupedGemmSpec(num_groups=g, m=m, n=n, k=k, layout="contiguous", out_dtype=_check_out_dtype(out_dtype))
 
 
@@ -129,7 +186,7 @@ def validate_m_grouped_masked(a, a_scale, b, b_scale, masked_m, out_dtype) -> Gr
     return GroupedGemmSpec(num_groups=g, m=m_max, n=n, k=k, layout="masked", out_dtype=_check_out_dtype(out_dtype))
 
 
-def validate_k_grouped(a, a_scale, b, b_scale, group_sizes_k, out_dtype) -> GroupedGemmSpec:
+def validate_k_grouped(a, a_scale, b, b_scale, group_sizes_k, out_dtype, *, c=None) -> GroupedGemmSpec:
     _check_operand("a", a, 2, "[sum_K, M] (token-major)")
     _check_operand("b", b, 2, "[sum_K, N] (token-major)")
     total, m = a.shape
@@ -143,8 +200,9 @@ def validate_k_grouped(a, a_scale, b, b_scale, group_sizes_k, out_dtype) -> Grou
     _check_rank("group_sizes_k", group_sizes_k, 1, "[G]")
     g = group_sizes_k.shape[0]
     _check_sizes("group_sizes_k", group_sizes_k, g, total=total, exact=True, multiple_of=BLOCK)
+    _check_c(c, (g, m, n), f"[G, M, N] = [{g}, {m}, {n}]")
     return GroupedGemmSpec(num_groups=g, m=m, n=n, k=total, layout="k_grouped",
-                           out_dtype=_check_out_dtype(out_dtype))
+                           out_dtype=_resolve_out_dtype(out_dtype, c, "float32"), accumulate=c is not None)
 
 
 def _validate_quantize(x, block) -> tuple[int, int]:
@@ -211,43 +269,59 @@ def _config(spec, config: Fp8TileConfig | None, backend: str, **heuristic) -> Fp
 
 
 def _run_gemm(spec, args: tuple, *, build: str, reference: Callable[..., Any], backend: str,
-              config: Fp8TileConfig | None, num_sms: int | None, **heuristic) -> jax.Array:
+              config: Fp8TileConfig | None, num_sms: int | None, build_kwargs: dict | None = None,
+              **heuristic) -> jax.Array:
     """The four GEMMs after validation: the kernel path picks a config and builds `build` (a
-    `module.function` of `seekax.lowering.mosaic`, called as build(spec, config, num_sms)); `run_op` chooses."""
+    `module.function` of `seekax.lowering.mosaic`, called as build(spec, config, num_sms, **build_kwargs)); the
+    kernel and the reference both take `args`; `run_op` chooses."""
 
     def kernel(resolved):
         cfg = _config(spec, config, resolved, **heuristic)
-        return run_kernel(_mosaic(build)(spec, cfg, num_sms or num_sms_for(resolved)), *args, backend=resolved)
+        run = _mosaic(build)(spec, cfg, num_sms or num_sms_for(resolved), **(build_kwargs or {}))
+        return run_kernel(run, *args, backend=resolved)
 
     return run_op(backend, kernel=kernel, reference=lambda: reference(*args, out_dtype=spec.out_dtype),
-                  name=reference.__name__)
+                  name=getattr(reference, "__name__", "fp8_gemm_nt"))
 
 
-def fp8_gemm_nt(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16, backend: str = "auto",
+def fp8_gemm_nt(a, a_scale, b, b_scale, *, out_dtype=None, c=None, b_block=WEIGHT_BLOCK, backend: str = "auto",
                 config: Fp8TileConfig | None = None, num_sms: int | None = None):
-    """out[M, N] = (a * a_scale) @ (b * b_scale)^T, fp32 accumulation promoted every 128-K block.
+    """out[M, N] = c + (a * a_scale) @ (b * b_scale)^T, fp32 accumulation promoted every 128-K block.
 
-    a: [M, K] e4m3, a_scale: [M, ceil(K/128)] f32; b: [N, K] e4m3 (K-major), b_scale: [ceil(N/128), ceil(K/128)].
-    Mosaic kernel: M >= 1 (masked tail), N a multiple of 16, K a multiple of 128 (quantize_fp8 pads K).
+    a: [M, K] e4m3, a_scale: [M, ceil(K/128)] f32; b: [N, K] e4m3 (K-major) with b_scale [ceil(N/128), ceil(K/128)]
+    (b_block=(128, 128): weights) or [N, ceil(K/128)] (b_block=(1, 128): per-token scales on both operands, the
+    weight gradient dW = dY^T X); c: [M, N] f32 or None, accumulated into by the kernel's epilogue.
+    out_dtype: None = bfloat16, or float32 with c. Mosaic kernel: M >= 1, N a multiple of 16, K a multiple of
+    32 (a tail past the last 128-wide block is zero-filled by TMA).
     """
-    spec = validate_fp8_gemm_nt(a, a_scale, b, b_scale, out_dtype)
-    return _run_gemm(spec, (a, a_scale, b, b_scale), build="fp8_gemm_sm90.build", reference=ref.fp8_gemm_nt,
-                     backend=backend, config=config, num_sms=num_sms)
+    spec = validate_fp8_gemm_nt(a, a_scale, b, b_scale, out_dtype, b_block=b_block, c=c)
+    args = (a, a_scale, b, b_scale) + (() if c is None else (c,))
+    return _run_gemm(spec, args, build="fp8_gemm_sm90.build",
+                     reference=functools.partial(ref.fp8_gemm_nt, b_block=spec.b_scale), backend=backend,
+                     config=config, num_sms=num_sms)
 
 
-def m_grouped_fp8_gemm_nt_contiguous(a, a_scale, b, b_scale, group_sizes, *, out_dtype=jnp.bfloat16,
-                                     backend: str = "auto", config: Fp8TileConfig | None = None,
-                                     num_sms: int | None = None):
-    """MoE experts, tokens sorted by expert: out[r] = a[r] @ b[group(r)]^T for r < sum(group_sizes), else 0.
+def m_grouped_fp8_gemm_nt_contiguous(a, a_scale, b, b_scale, group_sizes=None, *, m_indices=None,
+                                     out_dtype=jnp.bfloat16, backend: str = "auto",
+                                     config: Fp8TileConfig | None = None, num_sms: int | None = None):
+    """MoE experts, tokens sorted by expert: out[r] = a[r] @ b[group(r)]^T for rows some group owns, else 0.
 
-    a: [M, K] e4m3, a_scale: [M, ceil(K/128)]; b: [G, N, K] e4m3, b_scale: [G, ceil(N/128), ceil(K/128)];
-    group_sizes: [G] int32, >= 0, sum <= M (checked when concrete; under jit the caller's contract) -> [M, N].
-    Mosaic kernel: M >= 1, N a multiple of 16 with output rows of >= 128 bytes, K a multiple of 128.
+    a: [M, K] e4m3, a_scale: [M, ceil(K/128)]; b: [G, N, K] e4m3, b_scale: [G, ceil(N/128), ceil(K/128)] -> [M, N].
+    Groups by exactly one of: group_sizes [G] int32 (>= 0, sum <= M; group g owns the next group_sizes[g] rows,
+    rows past the sum are padding), or m_indices [M] int32 (DeepGEMM's / DeepEP's layout: each row's group,
+    -1 for padding rows, each group's rows contiguous). Both are checked when concrete; under jit they are the
+    caller's contract. Padding rows of a and a_scale are never used (NaN there stays out of the output) and
+    their output rows are 0. Mosaic kernel: M >= 1, N a multiple of 16 with output rows of >= 128 bytes,
+    K a multiple of 32.
     """
-    spec = validate_m_grouped_contiguous(a, a_scale, b, b_scale, group_sizes, out_dtype)
-    return _run_gemm(spec, (a, a_scale, b, b_scale, group_sizes), build="fp8_grouped_gemm_sm90.build_contiguous",
-                     reference=ref.m_grouped_fp8_gemm_nt_contiguous, backend=backend, config=config,
-                     num_sms=num_sms, min_block_n=128 // np.dtype(spec.out_dtype).itemsize)
+    spec = validate_m_grouped_contiguous(a, a_scale, b, b_scale, group_sizes, out_dtype, m_indices=m_indices)
+    by_row = m_indices is not None
+    return _run_gemm(spec, (a, a_scale, b, b_scale, m_indices if by_row else group_sizes),
+                     build="fp8_grouped_gemm_sm90.build_contiguous", build_kwargs={"by_row": by_row},
+                     reference=(ref.m_grouped_fp8_gemm_nt_contiguous_rows if by_row
+                                else ref.m_grouped_fp8_gemm_nt_contiguous),
+                     backend=backend, config=config, num_sms=num_sms,
+                     min_block_n=128 // np.dtype(spec.out_dtype).itemsize)
 
 
 def m_grouped_fp8_gemm_nt_masked(a, a_scale, b, b_scale, masked_m, *, out_dtype=jnp.bfloat16,
@@ -263,19 +337,21 @@ def m_grouped_fp8_gemm_nt_masked(a, a_scale, b, b_scale, masked_m, *, out_dtype=
                      reference=ref.m_grouped_fp8_gemm_nt_masked, backend=backend, config=config, num_sms=num_sms)
 
 
-def k_grouped_fp8_gemm_tn_contiguous(a, a_scale, b, b_scale, group_sizes_k, *, out_dtype=jnp.float32,
+def k_grouped_fp8_gemm_tn_contiguous(a, a_scale, b, b_scale, group_sizes_k, *, c=None, out_dtype=None,
                                      backend: str = "auto", config: Fp8TileConfig | None = None,
                                      num_sms: int | None = None):
-    """Expert weight gradients (DeepGEMM's k-grouped wgrad): out[g] = a[tokens of g]^T @ b[tokens of g].
+    """Expert weight gradients (DeepGEMM's k-grouped wgrad): out[g] = c[g] + a[tokens of g]^T @ b[tokens of g].
 
     a: [sum_K, M] e4m3 and b: [sum_K, N] e4m3, token-major as the forward produced them (dY and X of each
     expert, rows sorted by expert); a_scale: [sum_K/128, M], b_scale: [sum_K/128, N] f32 (one scale per 128
-    tokens per column); group_sizes_k: [G] int32, multiples of 128 summing to sum_K -> [G, M, N] (f32 default).
-    The Mosaic kernel (sum_K, M >= 1, N a multiple of 16) transposes the operands to token(K)-major, as FP8
-    wgmma needs.
+    tokens per column); group_sizes_k: [G] int32, multiples of 128 summing to sum_K; c: [G, M, N] f32 or None
+    (gradients accumulated across micro-batches: the kernel adds c in its epilogue, and an empty group's
+    output is c[g]) -> [G, M, N] (f32 default). The Mosaic kernel (sum_K, M >= 1, N a multiple of 16)
+    transposes the operands to token(K)-major, as FP8 wgmma needs.
     """
-    spec = validate_k_grouped(a, a_scale, b, b_scale, group_sizes_k, out_dtype)
-    return _run_gemm(spec, (a, a_scale, b, b_scale, group_sizes_k), build="fp8_k_grouped_gemm_sm90.build",
+    spec = validate_k_grouped(a, a_scale, b, b_scale, group_sizes_k, out_dtype, c=c)
+    args = (a, a_scale, b, b_scale, group_sizes_k) + (() if c is None else (c,))
+    return _run_gemm(spec, args, build="fp8_k_grouped_gemm_sm90.build",
                      reference=ref.k_grouped_fp8_gemm_tn_contiguous, backend=backend, config=config,
                      num_sms=num_sms)
 
@@ -304,10 +380,11 @@ def _fp8_linear_bwd(backend, res, dy):
     dyq, dys = ref.quantize_fp8(dy2, ACT_BLOCK)                             # [T, Np], [T, Nb]
     wtq, wts = ref.quantize_fp8(w.T, WEIGHT_BLOCK)                          # [K, Np], [Kb, Nb]
     dx = fp8_gemm_nt(dyq, dys, wtq, wts, out_dtype=jnp.float32, backend=backend)   # [T, K]
-    # wgrad: dw[N, K] = dy^T[N, T] @ x[T, K], as NT with A = dy^T (1x128 along tokens), B = x^T (128x128).
+    # wgrad: dw[N, K] = dy^T[N, T] @ x[T, K], as NT with A = dy^T and B = x^T, both scaled per (1, 128) along
+    # tokens (DeepSeek-V3's recipe: one scale per channel and 128 tokens, so a channel's outliers stay its own).
     dytq, dyts = ref.quantize_fp8(dy2.T, ACT_BLOCK)                         # [N, Tp], [N, Tb]
-    xtq, xts = ref.quantize_fp8(x2.T, WEIGHT_BLOCK)                         # [K, Tp], [Kb, Tb]
-    dw = fp8_gemm_nt(dytq, dyts, xtq, xts, out_dtype=jnp.float32, backend=backend)  # [N, K]
+    xtq, xts = ref.quantize_fp8(x2.T, ACT_BLOCK)                            # [K, Tp], [K, Tb]
+    dw = fp8_gemm_nt(dytq, dyts, xtq, xts, out_dtype=jnp.float32, b_block=ACT_BLOCK, backend=backend)  # [N, K]
     return dx.reshape(x.shape).astype(x.dtype), dw.astype(w.dtype)
 
 
@@ -318,7 +395,8 @@ def fp8_linear(x, w, *, backend: str = "auto"):
     """y[..., N] = x[..., K] @ w[N, K]^T with on-the-fly FP8 quantisation ((1,128) for x, (128,128) for w).
 
     Custom VJP: dgrad (dy @ w) and wgrad (dy^T @ x) also run as FP8 NT GEMMs on freshly quantised operands
-    (dy per (1,128) along the contraction, w^T and x^T per (128,128) blocks). Works under jit and grad.
+    (dgrad: dy per (1,128), w^T per (128,128) blocks; wgrad: dy^T and x^T both per (1,128) along the tokens).
+    Works under jit and grad.
     """
     if getattr(w, "ndim", None) != 2:
         raise fail("w.shape", tuple(getattr(w, "shape", ())), "[N, K]")

@@ -18,7 +18,8 @@ import pytest
 
 from seekax.ir.fp8_tiling import Fp8TileConfig
 from seekax.ir.tiling import SharedMemoryBudgetExceeded, WgSplit
-from seekax.lowering.reference.fp8_gemm import np_dequantize, np_gemm_nt, np_grouped_contiguous
+from seekax.lowering.mosaic.fp8_gemm_sm90 import tma_aligned_scales
+from seekax.lowering.reference.fp8_gemm import np_dequantize, np_gemm_nt, np_grouped_contiguous, np_grouped_rows
 from seekax.ops import fp8
 from seekax.testing.compare import assert_close, calc_diff
 from seekax.testing.kernels import interpret_mode
@@ -39,6 +40,14 @@ def quant(rng, shape, block, spread=True):
     if spread:
         x = x * rng.uniform(0.5, 2.0, size=shape[:-1] + (1,)).astype(np.float32)
     return fp8.quantize_fp8(jnp.asarray(x), block)
+
+
+def quant_k(rng, shape, block, scale=1.0):
+    """(x float32, x_fp8 [..., K] with K exactly as given (quantize_fp8 pads K to 128; the tail is cut off
+    again), scales [..., ceil(K/128)]): operands whose K is not a multiple of 128, and their unquantised x."""
+    x = (rng.standard_normal(shape) * scale).astype(np.float32)
+    q, s = fp8.quantize_fp8(jnp.asarray(x), block)
+    return x, q[..., :shape[-1]], s
 
 
 # ----------------------------------------------------------------------------------------------- dense
@@ -87,6 +96,57 @@ def test_kernel_declines_unsupported_n(rng):
     assert_close(out, np_gemm_nt(a, sa, b, sb), max_rel_err=1e-2)
 
 
+# K not a multiple of 128: the last block is partial (swizzle 64 for K % 128 == 64, 32 for K % 64 == 32),
+# K below one block (padded to 128), and M not a multiple of 8 (the wrapper pads to 8-row tiles).
+K_TAIL_CASES = [(64, 128, 320), (100, 192, 576 - 384), (70, 128, 160), (64, 128, 96)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("m,n,k", K_TAIL_CASES)
+def test_fp8_gemm_nt_k_tail(rng, backend, m, n, k):
+    x, a, sa = quant_k(rng, (m, k), (1, 128))
+    w, b, sb = quant_k(rng, (n, k), (128, 128), scale=0.05)
+    assert a.shape == (m, k) and sa.shape == (m, -(-k // 128))
+    out = run(backend, fp8.fp8_gemm_nt, a, sa, b, sb)
+    assert out.shape == (m, n)
+    assert_close(out, np_gemm_nt(a, sa, b, sb), max_rel_err=1e-2)       # the quantised math, exactly summed
+    assert calc_diff(out, x.astype(np.float64) @ w.astype(np.float64).T) < 1e-3   # DeepGEMM's oracle
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("b_block", [(128, 128), (1, 128)])
+def test_fp8_gemm_nt_accumulates_into_c(rng, backend, b_block):
+    """out = c + A B in float32 (DeepGEMM's wgrad test: c = randn * 32), with either B scale recipe."""
+    m, n, k = 100, 128, 256
+    x, a, sa = quant_k(rng, (m, k), (1, 128))
+    w, b, sb = quant_k(rng, (n, k), b_block)
+    c = (rng.standard_normal((m, n)) * 32).astype(np.float32)
+    out = run(backend, fp8.fp8_gemm_nt, a, sa, b, sb, c=jnp.asarray(c), b_block=b_block)
+    assert out.shape == (m, n) and out.dtype == jnp.float32
+    assert_close(out, c + np_gemm_nt(a, sa, b, sb, b_block), rtol=1e-5, atol=1e-3)
+    assert calc_diff(out, c + x.astype(np.float64) @ w.astype(np.float64).T) < 1e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dense_wgrad_per_token_scales_on_both(rng, backend):
+    """dW = dY^T X with 1x128 scales along the tokens on both operands (b_block=(1, 128)): each of B's rows has
+    its own scale, so B rows 1e5x larger than their neighbours (past e4m3's range) leave the others intact."""
+    n_out, k_in, tokens = 128, 192, 256
+    dy = rng.standard_normal((tokens, n_out)).astype(np.float32)
+    x = rng.standard_normal((tokens, k_in)).astype(np.float32) * np.where(np.arange(k_in) % 7 == 0, 1e5, 1.0)
+    a, sa = fp8.quantize_fp8(jnp.asarray(dy.T))                 # [N, T], [N, T/128]
+    b, sb = fp8.quantize_fp8(jnp.asarray(x.T))                  # [K, T], [K, T/128] per row of B
+    out = run(backend, fp8.fp8_gemm_nt, a, sa, b, sb, b_block=(1, 128), out_dtype=jnp.float32)
+    assert out.shape == (n_out, k_in)
+    ref = np_gemm_nt(a, sa, b, sb, (1, 128))
+    # f32 sums of terms up to ~1e5 that partly cancel: elementwise to the large terms' rounding, globally tight
+    assert_close(out, ref, rtol=1e-4, atol=1e-6 * np.abs(ref).max(), max_rel_err=1e-5)
+    exact = dy.T.astype(np.float64) @ x.astype(np.float64)
+    assert calc_diff(out, exact) < 1e-3
+    small = np.arange(k_in) % 7 != 0                            # the columns next to the large ones
+    assert calc_diff(np.asarray(out)[:, small], exact[:, small]) < 1e-3
+
+
 # ----------------------------------------------------------------------------------------------- grouped
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("m,sizes", [
@@ -102,6 +162,87 @@ def test_m_grouped_contiguous(rng, backend, m, sizes):
     out = run(backend, fp8.m_grouped_fp8_gemm_nt_contiguous, a, sa, b, sb, jnp.asarray(sizes, jnp.int32))
     assert out.shape == (m, n)
     assert_close(out, np_grouped_contiguous(a, sa, b, sb, sizes), max_rel_err=1e-2)
+
+
+def _m_indices(m, runs):
+    """[M] int32 group ids from (group, first row, rows) runs; every other row is padding (-1)."""
+    ids = np.full(m, -1, np.int32)
+    for g, start, size in runs:
+        ids[start:start + size] = g
+    return ids
+
+
+# (M, K, runs): 128-aligned groups with padding at each group's end (DeepEP's per-expert alignment), groups
+# out of order with padding before, between and after them and an empty group, and a K tail.
+ROW_CASES = [(384, 256, [(0, 0, 100), (1, 128, 128), (2, 256, 77)]),
+             (200, 320, [(2, 3, 60), (0, 64, 1), (3, 70, 90)])]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("m,k,runs", ROW_CASES)
+def test_m_grouped_contiguous_m_indices(rng, backend, m, k, runs):
+    """Per-row group ids with -1 padding rows: padding rows of a and a_scale are NaN-poisoned and must not
+    reach the output (their output rows are 0, every other row finite and right)."""
+    n, g = 128, 4
+    x, a, sa = quant_k(rng, (m, k), (1, 128))
+    w, b, sb = quant_k(rng, (g, n, k), (128, 128), scale=0.05)
+    ids = _m_indices(m, runs)
+    pad = ids < 0
+    a_bad = np.asarray(a).copy()
+    a_bad[pad] = np.nan
+    sa_bad = np.asarray(sa).copy()
+    sa_bad[pad] = np.nan
+    out = run(backend, fp8.m_grouped_fp8_gemm_nt_contiguous, jnp.asarray(a_bad), jnp.asarray(sa_bad), b, sb,
+              m_indices=jnp.asarray(ids))
+    o = np.asarray(out, np.float32)
+    assert np.isfinite(o).all() and (o[pad] == 0).all()
+    assert_close(out, np_grouped_rows(a, sa, b, sb, ids), max_rel_err=1e-2)
+    exact = np.zeros((m, n))
+    for r in np.flatnonzero(~pad):
+        exact[r] = x[r].astype(np.float64) @ np.asarray(w[ids[r]], np.float64).T
+    assert calc_diff(o[~pad], exact[~pad]) < 1e-3
+
+
+def test_contiguous_kernel_never_writes_padding_rows(rng):
+    """The kernel itself leaves padding rows unwritten (the interpreter's fresh memory is NaN); the op's
+    zeros come from the wrapper's select."""
+    from seekax.ir.gemm import GroupedGemmSpec
+    from seekax.lowering.mosaic import fp8_grouped_gemm_sm90 as grouped
+
+    m, n, k = 256, 128, 128
+    _, a, sa = quant_k(rng, (m, k), (1, 128))
+    _, b, sb = quant_k(rng, (2, n, k), (128, 128))
+    ids = _m_indices(m, [(0, 0, 50), (1, 128, 100)])
+    spec = GroupedGemmSpec(num_groups=2, m=m, n=n, k=k, layout="contiguous")
+    cfg = Fp8TileConfig(block_n=128, stages=2)
+    kernel = grouped.contiguous_kernel(spec, cfg, 132)
+    bounds = grouped.group_bounds(m_indices=jnp.asarray(ids), num_groups=2, m=m)
+    np.testing.assert_array_equal(np.asarray(bounds), [[0, 128], [50, 228]])
+    with interpret_mode():
+        raw = jax.block_until_ready(kernel(bounds, a, tma_aligned_scales(sa), b, sb))
+    raw = np.asarray(raw, np.float32)
+    assert np.isnan(raw[ids < 0]).all() and np.isfinite(raw[ids >= 0]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_m_grouped_contiguous_k_tail(rng, backend):
+    m, n, k, sizes = 136, 128, 192, [70, 0, 60]
+    x, a, sa = quant_k(rng, (m, k), (1, 128))
+    w, b, sb = quant_k(rng, (3, n, k), (128, 128), scale=0.05)
+    out = run(backend, fp8.m_grouped_fp8_gemm_nt_contiguous, a, sa, b, sb, jnp.asarray(sizes, jnp.int32))
+    assert_close(out, np_grouped_contiguous(a, sa, b, sb, sizes), max_rel_err=1e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_m_grouped_masked_k_tail(rng, backend):
+    g, m_max, n, k = 2, 60, 128, 320
+    _, a, sa = quant_k(rng, (g, m_max, k), (1, 128))
+    _, b, sb = quant_k(rng, (g, n, k), (128, 128))
+    masked = np.asarray([60, 13], np.int32)
+    out = run(backend, fp8.m_grouped_fp8_gemm_nt_masked, a, sa, b, sb, jnp.asarray(masked))
+    ref = np_gemm_nt(a, sa, b, sb)
+    ref[np.arange(m_max)[None, :] >= masked[:, None]] = 0
+    assert_close(out, ref, max_rel_err=1e-2)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -132,6 +273,31 @@ def test_k_grouped_wgrad(rng, backend, m, n, sizes):
     ref = np.stack([a64[s:e].T @ b64[s:e] for s, e in zip(ends[:-1], ends[1:])])
     assert out.shape == (len(sizes), m, n) and out.dtype == jnp.float32
     assert_close(out, ref, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sizes", [[128, 0, 256], [0, 384, 0]])
+def test_k_grouped_wgrad_accumulates_into_c(rng, backend, sizes):
+    """DeepGEMM's k-grouped wgrad test: out[g] = c[g] + A_g^T B_g with c = randn * 32, empty groups included
+    (their output is c[g] itself)."""
+    total, m, n = sum(sizes), 100, 64
+    dy = rng.standard_normal((total, m)).astype(np.float32)
+    x = rng.standard_normal((total, n)).astype(np.float32)
+    aq, sa = fp8.quantize_fp8(jnp.asarray(dy.T))
+    bq, sb = fp8.quantize_fp8(jnp.asarray(x.T))
+    c = (rng.standard_normal((len(sizes), m, n)) * 32).astype(np.float32)
+    out = run(backend, fp8.k_grouped_fp8_gemm_tn_contiguous, aq.T, sa.T, bq.T, sb.T,
+              jnp.asarray(sizes, jnp.int32), c=jnp.asarray(c))
+    a64, b64 = np_dequantize(aq, sa, (1, 128)).T, np_dequantize(bq, sb, (1, 128)).T
+    ends = np.cumsum([0] + sizes)
+    prod = np.stack([a64[s:e].T @ b64[s:e] for s, e in zip(ends[:-1], ends[1:])])
+    assert out.dtype == jnp.float32
+    assert_close(out, c + prod, rtol=1e-5, atol=1e-3)
+    exact = np.stack([dy[s:e].T.astype(np.float64) @ x[s:e] for s, e in zip(ends[:-1], ends[1:])])
+    assert calc_diff(out, c + exact) < 1e-3
+    for g, size in enumerate(sizes):
+        if size == 0:
+            np.testing.assert_array_equal(np.asarray(out[g]), c[g])
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -179,8 +345,6 @@ def test_config_roundtrips_json():
 
 def test_scales_are_tma_aligned():
     """TMA needs 16-byte global strides: the M-major a_scale rows are padded to a multiple of 4 floats."""
-    from seekax.lowering.mosaic.fp8_gemm_sm90 import tma_aligned_scales
-
     s = jnp.arange(201 * 3, dtype=jnp.float32).reshape(201, 3)
     t = tma_aligned_scales(s)
     assert t.shape == (3, 204)

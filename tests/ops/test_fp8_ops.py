@@ -95,6 +95,44 @@ def test_m_grouped_contiguous_vs_float64(rng, sizes):
     assert np.all(np.asarray(out[sum(sizes):]) == 0)
 
 
+@pytest.mark.parametrize("m,n,k", [(64, 128, 576), (33, 128, 2112), (8, 256, 7168 + 64)])
+def test_fp8_gemm_nt_k_tail_vs_float64(rng, m, n, k):
+    """K not a multiple of 128 (DeepGEMM's dgrad K = 576, 2112): the e4m3 operands have exactly K columns."""
+    x, a, sa = _quant(rng, (m, k), (1, 128))
+    w, b, sb = _quant(rng, (n, k), (128, 128), scale=0.05)
+    a, b = a[:, :k], b[:, :k]
+    out = fp8.fp8_gemm_nt(a, sa, b, sb, backend="xla")
+    assert_close(out, np_gemm_nt(a, sa, b, sb), max_rel_err=1e-2)
+    assert calc_diff(out, np.asarray(x, np.float64) @ np.asarray(w, np.float64).T) < 1e-3
+
+
+def test_fp8_gemm_nt_accumulate_and_row_scales_vs_float64(rng):
+    """DeepGEMM's wgrad case: c + A B with 1x128 scales on both operands, float32 out by default."""
+    x, a, sa = _quant(rng, (96, 256), (1, 128))
+    w, b, sb = _quant(rng, (128, 256), (1, 128))
+    c = jnp.asarray(rng.standard_normal((96, 128)) * 32, jnp.float32)
+    out = jax.jit(lambda *z: fp8.fp8_gemm_nt(*z[:4], c=z[4], b_block=(1, 128), backend="xla"))(a, sa, b, sb, c)
+    assert out.dtype == jnp.float32
+    assert_close(out, np.asarray(c) + np_gemm_nt(a, sa, b, sb, (1, 128)), rtol=1e-5, atol=1e-3)
+    assert calc_diff(out, np.asarray(c) + np.asarray(x, np.float64) @ np.asarray(w, np.float64).T) < 1e-3
+
+
+@pytest.mark.parametrize("ids", [[0, 0, -1, -1, 2, 2, 2, -1], [-1, 1, 1, 1, -1, -1, 0, -1], [-1] * 8])
+def test_m_grouped_contiguous_m_indices_vs_float64(rng, ids):
+    from seekax.lowering.reference.fp8_gemm import np_grouped_rows
+
+    m, n, k = len(ids), 128, 256
+    _, a, sa = _quant(rng, (m, k), (1, 128))
+    _, b, sb = _quant(rng, (3, n, k), (128, 128))
+    v = np.asarray(ids, np.int32)
+    a = jnp.where(jnp.asarray(v < 0)[:, None], jnp.asarray(jnp.nan, a.dtype), a)    # padding rows: NaN
+    f = jax.jit(lambda mi: fp8.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, m_indices=mi, backend="xla"))
+    out = f(jnp.asarray(v))                                                           # traced ids under jit
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+    assert_close(out, np_grouped_rows(np.where((v < 0)[:, None], 0, np.asarray(a, np.float32)), sa, b, sb, v),
+                 max_rel_err=1e-2)
+
+
 def test_m_grouped_masked_vs_float64(rng):
     g, m_max, n, k = 4, 64, 128, 384
     _, a, sa = _quant(rng, (g, m_max, k), (1, 128))
@@ -151,6 +189,26 @@ def test_fp8_linear_forward_and_grad(rng):
     assert dx.shape == x.shape and dx.dtype == x.dtype and dw.shape == w.shape and dw.dtype == w.dtype
     assert calc_diff(dx, rdx) < 2e-3
     assert calc_diff(dw, rdw) < 2e-3
+
+
+def test_fp8_linear_wgrad_keeps_channel_outliers(rng):
+    """The weight gradient quantises x^T per (1, 128) along the tokens (one scale per input channel and 128
+    tokens): channels 1e5x larger than the rest (past e4m3's range of 448 / 2^-9) leave the other channels'
+    gradients accurate, where one scale per 128 x 128 block flushes their values to zero."""
+    t, k, n = 256, 256, 128
+    scale = np.where(np.arange(k) % 16 == 0, 1e5, 1.0)
+    x = jnp.asarray(rng.standard_normal((t, k)) * scale, jnp.float32)
+    w = jnp.asarray(rng.standard_normal((n, k)) / 16, jnp.float32)
+    ct = jnp.asarray(rng.standard_normal((t, n)), jnp.float32)
+    dw = jax.grad(lambda w: jnp.sum(fp8.fp8_linear(x, w, backend="xla") * ct))(w)
+    exact = np.asarray(ct, np.float64).T @ np.asarray(x, np.float64)                 # [N, K]
+    small = np.arange(k) % 16 != 0
+    assert calc_diff(dw, exact) < 1e-3
+    assert calc_diff(np.asarray(dw)[:, small], exact[:, small]) < 1e-3
+    dyq, dys = fp8.quantize_fp8(ct.T)                                                 # the same dy^T
+    xq, xs = fp8.quantize_fp8(x.T, (128, 128))                                        # the coarser x^T recipe
+    coarse = np.asarray(fp8.fp8_gemm_nt(dyq, dys, xq, xs, out_dtype=jnp.float32, backend="xla"))
+    assert calc_diff(coarse[:, small], exact[:, small]) > 0.01                        # ~0.09 seen
 
 
 def test_fp8_linear_backward_uses_fp8_gemms(rng):
@@ -218,6 +276,39 @@ def test_grouped_bad_inputs(rng):
         fp8.k_grouped_fp8_gemm_tn_contiguous(at, st, at, st, jnp.asarray([0, 0], jnp.int32), backend="xla")
     with pytest.raises(ValueError, match="group_sizes_k"):   # not multiples of 128
         fp8.k_grouped_fp8_gemm_tn_contiguous(at, st, at, st, jnp.asarray([64, 64], jnp.int32), backend="xla")
+
+
+def test_accumulate_and_row_layout_bad_inputs(rng):
+    a, sa, b, sb = _ok(rng)
+    c = jnp.zeros((64, 128), jnp.float32)
+    with pytest.raises(ValueError, match="^c.shape"):
+        fp8.fp8_gemm_nt(a, sa, b, sb, c=c[:, :64], backend="xla")
+    with pytest.raises(ValueError, match="^c.dtype"):
+        fp8.fp8_gemm_nt(a, sa, b, sb, c=c.astype(jnp.bfloat16), backend="xla")
+    with pytest.raises(ValueError, match="^out_dtype"):
+        fp8.fp8_gemm_nt(a, sa, b, sb, c=c, out_dtype=jnp.bfloat16, backend="xla")
+    with pytest.raises(ValueError, match="^b_block"):
+        fp8.fp8_gemm_nt(a, sa, b, sb, b_block=(2, 128), backend="xla")
+    with pytest.raises(ValueError, match="^b_scale"):                    # (1, 128) wants [N, Kb] scales
+        fp8.fp8_gemm_nt(a, sa, b, sb, b_block=(1, 128), backend="xla")
+    _, ag, sag = _quant(rng, (8, 128), (1, 128))
+    _, bg, sbg = _quant(rng, (2, 128, 128), (128, 128))
+    f = fp8.m_grouped_fp8_gemm_nt_contiguous
+    with pytest.raises(ValueError, match="^group_sizes"):                # neither given
+        f(ag, sag, bg, sbg, backend="xla")
+    with pytest.raises(ValueError, match="^group_sizes"):                # both given
+        f(ag, sag, bg, sbg, jnp.asarray([4, 4], jnp.int32), m_indices=jnp.zeros((8,), jnp.int32), backend="xla")
+    with pytest.raises(ValueError, match="^m_indices.shape"):
+        f(ag, sag, bg, sbg, m_indices=jnp.zeros((7,), jnp.int32), backend="xla")
+    with pytest.raises(ValueError, match="^m_indices='2 at row 3'"):     # G = 2 groups
+        f(ag, sag, bg, sbg, m_indices=jnp.asarray([0, 0, 1, 2, -1, -1, -1, -1], jnp.int32), backend="xla")
+    with pytest.raises(ValueError, match="^m_indices='group 0 at rows 0..4 with gaps'"):
+        f(ag, sag, bg, sbg, m_indices=jnp.asarray([0, 0, -1, 1, 0, -1, -1, -1], jnp.int32), backend="xla")
+    t = jnp.zeros((128, 64), E4M3)
+    ts = jnp.ones((1, 64), jnp.float32)
+    with pytest.raises(ValueError, match="^c.shape"):
+        fp8.k_grouped_fp8_gemm_tn_contiguous(t, ts, t, ts, jnp.asarray([128], jnp.int32),
+                                             c=jnp.zeros((2, 64, 64), jnp.float32), backend="xla")
 
 
 def test_quantize_and_linear_bad_inputs(rng):

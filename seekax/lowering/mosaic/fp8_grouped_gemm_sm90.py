@@ -2,14 +2,19 @@
 
 Both reuse the dense kernel's pieces (`fp8_gemm_sm90`: warp-specialised TMA pipeline over 128-wide K
 blocks, e4m3 wgmma, per-block scale promotion) and differ in how output tiles map to groups:
-- contiguous: a [M, K] rows sorted by group. Tiles walk "virtual row blocks": group g covers the row
+- contiguous: a [M, K], each group's rows one run [start_g, end_g) (from group sizes, or from a per-row
+  group id with -1 padding rows between groups). Tiles walk "virtual row blocks": group g covers the row
   blocks its rows touch, so a block straddling two groups is computed once per group and each pass
   stores only its own rows, with a ladder of power-of-two TMA stores (rows 64, 32, ..., 1) out of an
-  unswizzled SMEM tile. Group metadata (sizes) is read from GMEM scalars, as ragged_dot_mgpu does.
+  unswizzled SMEM tile. Group bounds are read from GMEM scalars, as ragged_dot_mgpu does. Blocks holding only
+  padding rows are never visited; a padding row inside a visited block is loaded with its tile but only
+  reaches its own output row, which is not stored.
 - masked: a [G, M_max, K] fixed buffers; tiles whose first row is >= masked_m[g] are skipped.
-M tails need no padding: TMA zero-fills rows past the array on load and drops them on store.
-Rows no group owns (past sum(group_sizes), or >= masked_m[g]) are not written by the kernel; the wrapper
-zeroes them with one fused select so the public contract (zeros) holds.
+M tails: TMA zero-fills rows past the array on load and drops them on store; K tails as in the dense kernel
+(`fp8_gemm_sm90`: the widest swizzle dividing K, the last block's missing columns zero-filled). The wrapper
+pads only M to a multiple of 8 rows and one CTA tile, and K below 128.
+Rows no group owns (padding, or >= masked_m[g]) are not written by the kernel; the wrapper zeroes them with
+one fused select so the public contract (zeros) holds.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from jax import lax
 
 from seekax.ir.fp8_tiling import FP8_BLOCK_K, SCALE_BLOCK, Fp8TileConfig
 from seekax.ir.tiling import WgSplit
-from seekax.lowering.mosaic.fp8_gemm_sm90 import fp8_pipeline, promote_step, tma_aligned_scales
+from seekax.lowering.mosaic.fp8_gemm_sm90 import (fp8_pipeline, k_swizzle, pad_rows, padded_k, padded_m,
+                                                  promote_step, tma_aligned_scales)
 from seekax.lowering.mosaic.gemm_common import epilogue_smem, store_tile
 from seekax.lowering.mosaic.pipeline_common import WARPGROUP_PARAMS, pipeline_allocations
 
@@ -37,19 +43,19 @@ def _wg_slices(config: Fp8TileConfig, wg, ni):
     return slice(None), pl.ds(wg * bn, bn), ni * cta_n + wg * bn
 
 
-def _group_of_block(sizes_gmem, num_groups: int, tile_m: int, v):
+def _group_of_block(bounds_gmem, num_groups: int, tile_m: int, v):
     """Virtual row block v -> (group, first row of the block, rows [lo, hi) of the group in it, valid).
 
-    Group g with rows [start, end) covers row blocks start//T .. (end-1)//T (none if empty); virtual
-    blocks enumerate those ranges group after group. Unrolled over groups (scalar GMEM reads)."""
+    Group g with rows [start, end) (bounds_gmem[0, g], bounds_gmem[1, g]) covers row blocks start//T ..
+    (end-1)//T (none if empty); virtual blocks enumerate those ranges group after group. Unrolled over groups
+    (scalar GMEM reads)."""
     zero = jnp.int32(0)
-    start = offset = group = blk = lo = hi = zero
+    offset = group = blk = lo = hi = zero
     found = jnp.bool_(False)
     for g in range(num_groups):
-        size = sizes_gmem[g]
-        end = start + size
+        start, end = bounds_gmem[0, g], bounds_gmem[1, g]
         first = lax.div(start, jnp.int32(tile_m))
-        count = jnp.where(size > 0, lax.div(end - 1, jnp.int32(tile_m)) - first + 1, zero)
+        count = jnp.where(end > start, lax.div(end - 1, jnp.int32(tile_m)) - first + 1, zero)
         mine = (v >= offset) & (v < offset + count)
         b = first + (v - offset)
         group = jnp.where(mine, jnp.int32(g), group)
@@ -58,8 +64,23 @@ def _group_of_block(sizes_gmem, num_groups: int, tile_m: int, v):
         hi = jnp.where(mine, end, hi)
         found = found | mine
         offset = offset + count
-        start = end
     return group, blk * tile_m, lo, hi, found
+
+
+def group_bounds(group_sizes=None, m_indices=None, *, num_groups: int, m: int):
+    """[2, G] int32: each group's rows [start, end), from group sizes (consecutive runs from row 0) or from
+    per-row group ids (the first and one past the last row of each id; -1 rows belong to none). An empty
+    group gets start == end."""
+    if m_indices is None:
+        sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)                         # [G]
+        ends = jnp.cumsum(sizes)                                                       # [G]
+        return jnp.stack([ends - sizes, ends])                                         # [2, G]
+    ids = m_indices.astype(jnp.int32)                                                  # [M]
+    ids = jnp.where(ids >= 0, ids, num_groups)                                         # [M] padding: out of range
+    rows = jnp.arange(m, dtype=jnp.int32)                                              # [M]
+    starts = jnp.full((num_groups,), m, jnp.int32).at[ids].min(rows, mode="drop")     # [G]
+    ends = jnp.zeros((num_groups,), jnp.int32).at[ids].max(rows + 1, mode="drop")     # [G]
+    return jnp.stack([starts, jnp.maximum(ends, starts)])                              # [2, G]
 
 
 def _ladder_store(smem, gmem_rows, s, length, max_rows: int):
@@ -75,14 +96,15 @@ def _ladder_store(smem, gmem_rows, s, length, max_rows: int):
         p //= 2
 
 
-def _contiguous_kernel(sizes_gmem, a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem, *, config: Fp8TileConfig,
+def _contiguous_kernel(bounds_gmem, a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem, *, config: Fp8TileConfig,
                        num_groups: int, row_blocks: int):
-    """a_gmem [M, K]; sa_gmem [Kb, M4]; b_gmem [G, N, K]; sb_gmem [G, Nb, Kb]; out_gmem [M, N] (M >= cta_m)."""
+    """bounds_gmem [2, G] i32 (`group_bounds`); a_gmem [M, K]; sa_gmem [Kb, M4]; b_gmem [G, N, K];
+    sb_gmem [G, Nb, Kb]; out_gmem [M, N] (M >= cta_m)."""
     k = a_gmem.shape[1]
     n = b_gmem.shape[1]
     bm, bn, cta_m, cta_n = config.block_m, config.block_n, config.cta_block_m, config.cta_block_n
-    n_iters, k_iters = n // cta_n, k // FP8_BLOCK_K
-    pipeline = fp8_pipeline(config, k_iters)
+    n_iters, k_iters = n // cta_n, -(-k // FP8_BLOCK_K)
+    pipeline = fp8_pipeline(config, k_iters, swizzle=k_swizzle(k))
 
     @functools.partial(
         pl.run_scoped,
@@ -97,7 +119,7 @@ def _contiguous_kernel(sizes_gmem, a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem, *
         def _tile_loop(info: plgpu.NDLoopInfo):
             (lin,) = info.index
             v, ni = plgpu.planar_snake(lin, (row_blocks, n_iters), 1, config.grid_tile_width)
-            group, row0, lo, hi, active = _group_of_block(sizes_gmem, num_groups, cta_m, v)
+            group, row0, lo, hi, active = _group_of_block(bounds_gmem, num_groups, cta_m, v)
             wg_m, wg_n, n0 = _wg_slices(config, wg, ni)
             n_block = n0 // SCALE_BLOCK
             wg_row0 = row0 + (wg * bm if config.wg_split == WgSplit.M else 0)
@@ -134,8 +156,8 @@ def _masked_kernel(masked_gmem, a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem, *, c
     k = a_gmem.shape[2]
     n = b_gmem.shape[1]
     bm, bn, cta_m, cta_n = config.block_m, config.block_n, config.cta_block_m, config.cta_block_n
-    m_iters, n_iters, k_iters = -(-m_pad // cta_m), n // cta_n, k // FP8_BLOCK_K
-    pipeline = fp8_pipeline(config, k_iters)
+    m_iters, n_iters, k_iters = -(-m_pad // cta_m), n // cta_n, -(-k // FP8_BLOCK_K)
+    pipeline = fp8_pipeline(config, k_iters, swizzle=k_swizzle(k))
 
     @functools.partial(
         pl.run_scoped,
@@ -177,9 +199,7 @@ def _masked_kernel(masked_gmem, a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem, *, c
 def check_problem(n: int, k: int, config: Fp8TileConfig) -> None:
     if n % config.cta_block_n:
         raise NotImplementedError(f"n={n}: the FP8 grouped kernel needs a multiple of cta_block_n={config.cta_block_n}")
-    if k % FP8_BLOCK_K:
-        raise NotImplementedError(f"k={k}: the FP8 grouped kernel needs a multiple of {FP8_BLOCK_K} "
-                                  "(quantize_fp8 pads K)")
+    k_swizzle(padded_k(k))
 
 
 def contiguous_smem_bytes(config: Fp8TileConfig, out_itemsize: int) -> int:
@@ -188,8 +208,10 @@ def contiguous_smem_bytes(config: Fp8TileConfig, out_itemsize: int) -> int:
             + config.num_compute_wgs * config.block_m * config.block_n * out_itemsize)
 
 
-def build_contiguous(spec, config: Fp8TileConfig, num_sms: int):
-    """f(a [M, K], a_scale [M, Kb], b [G, N, K], b_scale [G, Nb, Kb], group_sizes [G]) -> [M, N]."""
+def contiguous_kernel(spec, config: Fp8TileConfig, num_sms: int):
+    """The contiguous kernel itself: f(bounds [2, G], a [Mp, Kp], a_scale M-major [Kb, Mp4], b [G, N, Kp],
+    b_scale [G, Nb, Kb]) -> [Mp, N] with Mp = `padded_m`, Kp = `padded_k`; rows no group owns are left
+    unwritten. Checks the shapes and shared memory first."""
     g, m, n, k = spec.num_groups, spec.m, spec.n, spec.k
     check_problem(n, k, config)
     if m == 0:
@@ -204,23 +226,33 @@ def build_contiguous(spec, config: Fp8TileConfig, num_sms: int):
 
         raise SharedMemoryBudgetExceeded(need, what=repr(config))
     cta_m = config.cta_block_m
-    mp = max(m, cta_m)                         # TMA zero-fills / drops the rows of the last tile past M
+    mp = padded_m(m, config)
     row_blocks = -(-mp // cta_m) + g - 1          # a bound on the virtual row blocks over all groups
     tiles = row_blocks * (n // config.cta_block_n)
-    kernel = plgpu.kernel(
+    return plgpu.kernel(
         functools.partial(_contiguous_kernel, config=config, num_groups=g, row_blocks=row_blocks),
         out_type=jax.ShapeDtypeStruct((mp, n), out_dtype),
         grid=(min(num_sms, tiles),), grid_names=("sm",),
         num_threads=config.num_compute_wgs + 1, thread_name="wg", compiler_params=WARPGROUP_PARAMS,
     )
 
-    def run(a, a_scale, b, b_scale, group_sizes):
-        if mp != m:
-            a = jnp.pad(a, ((0, mp - m), (0, 0)))
-            a_scale = jnp.pad(a_scale, ((0, mp - m), (0, 0)))
-        sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
-        out = kernel(sizes, a, tma_aligned_scales(a_scale), b, b_scale)[:m]    # [M, N]
-        owned = jnp.arange(m, dtype=jnp.int32) < jnp.sum(sizes)                 # [M] rows some group owns
+
+def build_contiguous(spec, config: Fp8TileConfig, num_sms: int, *, by_row: bool = False):
+    """f(a [M, K], a_scale [M, Kb], b [G, N, K], b_scale [G, Nb, Kb], groups) -> [M, N], where groups is
+    group_sizes [G] or, with `by_row`, m_indices [M] (-1: a padding row)."""
+    g, m = spec.num_groups, spec.m
+    kernel = contiguous_kernel(spec, config, num_sms)
+    mp, kp = padded_m(m, config), padded_k(spec.k)
+
+    def run(a, a_scale, b, b_scale, groups):
+        a, a_scale = pad_rows(pad_rows(a, kp, -1), mp), pad_rows(a_scale, mp)
+        b = pad_rows(b, kp, -1)
+        bounds = group_bounds(None if by_row else groups, groups if by_row else None, num_groups=g, m=m)  # [2, G]
+        out = kernel(bounds, a, tma_aligned_scales(a_scale), b, b_scale)[:m]                            # [M, N]
+        if by_row:
+            owned = groups.astype(jnp.int32) >= 0                                                       # [M]
+        else:
+            owned = jnp.arange(m, dtype=jnp.int32) < bounds[1, -1]                                      # [M]
         return jnp.where(owned[:, None], out, jnp.zeros((), out.dtype))
 
     return run
@@ -235,7 +267,7 @@ def build_masked(spec, config: Fp8TileConfig, num_sms: int):
     out_dtype = jnp.dtype(spec.out_dtype)
     config.check_smem(out_dtype.itemsize)
     cta_m = config.cta_block_m
-    mp = max(m_max, cta_m)
+    mp, kp = padded_m(m_max, config), padded_k(k)
     tiles = g * -(-mp // cta_m) * (n // config.cta_block_n)
     kernel = plgpu.kernel(
         functools.partial(_masked_kernel, config=config, num_groups=g, m_pad=mp),
@@ -245,9 +277,8 @@ def build_masked(spec, config: Fp8TileConfig, num_sms: int):
     )
 
     def run(a, a_scale, b, b_scale, masked_m):
-        if mp != m_max:
-            a = jnp.pad(a, ((0, 0), (0, mp - m_max), (0, 0)))
-            a_scale = jnp.pad(a_scale, ((0, 0), (0, mp - m_max), (0, 0)))
+        a, a_scale = pad_rows(pad_rows(a, kp, -1), mp), pad_rows(a_scale, mp)
+        b = pad_rows(b, kp, -1)
         masked = masked_m.astype(jnp.int32)
         out = kernel(masked, a, tma_aligned_scales(a_scale), b, b_scale)[:, :m_max]  # [G, M_max, N]
         keep = jnp.arange(m_max, dtype=jnp.int32)[None, :] < masked[:, None]    # [G, M_max]

@@ -8,6 +8,9 @@ Each output tile then runs ONE static pipeline over all T/128 token blocks: a to
 one group, so the fp32 accumulator is promoted per block (acc * a_scale[m] * b_scale[n], both per-column
 vectors), stored to out[g] after a group's last block, and reset. Per-block group ids and "last block"
 flags are precomputed by XLA and read as GMEM scalars. Groups with no tokens are zeroed by the wrapper.
+With c (accumulating weight gradients across micro-batches) each flush stores c[g] + acc: the store loads c's
+tile chunk by chunk into the epilogue slots and adds it in registers (`gemm_common.store_tile`); a group with
+no tokens gets c[g] from the wrapper's select, no add.
 """
 
 from __future__ import annotations
@@ -22,25 +25,32 @@ from jax import lax
 
 from seekax.ir.fp8_tiling import FP8_BLOCK_K, Fp8TileConfig
 from seekax.lowering.mosaic.fp8_gemm_sm90 import fp8_pipeline
-from seekax.lowering.mosaic.gemm_common import epilogue_smem, store_tile, tile_slices
+from seekax.lowering.mosaic.fp8_gemm_sm90 import pad_rows, padded_m
+from seekax.lowering.mosaic.gemm_common import c_barriers_spec, epilogue_smem, store_tile, tile_slices
 from seekax.lowering.mosaic.pipeline_common import WARPGROUP_PARAMS, pipeline_allocations
 
 
-def _kernel(grp_gmem, last_gmem, a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem, *, config: Fp8TileConfig):
-    """grp/last [Tb] i32; a_gmem [M, T] e4m3; sa_gmem [Tb, M4] f32; b_gmem [N, T]; sb_gmem [Tb, N4]; out [G, M, N]."""
+def _kernel(grp_gmem, last_gmem, a_gmem, sa_gmem, b_gmem, sb_gmem, *rest, config: Fp8TileConfig):
+    """grp/last [Tb] i32; a_gmem [M, T] e4m3; sa_gmem [Tb, M4] f32; b_gmem [N, T]; sb_gmem [Tb, N4];
+    rest: (c [G, M, N] f32, out [G, M, N]) when accumulating, else (out,)."""
+    *c, out_gmem = rest
+    c_gmem = c[0] if c else None
     m, t = a_gmem.shape
     n = b_gmem.shape[0]
     bm, bn, cta_m, cta_n = config.block_m, config.block_n, config.cta_block_m, config.cta_block_n
     m_iters, n_iters, k_iters = -(-m // cta_m), n // cta_n, t // FP8_BLOCK_K
     pipeline = fp8_pipeline(config, k_iters, col_scales=True)
 
+    scratch = {"c_barriers": c_barriers_spec(config)} if c_gmem is not None else {}
+
     @functools.partial(
         pl.run_scoped,
         pipeline_allocs=pipeline_allocations(pipeline, a_gmem, b_gmem, sa_gmem, sb_gmem),
         out_smem=epilogue_smem(config, out_gmem.dtype),
         collective_axes="wg",
+        **scratch,
     )
-    def _scope(pipeline_allocs, out_smem):
+    def _scope(pipeline_allocs, out_smem, c_barriers=None):
         wg = lax.axis_index("wg")
 
         @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
@@ -67,8 +77,10 @@ def _kernel(grp_gmem, last_gmem, a_gmem, sa_gmem, b_gmem, sb_gmem, out_gmem, *, 
 
                 @pl.when(last != 0)
                 def _flush():
+                    c_tile = (None if c_gmem is None
+                              else c_gmem.at[group].at[cta_m_slice, cta_n_slice].at[wg_m, wg_n])
                     store_tile(carry, out_smem, out_gmem.at[group].at[cta_m_slice, cta_n_slice].at[wg_m, wg_n],
-                               wg=wg, epi_n=config.epi_block_n)
+                               wg=wg, epi_n=config.epi_block_n, c_gmem_tile=c_tile, c_barriers=c_barriers)
 
                 flush = lax.broadcast_in_dim(last != 0, carry.shape, ())
                 return jnp.where(flush, jnp.zeros_like(carry), carry)   # the next group starts from 0
@@ -87,7 +99,8 @@ def _pad_cols(x, multiple: int, at_least: int = 0):
 
 
 def build(spec, config: Fp8TileConfig, num_sms: int):
-    """f(a [T, M], a_scale [T/128, M], b [T, N], b_scale [T/128, N], group_sizes_k [G]) -> [G, M, N]."""
+    """f(a [T, M], a_scale [T/128, M], b [T, N], b_scale [T/128, N], group_sizes_k [G], c [G, M, N] | None)
+    -> [G, M, N]."""
     g, m, n, t = spec.num_groups, spec.m, spec.n, spec.k
     if n % config.cta_block_n:
         raise NotImplementedError(f"n={n}: the k-grouped FP8 kernel needs a multiple of "
@@ -96,7 +109,7 @@ def build(spec, config: Fp8TileConfig, num_sms: int):
         raise NotImplementedError("no tokens or no rows: nothing to launch")
     out_dtype = jnp.dtype(spec.out_dtype)
     config.check_smem(out_dtype.itemsize, col_scales=True)
-    mp = max(m, config.cta_block_m)
+    mp = padded_m(m, config)
     tiles = -(-mp // config.cta_block_m) * (n // config.cta_block_n)
     kernel = plgpu.kernel(
         functools.partial(_kernel, config=config),
@@ -105,17 +118,17 @@ def build(spec, config: Fp8TileConfig, num_sms: int):
         num_threads=config.num_compute_wgs + 1, thread_name="wg", compiler_params=WARPGROUP_PARAMS,
     )
 
-    def run(a, a_scale, b, b_scale, group_sizes_k):
+    def run(a, a_scale, b, b_scale, group_sizes_k, c=None):
         tb = t // FP8_BLOCK_K
         blocks = jnp.maximum(group_sizes_k.astype(jnp.int32), 0) // FP8_BLOCK_K     # [G]
         ends = jnp.cumsum(blocks)                                                      # [G]
         kb = jnp.arange(tb, dtype=jnp.int32)                                           # [Tb]
         grp = jnp.minimum(jnp.searchsorted(ends, kb, side="right"), g - 1).astype(jnp.int32)  # [Tb]
         last = (kb + 1 == ends[grp]).astype(jnp.int32)                                 # [Tb]
-        at = a.T                                                                       # [M, T] K-major
-        if mp != m:
-            at = jnp.pad(at, ((0, mp - m), (0, 0)))
-        out = kernel(grp, last, at, _pad_cols(a_scale, 4, mp), b.T, _pad_cols(b_scale, 4))[:, :m]   # [G, M, N]
-        return jnp.where((blocks > 0)[:, None, None], out, jnp.zeros((), out.dtype))
+        at = pad_rows(a.T, mp)                                                         # [Mp, T] K-major
+        extra = () if c is None else (pad_rows(c, mp),)                                # [G, Mp, N]
+        out = kernel(grp, last, at, _pad_cols(a_scale, 4, mp), b.T, _pad_cols(b_scale, 4), *extra)[:, :m]
+        empty = jnp.zeros((), out.dtype) if c is None else c                           # an empty group's output
+        return jnp.where((blocks > 0)[:, None, None], out, empty)                      # [G, M, N]
 
     return run

@@ -25,20 +25,49 @@ def epilogue_smem(config, out_dtype) -> plgpu.SMEM:
                       transforms=out_transforms(config.epi_block_n, out_dtype))
 
 
-def store_tile(acc, out_smem, out_gmem_tile, *, wg, epi_n: int):
-    """Write a [bm, bn] fp32 register tile through double-buffered SMEM slots with TMA stores."""
+def store_tile(acc, out_smem, out_gmem_tile, *, wg, epi_n: int, c_gmem_tile=None, c_barriers=None):
+    """Write a [bm, bn] fp32 register tile through double-buffered SMEM slots with TMA stores.
+
+    With `c_gmem_tile` (a [bm, bn] window of c, the output's dtype) the stored tile is c + acc: each [64, epi_n]
+    chunk of c is TMA-loaded into the slot the chunk will leave from (the next chunk's load overlapping this
+    chunk's add and store) and added in registers, so no pass over the output follows the kernel. `c_barriers`:
+    2 TMA barriers per compute warpgroup (`c_barriers_spec`)."""
     bm, bn = acc.shape
     epi_m = EPI_M
     acc = acc.astype(out_smem.dtype)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    chunks = []
     for e in range((bm // epi_m) * (bn // epi_n)):
         ei, ej = divmod(e, bn // epi_n)
-        rows, cols = slice(ei * epi_m, (ei + 1) * epi_m), slice(ej * epi_n, (ej + 1) * epi_n)
+        chunks.append((slice(ei * epi_m, (ei + 1) * epi_m), slice(ej * epi_n, (ej + 1) * epi_n)))
+    if c_gmem_tile is None:
+        for e, (rows, cols) in enumerate(chunks):
+            slot = e % 2
+            plgpu.wait_smem_to_gmem(1, wait_read_only=True)   # the slot's previous store has been read
+            out_smem[wg, slot] = acc[rows, cols]
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], out_gmem_tile.at[rows, cols])
+        return
+
+    def load_c(e):
+        rows, cols = chunks[e]
+        plgpu.copy_gmem_to_smem(c_gmem_tile.at[rows, cols], out_smem.at[wg, e % 2], c_barriers.at[wg * 2 + e % 2])
+
+    load_c(0)
+    for e, (rows, cols) in enumerate(chunks):
         slot = e % 2
-        plgpu.wait_smem_to_gmem(1, wait_read_only=True)   # the slot's previous store has been read
-        out_smem[wg, slot] = acc[rows, cols]
+        if e + 1 < len(chunks):
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # chunk e - 1's store has read the other slot
+            load_c(e + 1)
+        plgpu.barrier_wait(c_barriers.at[wg * 2 + slot])
+        out_smem[wg, slot] = acc[rows, cols] + out_smem[wg, slot]
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], out_gmem_tile.at[rows, cols])
+
+
+def c_barriers_spec(config) -> plgpu.Barrier:
+    """The TMA barriers `store_tile` waits on while it loads c: two per compute warpgroup (one per slot)."""
+    return plgpu.Barrier(num_barriers=2 * config.num_compute_wgs)
 
 
 def tile_slices(lin, wg, config, m_iters: int, n_iters: int):

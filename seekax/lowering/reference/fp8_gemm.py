@@ -60,11 +60,14 @@ def dequantize_fp8(x_fp8, scale, block=(1, SCALE_BLOCK), *, dtype=jnp.float32):
     return (x_fp8.astype(jnp.float32) * s).astype(dtype)
 
 
-def fp8_gemm_nt(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16):
-    """a: [M, K] e4m3, a_scale: [M, Kb]; b: [N, K] e4m3, b_scale: [Nb, Kb] -> [M, N] (fp32 accumulation)."""
+def fp8_gemm_nt(a, a_scale, b, b_scale, c=None, *, out_dtype=jnp.bfloat16, b_block=(SCALE_BLOCK, SCALE_BLOCK)):
+    """a: [M, K] e4m3, a_scale: [M, Kb]; b: [N, K] e4m3, b_scale: [Nb, Kb] per b_block (128, 128), or [N, Kb]
+    per (1, 128); c: [M, N] f32 or None -> c + a @ b^T [M, N] (fp32 accumulation)."""
     a32 = dequantize_fp8(a, a_scale, (1, SCALE_BLOCK))                            # [M, K]
-    b32 = dequantize_fp8(b, b_scale, (SCALE_BLOCK, SCALE_BLOCK))                  # [N, K]
+    b32 = dequantize_fp8(b, b_scale, tuple(b_block))                              # [N, K]
     out = jnp.einsum("mk,nk->mn", a32, b32, precision=_HI, preferred_element_type=jnp.float32)  # [M, N]
+    if c is not None:
+        out = c + out                                                             # [M, N]
     return out.astype(out_dtype)
 
 
@@ -83,6 +86,26 @@ def m_grouped_fp8_gemm_nt_contiguous(a, a_scale, b, b_scale, group_sizes, *, out
     return out.astype(out_dtype)
 
 
+def m_grouped_fp8_gemm_nt_contiguous_rows(a, a_scale, b, b_scale, m_indices, *, out_dtype=jnp.bfloat16):
+    """a: [M, K], b: [G, N, K], m_indices: [M] group of each row (-1: a padding row) -> [M, N]; out[r] =
+    a[r] @ b[m_indices[r]]^T, padding rows 0 whatever a holds there. Any row order: rows are sorted by group
+    (a stable sort, padding last), multiplied with ragged_dot and put back."""
+    m = a.shape[0]
+    g, n, k = b.shape
+    ids = m_indices.astype(jnp.int32)                                             # [M]
+    key = jnp.where((ids >= 0) & (ids < g), ids, g)                              # [M] padding -> group G
+    order = jnp.argsort(key, stable=True)                                         # [M] rows by group
+    sizes = jnp.zeros((g + 1,), jnp.int32).at[key].add(1)                         # [G+1] rows per group
+    a32 = dequantize_fp8(a, a_scale, (1, SCALE_BLOCK))[order]                     # [M, K] sorted
+    a32 = jnp.where((key[order] < g)[:, None], a32, 0.0)                          # [M, K] padding never read
+    b32 = dequantize_fp8(b, b_scale, (SCALE_BLOCK, SCALE_BLOCK))                  # [G, N, K]
+    rhs = jnp.concatenate([b32, jnp.zeros((1, n, k), jnp.float32)])              # [G+1, N, K]
+    out = lax.ragged_dot(a32, jnp.swapaxes(rhs, 1, 2), sizes, precision=_HI,
+                         preferred_element_type=jnp.float32)                      # [M, N] sorted
+    out = jnp.zeros((m, n), jnp.float32).at[order].set(out)                       # [M, N] original order
+    return out.astype(out_dtype)
+
+
 def m_grouped_fp8_gemm_nt_masked(a, a_scale, b, b_scale, masked_m, *, out_dtype=jnp.bfloat16):
     """a: [G, M_max, K], a_scale: [G, M_max, Kb], b: [G, N, K], masked_m: [G] -> [G, M_max, N];
     rows >= masked_m[g] are 0."""
@@ -94,10 +117,11 @@ def m_grouped_fp8_gemm_nt_masked(a, a_scale, b, b_scale, masked_m, *, out_dtype=
     return jnp.where(keep[..., None], out, 0.0).astype(out_dtype)
 
 
-def k_grouped_fp8_gemm_tn_contiguous(a, a_scale, b, b_scale, group_sizes_k, *, out_dtype=jnp.float32):
+def k_grouped_fp8_gemm_tn_contiguous(a, a_scale, b, b_scale, group_sizes_k, c=None, *, out_dtype=jnp.float32):
     """Expert weight gradients: a: [sum_K, M], b: [sum_K, N] (token-major, as the forward produced them),
     a_scale: [sum_K/128, M], b_scale: [sum_K/128, N] (one scale per 128 tokens per column),
-    group_sizes_k: [G] (multiples of 128) -> out [G, M, N] with out[g] = a[rows of g].T @ b[rows of g]."""
+    group_sizes_k: [G] (multiples of 128), c: [G, M, N] f32 or None -> out [G, M, N] with
+    out[g] = c[g] + a[rows of g].T @ b[rows of g]."""
     g = group_sizes_k.shape[0]
     a32 = dequantize_fp8(jnp.swapaxes(a, 0, 1), jnp.swapaxes(a_scale, 0, 1), (1, SCALE_BLOCK))  # [M, sum_K]
     b32 = dequantize_fp8(jnp.swapaxes(b, 0, 1), jnp.swapaxes(b_scale, 0, 1), (1, SCALE_BLOCK))  # [N, sum_K]
@@ -108,6 +132,8 @@ def k_grouped_fp8_gemm_tn_contiguous(a, a_scale, b, b_scale, group_sizes_k, *, o
     onehot = (gid[None, :] == jnp.arange(g, dtype=jnp.int32)[:, None]).astype(jnp.float32)  # [G, sum_K]
     out = jnp.einsum("gt,mt,nt->gmn", onehot, a32, b32, precision=_HI,
                      preferred_element_type=jnp.float32)                        # [G, M, N]
+    if c is not None:
+        out = c + out                                                           # [G, M, N]
     return out.astype(out_dtype)
 
 
@@ -130,10 +156,11 @@ def np_dequantize(x_fp8, scale, block) -> np.ndarray:
     return np.asarray(x_fp8).astype(np.float64) * s
 
 
-def np_gemm_nt(a, a_scale, b, b_scale) -> np.ndarray:
-    """[M, N] float64 from a [M, K] (1x128 scales) and b [N, K] (128x128 scales); also [G, ...] batched."""
+def np_gemm_nt(a, a_scale, b, b_scale, b_block=(SCALE_BLOCK, SCALE_BLOCK)) -> np.ndarray:
+    """[M, N] float64 from a [M, K] (1x128 scales) and b [N, K] (b_block scales: 128x128 or 1x128); also [G, ...]
+    batched."""
     a64 = np_dequantize(a, a_scale, (1, SCALE_BLOCK))
-    b64 = np_dequantize(b, b_scale, (SCALE_BLOCK, SCALE_BLOCK))
+    b64 = np_dequantize(b, b_scale, tuple(b_block))
     return np.matmul(a64, np.swapaxes(b64, -1, -2))
 
 
@@ -145,4 +172,16 @@ def np_grouped_contiguous(a, a_scale, b, b_scale, group_sizes) -> np.ndarray:
         rows = slice(start, start + int(size))
         out[rows] = np_gemm_nt(np.asarray(a)[rows], np.asarray(a_scale)[rows], np.asarray(b)[g], np.asarray(b_scale)[g])
         start += int(size)
+    return out
+
+
+def np_grouped_rows(a, a_scale, b, b_scale, m_indices) -> np.ndarray:
+    """[M, N] float64: row r times b[m_indices[r]]^T, zero where m_indices[r] == -1 (those rows never read)."""
+    ids = np.asarray(m_indices)
+    out = np.zeros((a.shape[0], b.shape[1]), np.float64)
+    for g in range(b.shape[0]):
+        rows = np.flatnonzero(ids == g)
+        if rows.size:
+            out[rows] = np_gemm_nt(np.asarray(a)[rows], np.asarray(a_scale)[rows], np.asarray(b)[g],
+                                   np.asarray(b_scale)[g])
     return out
