@@ -85,15 +85,17 @@ def test_batched_prefill_of_different_lengths_equals_each_prompt_alone():
     lens = np.array([11, 5], np.int32)
     padded = np.where(np.arange(11)[None] < lens[:, None], tokens, 0)
     caches = init_caches(cfg, batch=2, num_pages=12, max_pages=4, page_size=4, dtype=jnp.float32)
-    logits, caches, _ = serve_step(params, jnp.asarray(padded), caches, cfg, mode="prefill",
-                                   num_new=jnp.asarray(lens), backend="xla")
+    step = jax.jit(lambda p, t, c, n, mode: serve_step(p, t, c, cfg, mode=mode, num_new=n, backend="xla")[:2],
+                   static_argnames="mode")
+    fwd = jax.jit(lambda p, t: forward(p, t, cfg, backend="xla")[0])
+    logits, caches = step(params, jnp.asarray(padded), caches, jnp.asarray(lens), "prefill")
     assert caches[0].seq_lens.tolist() == lens.tolist()
     full, _ = _forward(name)
     assert rel_err(np.asarray(logits)[0], full[0]) <= 1e-5
-    alone, _ = forward(params, jnp.asarray(tokens[1:2, :5]), cfg, backend="xla")
+    alone = fwd(params, jnp.asarray(tokens[1:2, :5]))
     assert rel_err(np.asarray(logits)[1, :5], alone[0]) <= 1e-5
     # the next decode step continues each row from its own length
     nxt = jnp.asarray([[tokens[0, 0]], [tokens[1, 5]]], jnp.int32)
-    step, _, _ = serve_step(params, nxt, caches, cfg, mode="decode", backend="xla")
-    ref6, _ = forward(params, jnp.asarray(tokens[1:2, :6]), cfg, backend="xla")
-    assert rel_err(np.asarray(step)[1, 0], ref6[0, 5]) <= 1e-5
+    out, _ = step(params, nxt, caches, None, "decode")
+    ref6 = fwd(params, jnp.asarray(tokens[1:2, :6]))
+    assert rel_err(np.asarray(out)[1, 0], ref6[0, 5]) <= 1e-5
