@@ -216,6 +216,11 @@ class _Pipeline:
         step, _ = self._program(params, loss_params, microbatches, targets)
         return step(params, loss_params, microbatches, targets if self.with_targets else None)
 
+    def lower(self, params, loss_params, microbatches, targets=None) -> jax.stages.Lowered:
+        """The step lowered for these inputs (inspect with `.as_text(dialect="hlo", debug_info=True)`)."""
+        step, _ = self._program(params, loss_params, microbatches, targets)
+        return step.lower(params, loss_params, microbatches, targets if self.with_targets else None)
+
     def pack_params(self, params, loss_params, microbatches, targets=None) -> dict:
         """The parameter rows the ranks hold: {ParamKey: [num_ranks, num_chunks, *axis sizes, size]} (rank r,
         chunk c: that chunk's stage, its leaves raveled in tree order, zero-padded to the largest stage)."""

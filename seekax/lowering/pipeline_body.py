@@ -18,6 +18,7 @@ share no value inside the tick, which `pipeline_hlo.fb_cross_stream_paths` check
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import jax
@@ -214,18 +215,23 @@ def lower_pipeline(plan: PipelinePlan, program: StageProgram, variants: tuple[tu
                     b_steps, finish, g0 = backward_steps(kb, prow_b, bufs, row, need_x, need_p)
                     b_state = [g0]
 
+                # The two streams of an F&B are named in the program (metadata op_name), for the HLO check.
+                paired = has_f and has_b
+                f_scope = (lambda: jax.named_scope(FB_FORWARD)) if paired else contextlib.nullcontext
+                b_scope = (lambda: jax.named_scope(FB_BACKWARD)) if paired else contextlib.nullcontext
+
                 def run_f(i):
-                    with jax.named_scope(FB_FORWARD):
+                    with f_scope():
                         f_state.append(f_steps[i][1](f_state[-1]))
 
                 def run_b(j):
-                    with jax.named_scope(FB_BACKWARD):
+                    with b_scope():
                         b_state.append(b_steps[j][1](b_state[-1]))
 
                 if has_f and has_b and fb_order == "serial":
                     for i in range(len(f_steps)):
                         run_f(i)
-                    with jax.named_scope(FB_BACKWARD):  # the backward starts once the forward is done
+                    with b_scope():  # the backward starts once the forward is done
                         f_state[-1], b_state[-1] = lax.optimization_barrier((f_state[-1], b_state[-1]))
                     for j in range(len(b_steps)):
                         run_b(j)
@@ -237,10 +243,10 @@ def lower_pipeline(plan: PipelinePlan, program: StageProgram, variants: tuple[tu
                     if prog.subs is not None:
                         carries = tuple(f_state[1:-1]) if prog.has_substeps(k) else ()
                         out["sub_stash"] = varying(prog.subs.pack(k, carries))
-                    with jax.named_scope(FB_FORWARD):
+                    with f_scope():
                         forward_finish(k, last, f_state[-1], row, out)
                 if has_b:
-                    with jax.named_scope(FB_BACKWARD):
+                    with b_scope():
                         gp, gx = finish(b_state[-1])
                         if gp is not None:
                             c = row["b_chunk"]

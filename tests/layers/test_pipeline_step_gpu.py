@@ -45,3 +45,31 @@ def test_matches_unpipelined_grad_on_gpus(kind, rng):
     assert_close(np.asarray(loss), np.asarray(rloss), rtol=1e-4, atol=1e-5)
     for k in rgrads:
         assert_close(np.asarray(grads[k]), np.asarray(rgrads[k]), rtol=1e-4, atol=1e-5)
+
+
+def test_fb_all_to_all_overlaps_other_stream_on_gpus(rng):
+    # The scheduled GPU program (latency hiding scheduler on, async all-to-all) places computation of the
+    # other F&B stream between every F&B all-to-all's start and done. Flags: docs/schedules.md.
+    import sys
+    from pathlib import Path
+
+    from jax.sharding import PartitionSpec as P
+
+    from seekax.layers.pipeline import make_pipeline_value_and_grad
+    from seekax.lowering.pipeline_hlo import fb_async_windows
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import pipeline_models as pm
+
+    gpus = _gpus()
+    if len(gpus) < 4:
+        pytest.skip("needs 4 GPUs (pp=2 x ep=2)")
+    s = make_schedule("dualpipev", 2, 4)
+    params = pm.init_params(rng, s.num_stages)
+    mb, tgt = pm.batch(rng, 4, 8)
+    mesh = jax.make_mesh((2, 2), ("pp", "ep"), devices=gpus[:4])
+    fn = make_pipeline_value_and_grad(s, pm.stages(s.num_stages, "ep", substeps=True), pm.loss_fn, mesh=mesh,
+                                      param_specs=pm.param_specs(params, "ep"), batch_spec=P("ep"))
+    windows = fb_async_windows(fn.lower(params, (), mb, tgt).compile().as_text())
+    assert windows, "no asynchronous F&B collective in the scheduled program"
+    assert {w.stream for w in windows if w.other_stream_between > 0} == {"F", "B"}, windows
