@@ -6,6 +6,7 @@ around the mean as FlashMLA's test does (normal, std = mean / 2, clipped). The s
 computed once per step outside the timed call, as a serving engine shares it across layers.
 Timing (`common.device_time`): CUPTI kernel time on a GPU (the KV cache is far larger than L2), wall time on
 a CPU. `err_out`/`err_lse`: the kernel against the XLA reference (a hardware correctness check).
+Rows with `h_kv` > 1 (FlashMLA's several KV heads) read h_kv latent rows per token, each by its own query heads.
 On a GPU also DeepSeek-V3.2's FP8 cache (656 bytes per token instead of 1152): `fp8_*` columns, the FP8 kernel's
 GB/s of its own bytes, its speedup over the bf16 kernel and over XLA's dequantise-then-attend path, its error
 against that path. Sparse (top-k) decode, DeepSeek-V3.2's shapes (top-2048 per query token): `sparse` rows,
@@ -34,7 +35,7 @@ from seekax.ops.mla import (mla_decode, mla_decode_fp8, mla_decode_sparse, mla_d
                                 mla_metadata)
 
 
-def make_inputs(rng, b, mean_sk, h, s_q, page=64):
+def make_inputs(rng, b, mean_sk, h, s_q, page=64, kv_heads=1):
     lens = np.clip(rng.normal(mean_sk, mean_sk / 2, size=b), s_q, 2 * mean_sk).astype(np.int32)
     need = -(-lens // page)
     max_pages = int(need.max())
@@ -46,14 +47,15 @@ def make_inputs(rng, b, mean_sk, h, s_q, page=64):
         at += n
     key_q, key_kv = jax.random.split(jax.random.key(b * 7 + mean_sk + h + s_q))
     q = jax.random.normal(key_q, (b, s_q, h, 576), jnp.bfloat16)
-    kv = jax.random.normal(key_kv, (int(need.sum()), page, 1, 576), jnp.bfloat16)
+    kv = jax.random.normal(key_kv, (int(need.sum()), page, kv_heads, 576), jnp.bfloat16)
     return q, kv, jnp.asarray(table), jnp.asarray(lens)
 
 
 def kernel_columns(q, kv, table, lens, spec, t_xla, xla, backend: str, timing: dict) -> tuple[dict, object]:
     """The bf16 kernel: time, GB/s, TFLOPS, fraction of the floor, speedup and error vs XLA."""
     b, s_q, h, _ = q.shape
-    meta = jax.jit(functools.partial(mla_metadata, num_sms=num_sms_for(backend), q_len=s_q, num_heads=h))(lens)
+    meta = jax.jit(functools.partial(mla_metadata, num_sms=num_sms_for(backend), q_len=s_q, num_heads=h,
+                                     kv_heads=kv.shape[2]))(lens)
     run = functools.partial(jax.jit(lambda *a, metadata: mla_decode(*a, metadata=metadata, backend=backend)),
                             metadata=meta)
     t = device_time(run, q, kv, table, lens, **timing)
@@ -66,7 +68,8 @@ def kernel_columns(q, kv, table, lens, spec, t_xla, xla, backend: str, timing: d
 def fp8_columns(q, cache, table, lens, spec, meta, t_bf16, backend: str, timing: dict) -> dict:
     """The FP8-cache kernel vs the bf16 kernel and XLA's dequantise-then-attend path."""
     b, s_q, h, _ = q.shape
-    spec8 = MlaDecodeSpec(batch=b, seq_len=spec.seq_len, q_len=s_q, q_heads=h, kv_dtype="float8_e4m3fn")
+    spec8 = MlaDecodeSpec(batch=b, seq_len=spec.seq_len, q_len=s_q, q_heads=h, kv_heads=spec.kv_heads,
+                          kv_dtype="float8_e4m3fn")
     xla8 = jax.jit(functools.partial(mla_decode_fp8, backend="xla"))
     run8 = functools.partial(jax.jit(lambda *a, metadata: mla_decode_fp8(*a, metadata=metadata, backend=backend)),
                              metadata=meta)
@@ -120,22 +123,25 @@ def main() -> None:
     # shape, one timed call) so the GPU-only columns are exercised before a lease is spent on them.
     backend = "mosaic" if gpu else ("interpret" if args.quick else None)
     if args.quick or not gpu:
-        shapes = [(4, 256, 16, 1), (4, 256, 16, 2)]
+        shapes = [(4, 256, 16, 1), (4, 256, 16, 2), (4, 256, 16, 1, 2)]
     else:
         # FlashMLA's grid, the two target regimes first (a time limit keeps what finished): memory-bound
-        # (16 heads, s_q 1) and compute-bound (128 heads, s_q 2), then the rest.
-        first = [(128, 4096, 16, 1), (128, 4096, 128, 2), (128, 8192, 128, 1), (128, 8192, 16, 2)]
+        # (16 heads, s_q 1) and compute-bound (128 heads, s_q 2), then several KV heads (FlashMLA's h_kv: 2 x 64
+        # query heads, a full row tile each; 8 x 16, a quarter of one), then the rest.
+        first = [(128, 4096, 16, 1), (128, 4096, 128, 2), (128, 4096, 128, 1, 2), (128, 4096, 128, 1, 8),
+                 (128, 8192, 128, 1), (128, 8192, 16, 2)]
         shapes = first + [(128, sk, h, s_q) for sk in (4096, 8192) for h in (16, 32, 64, 128) for s_q in (1, 2)
                           if (128, sk, h, s_q) not in first]
     timing = {} if gpu else {"iters": 1, "warmup": 0}
     rng = np.random.default_rng(0)
     rows = []
-    for i, (b, mean_sk, h, s_q) in enumerate(shapes):
-        q, kv, table, lens = make_inputs(rng, b, mean_sk, h, s_q)
-        spec = MlaDecodeSpec(batch=b, seq_len=int(np.asarray(lens).mean()), q_len=s_q, q_heads=h)
+    for i, (b, mean_sk, h, s_q, *kv_heads) in enumerate(shapes):
+        h_kv = kv_heads[0] if kv_heads else 1
+        q, kv, table, lens = make_inputs(rng, b, mean_sk, h, s_q, kv_heads=h_kv)
+        spec = MlaDecodeSpec(batch=b, seq_len=int(np.asarray(lens).mean()), q_len=s_q, q_heads=h, kv_heads=h_kv)
         xla = jax.jit(functools.partial(mla_decode, backend="xla"))
         t_xla = device_time(xla, q, kv, table, lens, iters=5 if not gpu else 10)
-        row = {"b": b, "s_k": mean_sk, "h": h, "s_q": s_q, "xla_us": t_xla * 1e6,
+        row = {"b": b, "s_k": mean_sk, "h": h, "h_kv": h_kv, "s_q": s_q, "xla_us": t_xla * 1e6,
                "xla_gbps": spec.min_bytes() / t_xla / 1e9}
         if backend and (gpu or i == 0):
             try:
