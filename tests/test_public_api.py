@@ -24,6 +24,7 @@ PUBLIC = {
         "moe_layer": "function", "moe_reference": "function", "LoadWindow": "class", "MigrationPlan": "class",
         "rebalance": "function", "migrate_expert_weights": "function", "pipeline_train_step": "function",
         "pipeline_value_and_grad": "function", "make_pipeline_train_step": "function",
+        "make_pipeline_value_and_grad": "function", "Stage": "class", "SubStep": "class",
     },
 }
 OTHER_PACKAGES = ["seekax.ir", "seekax.schedules", "seekax.storage", "seekax.testing"]

@@ -33,6 +33,11 @@ def register(sub) -> None:
                        help="F,B,W[,FB]: forward, input-grad backward, weight grad, overlapped F&B "
                             "(default 1,1,1,3; full backward = B+W)")
         a.add_argument("--chunks", type=int, default=2, help="chunks per rank (interleaved only)")
+        if name in ("show", "simulate"):
+            a.add_argument("--comm", default=None, metavar="A2A[,P2P]",
+                           help="all-to-all time per chunk and point-to-point time: DeepSeek-V3 sub-steps "
+                                "(attention, dispatch, MLP, combine), exposed communication, overlapped vs serial "
+                                "F&B (default: no communication)")
         if name == "show":
             a.add_argument("--out", default=None,
                            help="FILE.svg, FILE.png or FILE.html; missing folders are created (default: terminal view)")
@@ -68,6 +73,13 @@ def run(args) -> int:
 
     costs = default_costs(args.costs)
     schedule = _make(args).validate()
+    if getattr(args, "comm", None):
+        from seekax.schedules.comm_table import comm_report, parse_comm
+
+        costs = parse_comm(args.comm, costs)
+        if args.action == "simulate":
+            print(comm_report(schedule, costs))
+            return 0
     if args.action == "show":
         if args.out is None:
             print(to_text(schedule, costs))

@@ -21,8 +21,10 @@ from seekax.ir.schedule import UNIT_COSTS as UNIT_COSTS
 from seekax.ir.schedule import Op as Op
 from seekax.ir.schedule import Schedule as Schedule
 from seekax.ir.schedule import SimResult as SimResult
+from seekax.ir.schedule_costs import CommCosts as CommCosts
+from seekax.ir.schedule_costs import SubStepCost as SubStepCost
 
-__all__ = ["ConfigCache", "DEVICES", "DeviceSpec", "DispatchSpec", "ExpertPlacement", "Fp8TileConfig", "GemmSpec",
-           "GemmTileConfig", "GroupedGemmSpec", "H100", "H200", "MlaDecodeSpec", "Op", "Schedule",
-           "SharedMemoryBudgetExceeded", "SimResult", "UNIT_COSTS", "choose_fp8_config", "choose_gemm_config",
-           "get_device"]
+__all__ = ["CommCosts", "ConfigCache", "DEVICES", "DeviceSpec", "DispatchSpec", "ExpertPlacement", "Fp8TileConfig",
+           "GemmSpec", "GemmTileConfig", "GroupedGemmSpec", "H100", "H200", "MlaDecodeSpec", "Op", "Schedule",
+           "SharedMemoryBudgetExceeded", "SimResult", "SubStepCost", "UNIT_COSTS", "choose_fp8_config",
+           "choose_gemm_config", "get_device"]

@@ -19,9 +19,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from seekax.ir.validate import check_int, fail
+
+if TYPE_CHECKING:
+    from seekax.ir.schedule_costs import CommCosts
 
 COMPUTE_KINDS = ("F", "B", "W", "BW", "F&BW")
 COMM_KINDS = ("SEND_F", "RECV_F", "SEND_B", "RECV_B")
@@ -170,9 +173,11 @@ class Schedule:
         _validate(self)
         return self
 
-    def simulate(self, costs: Mapping[str, float] | None = None) -> "SimResult":
-        """Replay with per-kind costs (default UNIT_COSTS) and instant point-to-point transfers."""
-        return _simulate(self, dict(UNIT_COSTS if costs is None else costs))
+    def simulate(self, costs: "Mapping[str, float] | CommCosts | None" = None) -> "SimResult":
+        """Replay with per-kind costs (default UNIT_COSTS) and instant point-to-point transfers, or with
+        `CommCosts` (`seekax.ir.schedule_costs`): sub-step compute and all-to-all times, overlapped or serial
+        F&BW, and a point-to-point time added to every cross-rank dependency."""
+        return _simulate(self, UNIT_COSTS if costs is None else costs)
 
     # --- trace format --------------------------------------------------------------------------------------
     def to_trace(self) -> dict[str, Any]:
@@ -234,9 +239,11 @@ class Schedule:
 class SimResult:
     """Outcome of `Schedule.simulate`. Per-rank tuples are indexed by rank.
 
-    start/finish: [rank][step] times of every op; busy: compute time per rank; bubble = makespan - busy;
-    peak_activations: most (chunk, micro-batch) forward activations held at once (taken at F, released by
-    the B or BW that consumes them; a W afterwards holds only its small inputs and is counted in peak_pending_w).
+    start/finish: [rank][step] times of every op; busy: compute time per rank; exposed_comm: time ops spend
+    waiting on their own all-to-alls (zero with per-kind costs); bubble = makespan - busy - exposed_comm (idle
+    time waiting for other ranks, point-to-point transfers included); peak_activations: most (chunk,
+    micro-batch) forward activations held at once (taken at F, released by the B or BW that consumes them; a W
+    afterwards holds only its small inputs and is counted in peak_pending_w).
     """
 
     makespan: float
@@ -246,6 +253,7 @@ class SimResult:
     peak_pending_w: tuple[int, ...]
     start: tuple[tuple[float, ...], ...]
     finish: tuple[tuple[float, ...], ...]
+    exposed_comm: tuple[float, ...] = ()
 
     @property
     def max_bubble(self) -> float:
@@ -333,7 +341,7 @@ def _validate(s: Schedule) -> None:
             extra, missing = sorted(found - expected), sorted(expected - found)
             raise fail("point-to-point ops", f"unmatched {extra[:4]}, missing {missing[:4]}",
                        "one SEND/RECV pair per cross-rank dependency")
-    _simulate(s, dict(UNIT_COSTS))  # raises on deadlock
+    _simulate(s, UNIT_COSTS)  # raises on deadlock
 
 
 def _expected_p2p(s: Schedule) -> set[tuple[int, str, int, int, int]]:
@@ -349,10 +357,18 @@ def _expected_p2p(s: Schedule) -> set[tuple[int, str, int, int, int]]:
     return out
 
 
-def _simulate(s: Schedule, costs: dict[str, float]) -> SimResult:
+def _timings(costs: Any) -> tuple[dict[str, tuple[float, float]], float]:
+    """{kind: (duration, compute time)} and the point-to-point time, from a per-kind mapping or CommCosts."""
+    if hasattr(costs, "timings"):
+        return costs.timings(), float(costs.p2p)
     for k in COMPUTE_KINDS:
         if k not in costs:
-            raise fail("costs", costs, f"a cost for every compute kind {COMPUTE_KINDS}")
+            raise fail("costs", dict(costs), f"a cost for every compute kind {COMPUTE_KINDS}")
+    return {k: (float(costs[k]), float(costs[k])) for k in COMPUTE_KINDS}, 0.0
+
+
+def _simulate(s: Schedule, costs: Any) -> SimResult:
+    timing, p2p = _timings(costs)
     n, S, nc = s.num_ranks, s.num_stages, s.num_chunks
     has_comm = any(not op.is_compute for ops in s.ranks for op in ops)
     # Per (rank, chunk): stream, stage, and whether the neighbouring stages live on another rank.
@@ -368,21 +384,25 @@ def _simulate(s: Schedule, costs: dict[str, float]) -> SimResult:
             d, st = where[r][op.chunk]
             dep = {"SEND_F": ("F", d, op.mb, st), "SEND_B": ("B", d, op.mb, st),
                    "RECV_F": ("SF", d, op.mb, st - 1), "RECV_B": ("SB", d, op.mb, st + 1)}[op.kind]
-            return op.kind, (dep,), ((comm_tag[op.kind], d, op.mb, st),), True, 0, 0, 0
-        deps, prods, peak_after = [], [], 0
+            remote = (op.kind.startswith("RECV"),)
+            return op.kind, (dep,), ((comm_tag[op.kind], d, op.mb, st),), True, 0, 0, 0, remote
+        deps, prods, peak_after, remote = [], [], 0, []
         da = dw = 0
         for kind, c, m in op.parts():
             d, st = where[r][c]
             if kind == "F":
                 if st > 0:
                     deps.append(("RF", d, m, st) if has_comm and remote_prev[r][c] else ("F", d, m, st - 1))
+                    remote.append(remote_prev[r][c] and not has_comm)
                 prods.append(("F", d, m, st))
                 da += 1
                 peak_after = max(peak_after, da)
             elif kind in ("B", "BW"):
                 deps.append(("F", d, m, st))
+                remote.append(False)
                 if st < S - 1:
                     deps.append(("RB", d, m, st) if has_comm and remote_next[r][c] else ("B", d, m, st + 1))
+                    remote.append(remote_next[r][c] and not has_comm)
                 prods.append(("B", d, m, st))
                 da -= 1
                 if kind == "B":
@@ -390,8 +410,9 @@ def _simulate(s: Schedule, costs: dict[str, float]) -> SimResult:
                     dw += 1
             else:
                 deps.append(("Bi", d, m, st))
+                remote.append(False)
                 dw -= 1
-        return op.kind, tuple(deps), tuple(prods), False, da, dw, peak_after
+        return op.kind, tuple(deps), tuple(prods), False, da, dw, peak_after, tuple(remote)
 
     # The dependency structure does not depend on costs: build it once per schedule (validate + simulate
     # share it), then bind this call's costs.
@@ -399,7 +420,7 @@ def _simulate(s: Schedule, costs: dict[str, float]) -> SimResult:
     if structure is None:
         structure = [[compile_op(r, op) for op in ops] for r, ops in enumerate(s.ranks)]
         object.__setattr__(s, "_deps_cache", structure)
-    cost_of = {k: float(costs[k]) for k in COMPUTE_KINDS} | {k: 0.0 for k in COMM_KINDS}
+    cost_of = {k: timing[k][0] for k in COMPUTE_KINDS} | {k: 0.0 for k in COMM_KINDS}
     compiled = [[(cost_of[x[0]],) + x[1:] for x in ops] for ops in structure]
     events: dict[tuple, float] = {}
     waiters: dict[tuple, list[int]] = {}
@@ -415,14 +436,16 @@ def _simulate(s: Schedule, costs: dict[str, float]) -> SimResult:
         ops = compiled[r]
         i, t_now, acts, pend = idx[r], clock[r], live_a[r], live_w[r]
         while i < len(ops):
-            cost, deps, prods, instant, da, dw, peak_after = ops[i]
+            cost, deps, prods, instant, da, dw, peak_after, remote = ops[i]
             ready = t_now
             blocked = None
-            for key in deps:
+            for j, key in enumerate(deps):
                 t = events.get(key)
                 if t is None:
                     blocked = key
                     break
+                if p2p and remote[j]:
+                    t += p2p
                 if t > ready:
                     ready = t
             if blocked is not None:
@@ -450,7 +473,8 @@ def _simulate(s: Schedule, costs: dict[str, float]) -> SimResult:
         where_s = ", ".join(f"rank {r} at step {idx[r]} ({s.ranks[r][idx[r]]})" for r in stuck[:4])
         raise fail("schedule", s.name, f"a deadlock-free order; blocked: {where_s}")
     makespan = max((f[-1] for f in finish if f), default=0.0)
-    busy = tuple(sum(costs[o.kind] for o in ops if o.is_compute) for ops in s.ranks)
-    return SimResult(makespan=makespan, busy=busy, bubble=tuple(makespan - b for b in busy),
+    busy = tuple(sum(timing[o.kind][1] for o in ops if o.is_compute) for ops in s.ranks)
+    exposed = tuple(sum(timing[o.kind][0] - timing[o.kind][1] for o in ops if o.is_compute) for ops in s.ranks)
+    return SimResult(makespan=makespan, busy=busy, bubble=tuple(makespan - b - e for b, e in zip(busy, exposed)),
                      peak_activations=tuple(peak_a), peak_pending_w=tuple(peak_w),
-                     start=tuple(map(tuple, start)), finish=tuple(map(tuple, finish)))
+                     start=tuple(map(tuple, start)), finish=tuple(map(tuple, finish)), exposed_comm=exposed)

@@ -13,10 +13,14 @@ from seekax.layers.moe import MoeConfig as MoeConfig
 from seekax.layers.moe import init_moe_params as init_moe_params
 from seekax.layers.moe import moe_layer as moe_layer
 from seekax.layers.moe import moe_reference as moe_reference
+from seekax.layers.pipeline import Stage as Stage
+from seekax.layers.pipeline import SubStep as SubStep
 from seekax.layers.pipeline import make_pipeline_train_step as make_pipeline_train_step
+from seekax.layers.pipeline import make_pipeline_value_and_grad as make_pipeline_value_and_grad
 from seekax.layers.pipeline import pipeline_train_step as pipeline_train_step
 from seekax.layers.pipeline import pipeline_value_and_grad as pipeline_value_and_grad
 
-__all__ = ["LoadWindow", "MigrationPlan", "MlaConfig", "MoeConfig", "PagedLatentCache", "init_mla_params",
-           "init_moe_params", "make_pipeline_train_step", "migrate_expert_weights", "mla_attention", "moe_layer",
-           "moe_reference", "pipeline_train_step", "pipeline_value_and_grad", "rebalance"]
+__all__ = ["LoadWindow", "MigrationPlan", "MlaConfig", "MoeConfig", "PagedLatentCache", "Stage", "SubStep",
+           "init_mla_params", "init_moe_params", "make_pipeline_train_step", "make_pipeline_value_and_grad",
+           "migrate_expert_weights", "mla_attention", "moe_layer", "moe_reference", "pipeline_train_step",
+           "pipeline_value_and_grad", "rebalance"]

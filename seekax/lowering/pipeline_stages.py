@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from seekax.ir.schedule_costs import interleave_order
 from seekax.ir.validate import fail
 from seekax.lowering.pipeline_layout import FlatLayout, TreeLayout, dtype_key, float_key
 
@@ -102,23 +103,9 @@ def interleave(f_comm: Sequence[bool], b_comm: Sequence[bool]) -> tuple[tuple[st
     (the backward runs its stage's steps in reverse). Whenever one stream's next step is communication and the
     other's is compute, the two are paired, communication first, so the transfer runs under the computation.
     For the DeepSeek-V3 stage (attention, dispatch, experts, combine) this is
-    (combine_B, attention_F), (dispatch_F, experts_B), (dispatch_B, experts_F), (combine_F, attention_B)."""
-    order: list[tuple[str, int]] = []
-    i = j = 0
-    while i < len(f_comm) or j < len(b_comm):
-        if i < len(f_comm) and j < len(b_comm):
-            if f_comm[i] and not b_comm[j]:
-                order += [("F", i), ("B", j)]
-            else:
-                order += [("B", j), ("F", i)]
-            i, j = i + 1, j + 1
-        elif i < len(f_comm):
-            order.append(("F", i))
-            i += 1
-        else:
-            order.append(("B", j))
-            j += 1
-    return tuple(order)
+    (combine_B, attention_F), (dispatch_F, experts_B), (dispatch_B, experts_F), (combine_F, attention_B).
+    The simulator's cost model uses the same rule (`seekax.ir.schedule_costs.interleave_order`)."""
+    return tuple(interleave_order(list(f_comm), list(b_comm)))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
