@@ -1,5 +1,7 @@
 """FP8 GEMMs (DeepGEMM's table shapes): TFLOPS, fraction of the roofline floor, and ratios against baselines
 run in the same process: XLA dequantise + bf16 dot (dense), `jax.lax.ragged_dot` bf16 (grouped).
+Rows include DeepGEMM's dgrad K = 576 and 2112 (not multiples of 128) and decode M = 1..64 (the small-M
+kernel where it applies; `tile` shows which kernel and tiles ran).
 
 Timing (`common.cold_l2_time`): on a GPU the device time of every kernel launched by one call (CUPTI, Mosaic
 GPU's profiler), median of 10 calls, with the L2 cache cold (small shapes run over rotated copies of their
@@ -21,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cold_l2_time, emit, parser, rel_err, save_partial  # noqa: E402
 
 from seekax.ir.device import H200, is_hopper  # noqa: E402
+from seekax.ir.fp8_tiling import Fp8SwapAbConfig  # noqa: E402
 from seekax.ir.gemm import GemmSpec, GroupedGemmSpec  # noqa: E402
 from seekax.ops import fp8  # noqa: E402
 
@@ -47,6 +50,8 @@ def _tile(spec, backend, **heuristic) -> str:
     if backend == "xla":
         return "-"
     c = fp8._config(spec, None, backend, **heuristic)
+    if isinstance(c, Fp8SwapAbConfig):      # the small-M kernel: tokens x B rows per CTA
+        return f"swapAB {c.block_tokens}x{c.cta_rows}/{c.num_compute_wgs}wg/{c.stages}st"
     return f"{c.cta_block_m}x{c.cta_block_n}/{c.num_compute_wgs}wg/{c.stages}st"
 
 

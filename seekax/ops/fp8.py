@@ -21,7 +21,7 @@ import numpy as np
 
 from seekax.ir.config_cache import pick_config
 from seekax.ir.fp8 import ACT_BLOCK, FP8_DTYPE, SCALE_BLOCK, WEIGHT_BLOCK
-from seekax.ir.fp8_tiling import Fp8TileConfig, choose_fp8_config
+from seekax.ir.fp8_tiling import Fp8SwapAbConfig, Fp8TileConfig, choose_fp8_config, fp8_config_from_dict
 from seekax.ir.gemm import OUT_DTYPES, GemmSpec, GroupedGemmSpec
 from seekax.ir.validate import check_array_dtype, check_shape, fail
 from seekax.lowering.backend import check_backend, kernel_takes, num_sms_for, run_kernel, run_op
@@ -262,14 +262,15 @@ def _mosaic(name: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(f"seekax.lowering.mosaic.{module}"), function)
 
 
-def _config(spec, config: Fp8TileConfig | None, backend: str, **heuristic) -> Fp8TileConfig:
+def _config(spec, config: Fp8TileConfig | Fp8SwapAbConfig | None, backend: str,
+            **heuristic) -> Fp8TileConfig | Fp8SwapAbConfig:
     """Explicit config > autotuned winner cached for this spec/device/jax (on the device only) > heuristic."""
-    return pick_config(config, spec_key=spec.key(), from_dict=Fp8TileConfig.from_dict,
+    return pick_config(config, spec_key=spec.key(), from_dict=fp8_config_from_dict,
                        heuristic=lambda: choose_fp8_config(spec, **heuristic), use_cache=backend == "mosaic")
 
 
 def _run_gemm(spec, args: tuple, *, build: str, reference: Callable[..., Any], backend: str,
-              config: Fp8TileConfig | None, num_sms: int | None, build_kwargs: dict | None = None,
+              config: Fp8TileConfig | Fp8SwapAbConfig | None, num_sms: int | None, build_kwargs: dict | None = None,
               **heuristic) -> jax.Array:
     """The four GEMMs after validation: the kernel path picks a config and builds `build` (a
     `module.function` of `seekax.lowering.mosaic`, called as build(spec, config, num_sms, **build_kwargs)); the
@@ -285,14 +286,16 @@ def _run_gemm(spec, args: tuple, *, build: str, reference: Callable[..., Any], b
 
 
 def fp8_gemm_nt(a, a_scale, b, b_scale, *, out_dtype=None, c=None, b_block=WEIGHT_BLOCK, backend: str = "auto",
-                config: Fp8TileConfig | None = None, num_sms: int | None = None):
+                config: Fp8TileConfig | Fp8SwapAbConfig | None = None, num_sms: int | None = None):
     """out[M, N] = c + (a * a_scale) @ (b * b_scale)^T, fp32 accumulation promoted every 128-K block.
 
     a: [M, K] e4m3, a_scale: [M, ceil(K/128)] f32; b: [N, K] e4m3 (K-major) with b_scale [ceil(N/128), ceil(K/128)]
     (b_block=(128, 128): weights) or [N, ceil(K/128)] (b_block=(1, 128): per-token scales on both operands, the
     weight gradient dW = dY^T X); c: [M, N] f32 or None, accumulated into by the kernel's epilogue.
     out_dtype: None = bfloat16, or float32 with c. Mosaic kernel: M >= 1, N a multiple of 16, K a multiple of
-    32 (a tail past the last 128-wide block is zero-filled by TMA).
+    32 (a tail past the last 128-wide block is zero-filled by TMA). M of 1..64 (decode) runs the small-M kernel
+    (`Fp8SwapAbConfig`: B's rows on wgmma's 64-row side, the tokens on its N side) where the heuristic or
+    `config` picks it.
     """
     spec = validate_fp8_gemm_nt(a, a_scale, b, b_scale, out_dtype, b_block=b_block, c=c)
     args = (a, a_scale, b, b_scale) + (() if c is None else (c,))
@@ -433,7 +436,7 @@ def lowering_example(m: int, n: int, k: int) -> tuple[Callable[..., Any], tuple[
 
 
 def autotune_fp8_gemm_nt(m: int, n: int, k: int, *, candidates=None, out_dtype=jnp.bfloat16, cache=None,
-                         iters: int = 20) -> Fp8TileConfig:
+                         iters: int = 20) -> Fp8TileConfig | Fp8SwapAbConfig:
     """Time each candidate config on the local Hopper GPU and cache the fastest (ConfigCache JSON)."""
     from seekax.ir.config_cache import ConfigCache
     from seekax.ir.device import detect_device

@@ -10,13 +10,14 @@ relative error < 1e-2; float32 output 1e-5 relative.
 from __future__ import annotations
 
 import contextlib
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from seekax.ir.fp8_tiling import Fp8TileConfig
+from seekax.ir.fp8_tiling import Fp8SwapAbConfig, Fp8TileConfig, fp8_config_from_dict
 from seekax.ir.tiling import SharedMemoryBudgetExceeded, WgSplit
 from seekax.lowering.mosaic.fp8_gemm_sm90 import tma_aligned_scales
 from seekax.lowering.reference.fp8_gemm import np_dequantize, np_gemm_nt, np_grouped_contiguous, np_grouped_rows
@@ -145,6 +146,38 @@ def test_dense_wgrad_per_token_scales_on_both(rng, backend):
     assert calc_diff(out, exact) < 1e-3
     small = np.arange(k_in) % 7 != 0                            # the columns next to the large ones
     assert calc_diff(np.asarray(out)[:, small], exact[:, small]) < 1e-3
+
+
+# The small-M ("swap AB") kernel: B's rows on wgmma's 64-row side, tokens on its N side. (M, N, K, config):
+# one token, a token tile of 24 with two warpgroups, a K tail, 128 B rows per warpgroup, two token tiles.
+SWAP_CASES = [(1, 128, 256, Fp8SwapAbConfig(block_tokens=8, stages=2)),
+              (20, 256, 256, Fp8SwapAbConfig(block_tokens=24, num_compute_wgs=2, stages=2)),
+              (33, 128, 320, Fp8SwapAbConfig(block_tokens=40, stages=3)),
+              (64, 256, 256, Fp8SwapAbConfig(block_rows=128, block_tokens=64, stages=2)),
+              (70, 128, 256, Fp8SwapAbConfig(block_tokens=40, stages=2))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("m,n,k,config", SWAP_CASES)
+def test_small_m_kernel(rng, backend, m, n, k, config):
+    x, a, sa = quant_k(rng, (m, k), (1, 128))
+    w, b, sb = quant_k(rng, (n, k), (128, 128), scale=0.05)
+    kw = {} if backend == "xla" else {"config": config}
+    out = run(backend, fp8.fp8_gemm_nt, a, sa, b, sb, **kw)
+    assert out.shape == (m, n) and out.dtype == jnp.bfloat16
+    assert_close(out, np_gemm_nt(a, sa, b, sb), max_rel_err=1e-2)
+    assert calc_diff(out, x.astype(np.float64) @ w.astype(np.float64).T) < 1e-3
+
+
+def test_small_m_kernel_declines_what_it_does_not_cover(rng):
+    _, a, sa = quant_k(rng, (8, 256), (1, 128))
+    _, b, sb = quant_k(rng, (128, 256), (1, 128))
+    cfg = Fp8SwapAbConfig(block_tokens=8, stages=2)
+    with pytest.raises(NotImplementedError, match="128 x 128 B scales and no c"):
+        run("interpret", fp8.fp8_gemm_nt, a, sa, b, sb, b_block=(1, 128), config=cfg)
+    with pytest.raises(NotImplementedError, match="n=128"):
+        run("interpret", fp8.fp8_gemm_nt, a, sa, b, sb[::128],
+            config=Fp8SwapAbConfig(block_rows=128, block_tokens=8, num_compute_wgs=2))
 
 
 # ----------------------------------------------------------------------------------------------- grouped
@@ -341,6 +374,17 @@ def test_config_rejects_bad_fields(kwargs, name):
 def test_config_roundtrips_json():
     cfg = Fp8TileConfig(block_n=64, wg_split=WgSplit.N, stages=3, grid_tile_width=4)
     assert Fp8TileConfig.from_dict(cfg.to_dict()) == cfg
+    assert fp8_config_from_dict(cfg.to_dict()) == cfg
+    swap = Fp8SwapAbConfig(block_tokens=24, num_compute_wgs=2, stages=7)
+    assert fp8_config_from_dict(json.loads(json.dumps(swap.to_dict()))) == swap
+
+
+@pytest.mark.parametrize("kwargs,name", [({"block_rows": 96}, "block_rows"), ({"block_tokens": 12}, "block_tokens"),
+                                         ({"block_rows": 128, "block_tokens": 128}, "block_tokens"),
+                                         ({"stages": 1}, "stages"), ({"num_compute_wgs": 3}, "num_compute_wgs")])
+def test_small_m_config_rejects_bad_fields(kwargs, name):
+    with pytest.raises(ValueError, match=f"^{name}="):
+        Fp8SwapAbConfig(**kwargs)
 
 
 def test_scales_are_tma_aligned():

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from seekax.ir.fp8_tiling import choose_fp8_config
+from seekax.ir.fp8_tiling import Fp8SwapAbConfig, Fp8TileConfig, choose_fp8_config
 from seekax.ir.gemm import GemmSpec
 from seekax.lowering.inspect import lower_for_hopper
 from seekax.ops import fp8
@@ -88,6 +88,29 @@ def test_dense_m_not_a_multiple_of_8_lowers(m):
     """Mosaic tiles a TMA array in 8-row tiles: M = 100 or 130 once failed to lower; the wrapper pads M."""
     fn, args = fp8.lowering_example(m, 7168, 2048)
     _check(lower_for_hopper(fn, *args))
+
+
+# Decode shapes: M of 1..64 tokens against DeepSeek-V3's weights. Where N / 64 covers 3/4 of the SMs the
+# small-M kernel runs (wgmma N = the tokens rounded up to 8, no 64-row activation tile); elsewhere 64-row CTA
+# tiles, never 128.
+SMALL_M = [(m, n, k) for n, k in ((7168, 2048), (24576, 1536), (32768, 512), (2112, 7168), (576, 7168))
+           for m in (1, 8, 16, 33, 64)]
+
+
+@pytest.mark.parametrize("m,n,k", SMALL_M)
+def test_small_m_config_and_lowering(m, n, k):
+    spec = GemmSpec(m=m, n=n, k=k, a_dtype=F8, b_dtype=F8, a_scale=(1, 128), b_scale=(128, 128))
+    cfg = choose_fp8_config(spec)
+    fn, args = fp8.lowering_example(m, n, k)
+    report = _check(lower_for_hopper(fn, *args))
+    (wgmma,) = report.wgmma
+    if n // 64 >= 0.75 * 132:
+        assert isinstance(cfg, Fp8SwapAbConfig) and cfg.block_tokens == -(-m // 8) * 8
+        assert wgmma.startswith(f"m64n{cfg.block_tokens}k32.")      # the tokens are wgmma's N side
+        assert report.grid[0] == min(132, n // cfg.cta_rows)
+    else:
+        assert isinstance(cfg, Fp8TileConfig) and cfg.cta_block_m == 64
+    assert abs(report.smem_bytes - cfg.smem_bytes()) <= 1024
 
 
 def _dense_args(m, n, k, b_rows, c):
@@ -251,6 +274,20 @@ def test_gpu_contiguous_m_indices_with_nan_padding():
                                                out_dtype=jnp.float32)
     assert np.isfinite(out).all() and (out[ids < 0] == 0).all()
     assert calc_diff(out, ref) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 37, 64])
+def test_gpu_small_m(m):
+    n, k = 7168, 2048
+    rng = np.random.default_rng(m)
+    x, a, sa = _gpu_quant(rng, (m, k), (1, 128))
+    w, b, sb = _gpu_quant(rng, (n, k), (128, 128))
+    assert isinstance(fp8._config(fp8.validate_fp8_gemm_nt(a, sa, b, sb, None), None, "mosaic"), Fp8SwapAbConfig)
+    out = jax.jit(functools.partial(fp8.fp8_gemm_nt, backend="mosaic"))(a, sa, b, sb)
+    ref = fp8.fp8_gemm_nt(a, sa, b, sb, backend="xla", out_dtype=jnp.float32)
+    assert calc_diff(out, ref) < 1e-5
+    assert calc_diff(out, _gpu_exact(x, w)) < 1e-3
 
 
 GOLDEN_REPORTS = {  # (m, n, k) -> the lowered kernel's report; a change to the generated kernel shows up here

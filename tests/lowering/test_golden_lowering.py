@@ -39,6 +39,7 @@ CASES = {  # name -> (fn, abstract args, digest of the first kernel's module)
     "mla_decode_sparse_fp8": (mla.mla_decode_sparse_fp8, (_Q, *_fp8_cache(16), _TOPK), "2e0a954eebc0929e"),
     "matmul": (matmul_nt, (S((256, 256), BF), S((256, 256), BF)), "58967382310f8474"),
     "fp8_gemm": (fp8.fp8_gemm_nt, fp8.lowering_example(256, 256, 256)[1], "bd816b1f1b9219a7"),
+    "fp8_gemm_small_m": (fp8.fp8_gemm_nt, fp8.lowering_example(8, 7168, 256)[1], "d38b6a1dcaea5022"),
     "fp8_contiguous": (fp8.m_grouped_fp8_gemm_nt_contiguous, _grouped(2, 256, 256, 256, masked=False),
                        "820c1293b4a61b43"),
     "fp8_masked": (fp8.m_grouped_fp8_gemm_nt_masked, _grouped(2, 128, 256, 256, masked=True), "7a57db9bad99f0f4"),

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from seekax.ir.fp8 import ACT_BLOCK
-from seekax.ir.fp8_tiling import FP8_BLOCK_K, SCALE_BLOCK, Fp8TileConfig
+from seekax.ir.fp8_tiling import FP8_BLOCK_K, SCALE_BLOCK, Fp8SwapAbConfig, Fp8TileConfig
 from seekax.ir.tiling import WgSplit
 from seekax.lowering.mosaic.gemm_common import c_barriers_spec, epilogue_smem, store_tile, tile_slices
 from seekax.lowering.mosaic.pipeline_common import (WARPGROUP_PARAMS, k_pipeline, k_row_spec, k_tile_spec,
@@ -179,12 +179,17 @@ def pad_rows(x, rows: int, axis: int = -2):
     return jnp.pad(x, widths)
 
 
-def build(spec, config: Fp8TileConfig, num_sms: int):
+def build(spec, config: Fp8TileConfig | Fp8SwapAbConfig, num_sms: int):
     """f(a [M, K], a_scale [M, Kb], b [N, K], b_scale [Nb, Kb] or [N, Kb], c [M, N] f32 | None) -> [M, N].
 
     spec.b_scale picks B's scale granularity ((128, 128) blocks or (1, 128) rows), spec.accumulate whether c
-    is added. Checks shapes and the shared-memory budget before tracing the kernel.
+    is added. An `Fp8SwapAbConfig` builds the small-M kernel (`fp8_gemm_swapab_sm90`) instead. Checks shapes and
+    the shared-memory budget before tracing the kernel.
     """
+    if isinstance(config, Fp8SwapAbConfig):
+        from seekax.lowering.mosaic import fp8_gemm_swapab_sm90
+
+        return fp8_gemm_swapab_sm90.build(spec, config, num_sms)
     m, n, k = spec.m, spec.n, spec.k
     check_problem(m, n, k, config)
     col_scales = tuple(spec.b_scale) == ACT_BLOCK
