@@ -1,7 +1,8 @@
 """`seekax train`: fine-tune a Hugging Face DeepSeek-V2/V3 directory on a token sample store.
 
 The model's layers are the pipeline stages (contiguous runs; the first also embeds, the last also applies the
-head) under --schedule over --pp ranks; MoE experts and token rows are split over --ep ranks. On a CPU the
+head) under --schedule over --pp ranks; MoE experts and token rows are split over --ep ranks, with
+--redundant-experts EPLB replica slots rebalanced every --eplb-every steps. On a CPU the
 pp * ep devices are host devices (set before jax loads). Records of the store are sequences of seq_len + 1
 token ids of the model's tokenizer. --ckpt-dir keeps orbax checkpoints of the per-stage params, optimizer
 and loader state every --ckpt-every steps; --save writes the trained model as a Hugging Face directory
@@ -30,6 +31,9 @@ def register(sub) -> None:
     p.add_argument("--microbatches", type=int, default=4, help="micro-batches a step")
     p.add_argument("--microbatch-size", type=int, default=4, help="sequences a micro-batch (a multiple of --ep)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    p.add_argument("--redundant-experts", type=int, default=0,
+                   help="EPLB replica slots a MoE layer (0: no EPLB); n_routed_experts + this a multiple of --ep")
+    p.add_argument("--eplb-every", type=int, default=0, help="rebalance the experts every N steps")
     p.add_argument("--ckpt-dir", default=None, help="orbax checkpoints here")
     p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--save", default=None, help="write the trained model as a Hugging Face directory here")
@@ -67,7 +71,8 @@ def run(args) -> int:
 
     tcfg = TrainConfig(steps=args.steps, pp=args.pp, ep=args.ep, schedule=args.schedule,
                        microbatches=args.microbatches, microbatch_size=args.microbatch_size, lr=args.lr,
-                       ckpt_every=args.ckpt_every)
+                       ckpt_every=args.ckpt_every, redundant_experts=args.redundant_experts,
+                       eplb_every=args.eplb_every)
     loader = Loader(args.data, LoaderConfig(global_batch_size=tcfg.microbatches * tcfg.microbatch_size,
                                             seed=tcfg.seed, process_index=0, process_count=1))
     cfg, params = load_checkpoint(args.model, dtype=np.float32, progress=sys.stderr.isatty())
@@ -93,5 +98,6 @@ def run(args) -> int:
             if os.path.isfile(src):
                 shutil.copyfile(src, os.path.join(args.save, name))
     if args.json:
-        print(json.dumps({"stages": [[r.start, r.stop] for r in trainer.stages], "history": trainer.history}))
+        print(json.dumps({"stages": [[r.start, r.stop] for r in trainer.stages], "history": trainer.history,
+                          "eplb": trainer.eplb_history}))
     return 0

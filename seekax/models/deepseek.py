@@ -5,7 +5,8 @@ Parameters (a plain pytree; `seekax.models.checkpoint` maps it to and from Huggi
   embed [V, H]; norm [H]; head [V, H] (absent when embeddings are tied)
   layers[i]: attn_norm [H], attn (MLA, matrices [in, out] or Fp8Weight [out, in]), mlp_norm [H], and
              mlp {w1, w3 [I, H], w2 [H, I]} (dense layers) or moe {gate [E, H], gate_bias [E], w1, w3
-             [E_local, I_moe, H], w2 [E_local, H, I_moe], shared_w1/w3/w2} (MoE layers)
+             [E_local, I_moe, H], w2 [E_local, H, I_moe], shared_w1/w3/w2} (MoE layers); with EPLB
+             replicas also log2phy [E, maxcnt], logcnt [E] (float32 holding ints), w* per physical slot
   mtp[k]: enorm, hnorm [H], eh_proj [H, 2H], layer (a decoder layer), norm [H]  (embed and head shared)
 Weight matrices may be float or `Fp8Weight` (DeepSeek's native FP8 checkpoints); the same functions run both.
 """
@@ -103,8 +104,13 @@ def _ffn(p: dict, h: jax.Array, cfg: DeepseekConfig, layer: int, ep_axis, backen
     x = _rms_norm(h, p["mlp_norm"], cfg.eps)
     if not cfg.is_moe(layer):
         return h + swiglu_mlp(x, p["mlp"], backend=backend), None
-    y, aux = moe_layer(x.reshape(b * s, d), p["moe"], cfg=moe_config_for(p["moe"], cfg), axis_name=ep_axis,
-                       transport=transport, backend=backend)
+    moe, placement = p["moe"], None
+    if "log2phy" in moe:                        # EPLB replicas: routed weights per physical slot (float tables)
+        placement = (jax.lax.stop_gradient(moe["log2phy"]).astype(jnp.int32),
+                     jax.lax.stop_gradient(moe["logcnt"]).astype(jnp.int32))
+        moe = {k: v for k, v in moe.items() if k not in ("log2phy", "logcnt")}
+    y, aux = moe_layer(x.reshape(b * s, d), moe, cfg=moe_config_for(moe, cfg), axis_name=ep_axis,
+                       placement=placement, transport=transport, backend=backend)
     return h + y.reshape(b, s, d).astype(h.dtype), aux["topk_idx"].reshape(b, s, -1)
 
 

@@ -4,8 +4,12 @@ The pipeline's stages are the model's own layers, cut into contiguous runs (`spl
 embeds the tokens, the last stage also applies the final norm and the head, so stages differ in parameters
 and in what they take and give (token ids in, [b, S, H] between, logits out). Within a stage every MoE layer
 runs `moe_layer` over the `ep` axis: token rows are split over `ep` (data-parallel attention), routed experts
-too. Orbax checkpoints (`seekax.storage.checkpoint.TrainCheckpointer`) hold the per-stage params and the
-optimizer state; `merge_stages` gives back the model's params for `save_checkpoint` or serving.
+too. With `redundant_experts` > 0 each MoE layer holds E + redundant physical expert slots (EPLB replicas):
+every `eplb_every` steps the expert loads measured on recent batches rebalance the placement and the slots'
+weights and Adam moments migrate (`seekax.layers.eplb`); replicas of one expert get the sum of their
+gradients, so they stay equal. Orbax checkpoints (`seekax.storage.checkpoint.TrainCheckpointer`) hold the
+per-stage params and the optimizer state; `merge_stages` gives back the model's params (one slot per expert)
+for `save_checkpoint` or serving.
 """
 
 from __future__ import annotations
@@ -41,13 +45,17 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     ckpt_every: int = 0
+    redundant_experts: int = 0        # EPLB replicas a MoE layer (0: no EPLB)
+    eplb_every: int = 0               # rebalance every N steps (with redundant_experts > 0)
+    eplb_window: int = 8              # batches whose expert loads the rebalance sees
     seed: int = 0
 
     def __post_init__(self):
         check_choice("schedule", self.schedule, SCHEDULES)
-        for name in ("steps", "pp", "ep", "microbatches", "microbatch_size"):
+        for name in ("steps", "pp", "ep", "microbatches", "microbatch_size", "eplb_window"):
             check_int(name, getattr(self, name), min_value=1)
-        check_int("ckpt_every", self.ckpt_every, min_value=0)
+        for name in ("ckpt_every", "redundant_experts", "eplb_every"):
+            check_int(name, getattr(self, name), min_value=0)
         if self.microbatch_size % self.ep:
             raise fail("microbatch_size", self.microbatch_size, f"a multiple of ep={self.ep}")
 
@@ -81,13 +89,24 @@ def split_stages(params: dict, stages: list[range]) -> list[dict]:
     return out
 
 
-def merge_stages(stage_params: list[dict], params_like: dict | None = None) -> dict:
-    """The inverse of `split_stages` (MTP modules, not trained here, taken from params_like)."""
+def merge_stages(stage_params: list[dict], params_like: dict | None = None, *, logical: bool = True) -> dict:
+    """The inverse of `split_stages` (MTP modules, not trained here, taken from params_like). logical: EPLB
+    replicas collapse to one slot per expert (its first replica; host arrays); else they stay (jit-able)."""
     params = {"embed": stage_params[0]["embed"], "norm": stage_params[-1]["norm"], "head": stage_params[-1]["head"],
-              "layers": [layer for p in stage_params for layer in p["layers"]]}
+              "layers": [_logical(layer) if logical else layer for p in stage_params for layer in p["layers"]]}
     if params_like is not None and "mtp" in params_like:
         params["mtp"] = params_like["mtp"]
     return params
+
+
+def _logical(layer: dict) -> dict:
+    moe = layer.get("moe")
+    if moe is None or "log2phy" not in moe:
+        return layer
+    first = np.asarray(moe["log2phy"])[:, 0].astype(np.int64)                       # [E] a slot of each expert
+    moe = {k: (np.asarray(v)[first] if k in EXPERT_LEAVES else v) for k, v in moe.items()
+           if k not in ("log2phy", "logcnt")}
+    return {**layer, "moe": moe}
 
 
 def stage_fns(cfg: DeepseekConfig, stages: list[range], ep_axis: str | None, backend: str = "auto") -> list:
@@ -139,20 +158,117 @@ class Trainer:
         self.mesh = jax.sharding.Mesh(devices.reshape(tcfg.pp, tcfg.ep), ("pp", "ep"),
                                       axis_types=(jax.sharding.AxisType.Explicit,) * 2)
         self.params_like = params
+        self.moe_layers = [i for i in range(cfg.num_layers) if cfg.is_moe(i)]
+        self.placement = None
+        if tcfg.redundant_experts:
+            params = self._with_replicas(params)
         self._replicated = replicated = jax.sharding.NamedSharding(self.mesh, P())
         self.params = jax.device_put(split_stages(params, self.stages), replicated)
-        self.opt = optax.adamw(tcfg.lr, weight_decay=tcfg.weight_decay)
+        frozen = jax.tree_util.tree_map_with_path(lambda path, _: _key(path) not in ("log2phy", "logcnt"),
+                                                  self.params)
+        self.opt = optax.masked(optax.adamw(tcfg.lr, weight_decay=tcfg.weight_decay), frozen)
         self.opt_state = jax.device_put(self.opt.init(self.params), replicated)
         self._step = make_pipeline_train_step(self.schedule, stage_fns(cfg, self.stages, "ep", backend), loss_fn,
                                               mesh=self.mesh, param_specs=stage_specs(self.params, "ep"),
                                               batch_spec=P("ep"))
         # replicated in, replicated out: the next step reuses the compiled pipeline program
         self._apply = jax.jit(self._apply_fn, out_shardings=replicated)
+        self._loads = jax.jit(self._loads_fn)
+        self.window: list[np.ndarray] = []
         self.step_count = 0
         self.history: list[dict] = []
+        self.eplb_history: list[dict] = []
 
-    def _apply_fn(self, params, opt_state, grads):
+    # ---- EPLB ------------------------------------------------------------------------------------------------
+    def _with_replicas(self, params: dict) -> dict:
+        """Routed expert weights per physical slot (slot i holds expert i % E at first) + placement tables."""
+        from seekax.ir.placement import ExpertPlacement
+
+        e, r = self.cfg.moe.num_experts, self.tcfg.redundant_experts
+        slots = e + r
+        if slots % self.tcfg.ep:
+            raise fail("redundant_experts", r, f"n_routed_experts + redundant = {slots} a multiple of ep="
+                       f"{self.tcfg.ep}")
+        self.maxcnt = r + 1
+        self.placement = ExpertPlacement.from_phy2log(np.tile(np.arange(slots) % e, (len(self.moe_layers), 1)), e)
+        layers = list(params["layers"])
+        for j, i in enumerate(self.moe_layers):
+            moe = dict(layers[i]["moe"])
+            for k in EXPERT_LEAVES:
+                moe[k] = np.asarray(moe[k])[self.placement.phy2log[j]]
+            moe.update(self._tables(j))
+            layers[i] = {**layers[i], "moe": moe}
+        return {**params, "layers": layers}
+
+    def _tables(self, j: int) -> dict:
+        padded = self.placement.padded(self.maxcnt)
+        return {"log2phy": np.asarray(padded.log2phy[j], np.float32), "logcnt": np.asarray(padded.logcnt[j],
+                                                                                            np.float32)}
+
+    def _where(self, path) -> tuple[int, int] | None:
+        """(stage, index among the MoE layers) of a path into the per-stage trees, or None."""
+        keys = [getattr(k, "idx", getattr(k, "key", None)) for k in path]
+        for a in range(len(keys) - 2):
+            if keys[a + 1] == "layers" and isinstance(keys[a], int) and isinstance(keys[a + 2], int):
+                layer = self.stages[keys[a]][keys[a + 2]]
+                return (keys[a], self.moe_layers.index(layer)) if layer in self.moe_layers else None
+        return None
+
+    def _sync_replicas(self, grads, phy2log):
+        """Each replica's gradient becomes the sum over its expert's replicas (replicas stay identical)."""
+        e = self.cfg.moe.num_experts
+
+        def sync(path, g):
+            where = self._where(path)
+            if where is None or _key(path) not in EXPERT_LEAVES:
+                return g
+            p2l = phy2log[where[1]]
+            return jax.ops.segment_sum(g, p2l, num_segments=e)[p2l]
+
+        return jax.tree_util.tree_map_with_path(sync, grads)
+
+    def _loads_fn(self, params, tokens):
+        """Tokens routed to each logical expert, [MoE layers, E], by the unpipelined model on tokens [N, S]."""
+        from seekax.models.deepseek import forward
+
+        _, experts = forward(merge_stages(params, logical=False), tokens, self.cfg)
+        return jnp.stack([jnp.bincount(experts[i].reshape(-1), length=self.cfg.moe.num_experts)
+                          for i in self.moe_layers])
+
+    def rebalance(self) -> dict:
+        """EPLB on the load window: new placement; expert weights and Adam moments follow their experts."""
+        from seekax.layers.eplb import rebalance
+
+        load = np.sum(self.window, axis=0).astype(np.float64)                         # [MoE layers, E]
+        before = self.placement.balance(load, self.tcfg.ep)
+        new, plan = rebalance(load, self.placement, num_groups=self.cfg.moe.n_groups, num_nodes=1,
+                              num_gpus=self.tcfg.ep)
+        self.placement = new
+        src = jnp.asarray(plan.src_slot)
+
+        def migrate(path, leaf):
+            where = self._where(path)
+            if where is None:
+                return leaf
+            key = _key(path)
+            if key in EXPERT_LEAVES:
+                return jnp.take(leaf, src[where[1]], axis=0)
+            if key in ("log2phy", "logcnt"):
+                return jnp.asarray(self._tables(where[1])[key]) if leaf.ndim else leaf
+            return leaf
+
+        self.params = jax.device_put(jax.tree_util.tree_map_with_path(migrate, self.params), self._replicated)
+        self.opt_state = jax.device_put(jax.tree_util.tree_map_with_path(migrate, self.opt_state), self._replicated)
+        rec = {"step": self.step_count, "max_over_mean_before": before.tolist(),
+               "max_over_mean_after": new.balance(load, self.tcfg.ep).tolist(),
+               "slots_moved": int((plan.src_slot != np.arange(plan.src_slot.shape[1])).sum())}
+        self.eplb_history.append(rec)
+        return rec
+
+    def _apply_fn(self, params, opt_state, grads, phy2log):
         grads = jax.tree.map(lambda g: jax.sharding.reshard(g, self._replicated), grads)
+        if phy2log is not None:
+            grads = self._sync_replicas(grads, phy2log)
         updates, opt_state = self.opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
@@ -166,9 +282,18 @@ class Trainer:
 
     def train_step(self, tokens) -> float:
         t0 = time.perf_counter()
+        eplb = self.placement is not None and self.tcfg.eplb_every > 0
+        if eplb:                                                   # expert loads of this batch, for the window
+            t = np.asarray(tokens)[..., :-1]
+            host = jax.device_get(self.params)       # the unpipelined model, outside the mesh's explicit axes
+            load = np.asarray(self._loads(host, jnp.asarray(t.reshape(-1, t.shape[-1]))))
+            self.window = (self.window + [load])[-self.tcfg.eplb_window:]
         loss, grads = self.loss_and_grads(tokens)
-        self.params, self.opt_state = self._apply(self.params, self.opt_state, grads)
+        phy2log = None if self.placement is None else jnp.asarray(self.placement.phy2log, jnp.int32)
+        self.params, self.opt_state = self._apply(self.params, self.opt_state, grads, phy2log)
         self.step_count += 1
+        if eplb and self.step_count % self.tcfg.eplb_every == 0:
+            self.rebalance()
         loss = float(loss)
         self.history.append({"step": self.step_count, "loss": loss, "seconds": time.perf_counter() - t0})
         return loss
@@ -176,6 +301,11 @@ class Trainer:
     def model_params(self) -> dict:
         """The trained params in the model's layout (`seekax.models.deepseek`), as host arrays."""
         return merge_stages(jax.device_get(self.params), self.params_like)
+
+
+def _key(path):
+    last = path[-1]
+    return getattr(last, "key", getattr(last, "name", None))
 
 
 def tokens_from_rows(rows: np.ndarray, tcfg: TrainConfig, vocab: int) -> np.ndarray:

@@ -60,13 +60,40 @@ def test_train_command_trains_checkpoints_and_saves_a_servable_directory(tmp_pat
     write_token_store(tmp_path / "store", np.random.default_rng(0).integers(0, 300, (32, 13)).astype(np.int32))
     rc = main(["train", "--model", os.path.join(DATA, "v2_lite"), "--data", str(tmp_path / "store"), "--steps", "2",
                "--pp", "2", "--ep", "2", "--microbatches", "2", "--microbatch-size", "2", "--lr", "1e-3",
-               "--ckpt-dir", str(tmp_path / "ckpt"), "--save", str(tmp_path / "out"), "--json", "--backend", "xla"])
+               "--ckpt-dir", str(tmp_path / "ckpt"), "--save", str(tmp_path / "out"), "--json", "--backend", "xla",
+               "--redundant-experts", "2", "--eplb-every", "1"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [h["step"] for h in out["history"]] == [1, 2] and out["stages"] == [[0, 1], [1, 2]]
+    assert [e["step"] for e in out["eplb"]] == [1, 2]
     assert os.listdir(tmp_path / "ckpt")
     cfg, params = load_checkpoint(tmp_path / "out", progress=False)
     assert cfg.num_layers == 2 and params["layers"][1]["moe"]["w1"].dtype == np.float32
     assert main(["generate", "--model", str(tmp_path / "out"), "--prompt", "Hello", "--max-new-tokens", "3",
                  "--json", "--backend", "xla"]) == 0
     assert len(json.loads(capsys.readouterr().out.splitlines()[0])["output_ids"]) == 3
+
+
+@pytest.mark.slow
+def test_eplb_replicas_and_rebalancing_leave_the_training_math_unchanged(rng):
+    """With 2 redundant expert slots a layer and a rebalance after step 2, the losses are those of the model
+    without replicas (replicas get summed gradients and stay equal; migration moves weights and Adam moments)."""
+    cfg, params = load_checkpoint(os.path.join(DATA, "v3_qlora_grouped"), dtype=np.float32, mtp=False,
+                                  progress=False)
+    tokens = rng.integers(0, cfg.vocab, (2, 2, 9)).astype(np.int32)
+    kw = dict(pp=2, ep=2, microbatches=2, microbatch_size=2, lr=1e-3)
+    plain = Trainer(params, cfg, TrainConfig(**kw), backend="xla")
+    eplb = Trainer(params, cfg, TrainConfig(**kw, redundant_experts=2, eplb_every=2), backend="xla")
+    assert eplb.params[0]["layers"][1]["moe"]["w1"].shape[0] == 10                  # 8 experts + 2 replicas
+    for _ in range(3):
+        a, b = plain.train_step(tokens), eplb.train_step(tokens)
+        assert abs(a - b) <= 1e-5 * abs(a)
+    assert len(eplb.eplb_history) == 1 and eplb.eplb_history[0]["slots_moved"] > 0
+    after = eplb.eplb_history[0]["max_over_mean_after"]
+    assert all(x <= y + 1e-9 for x, y in zip(after, eplb.eplb_history[0]["max_over_mean_before"]))
+    moe = eplb.params[0]["layers"][1]["moe"]
+    w, p2l, first = np.asarray(moe["w1"]), eplb.placement.phy2log[0], np.asarray(moe["log2phy"])[:, 0].astype(int)
+    for s in range(10):                                                        # every replica equals its expert's
+        np.testing.assert_array_equal(w[s], w[first[p2l[s]]])
+    merged = eplb.model_params()
+    assert merged["layers"][1]["moe"]["w1"].shape[0] == 8 and "log2phy" not in merged["layers"][1]["moe"]
