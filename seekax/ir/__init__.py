@@ -14,6 +14,7 @@ from seekax.ir.mla import MlaDecodeSpec as MlaDecodeSpec
 from seekax.ir.tiling import GemmTileConfig as GemmTileConfig
 from seekax.ir.tiling import SharedMemoryBudgetExceeded as SharedMemoryBudgetExceeded
 from seekax.ir.tiling import choose_gemm_config as choose_gemm_config
+from seekax.ir.fp8_tiling import Fp8SwapAbConfig as Fp8SwapAbConfig
 from seekax.ir.fp8_tiling import Fp8TileConfig as Fp8TileConfig
 from seekax.ir.fp8_tiling import choose_fp8_config as choose_fp8_config
 from seekax.ir.placement import ExpertPlacement as ExpertPlacement
@@ -24,7 +25,8 @@ from seekax.ir.schedule import SimResult as SimResult
 from seekax.ir.schedule_costs import CommCosts as CommCosts
 from seekax.ir.schedule_costs import SubStepCost as SubStepCost
 
-__all__ = ["CommCosts", "ConfigCache", "DEVICES", "DeviceSpec", "DispatchSpec", "ExpertPlacement", "Fp8TileConfig",
+__all__ = ["CommCosts", "ConfigCache", "DEVICES", "DeviceSpec", "DispatchSpec", "ExpertPlacement", "Fp8SwapAbConfig",
+           "Fp8TileConfig",
            "GemmSpec", "GemmTileConfig", "GroupedGemmSpec", "H100", "H200", "MlaDecodeSpec", "Op", "Schedule",
            "SharedMemoryBudgetExceeded", "SimResult", "SubStepCost", "UNIT_COSTS", "choose_fp8_config",
            "choose_gemm_config", "get_device"]
