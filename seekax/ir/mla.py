@@ -1,4 +1,5 @@
-"""MLA decode spec (FlashMLA): queries of 576 dims attend over one latent KV head in 64-token pages."""
+"""MLA decode spec (FlashMLA): queries of 576 dims attend over a paged latent cache (one KV head in DeepSeek's
+models, `kv_heads` in FlashMLA's general case), 64-token pages by default."""
 
 from __future__ import annotations
 

@@ -149,7 +149,7 @@ def _check_sink(attn_sink, heads: int) -> None:
                    f"a float array [heads={heads}] (one logit per query head) or None")
 
 
-def kernel_takes_page(page_size: int, block_n: int = 64) -> bool:
+def _kernel_takes_page(page_size: int, block_n: int = 64) -> bool:
     """Page sizes the paged kernel reads: a multiple of its 64-key step (a step is part of one page) or 16 and
     32 (a step spans 64 / page pages, one TMA each; 8-row swizzled tiles take 16-row slices)."""
     return page_size % block_n == 0 or page_size in (16, 32)
@@ -164,7 +164,7 @@ def _check_kernel_takes(p: MlaProblem, config: MlaTileConfig | None, *, cache: s
     if (p.qk_dim, p.v_dim) != (k.qk_dim, k.v_dim):
         raise NotImplementedError(f"qk_dim={p.qk_dim}, v_dim={p.v_dim}: the MLA decode kernel takes qk_dim "
                                   f"{k.qk_dim} (latent + rope) and v_dim {k.v_dim}")
-    if not cache.startswith("sparse") and not kernel_takes_page(p.page_size, k.block_n):
+    if not cache.startswith("sparse") and not _kernel_takes_page(p.page_size, k.block_n):
         raise NotImplementedError(f"page_size={p.page_size}: the MLA decode kernel takes pages of 16, 32 or a "
                                   f"multiple of {k.block_n} tokens")
     if min(p.batch, p.q_len, p.q_heads) == 0:

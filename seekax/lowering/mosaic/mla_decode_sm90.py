@@ -29,6 +29,11 @@ to measure on hardware. Sparse over the FP8 cache ("sparse_fp8"): the same gathe
 (128 B) rows into untiled fp8 slots, dequantised as in the FP8 mode; a token's scales (16 B, below what a
 warpgroup's TMA may move) come pre-gathered per query token by the wrapper ([B, topk, 4] f32, 2.4 % of the bytes).
 
+FlashMLA's wider surface: several KV heads (the wrapper runs one batch per sequence and KV head, wg 2 copies that
+head's rows of each page), pages of 16, 32 or a multiple of 64 tokens (a step spans 64 / page pages, one TMA each,
+or is part of one page), and for sparse decode an extra cache (wg 2 picks the source of each gathered token). The
+attention sink and the lse of an empty query are the combine's (`mla_combine_sm90.py`).
+
 Reading order: `CacheLayout` (which of the four front ends, and what `fp8` / `sparse` / `staged` mean), `Scratch`
 (every shared-memory buffer and barrier by name), `_DecodeCta` (one CTA: a method per step; `softmax_wg`,
 `value_wg` and `memory_wg` are the three warpgroups' loops, the other methods the steps they call), `_kernel`
