@@ -205,6 +205,12 @@ def validate_k_grouped(a, a_scale, b, b_scale, group_sizes_k, out_dtype, *, c=No
                            out_dtype=_resolve_out_dtype(out_dtype, c, "float32"), accumulate=c is not None)
 
 
+def _check_grouped_config(config) -> None:
+    """The grouped kernels take an Fp8TileConfig (the small-M Fp8SwapAbConfig is the dense GEMM's)."""
+    if config is not None and not isinstance(config, Fp8TileConfig):
+        raise fail("config", config, "None or an Fp8TileConfig (Fp8SwapAbConfig is for fp8_gemm_nt)")
+
+
 def _validate_quantize(x, block) -> tuple[int, int]:
     block = tuple(block) if isinstance(block, (tuple, list)) else block
     if block not in (ACT_BLOCK, WEIGHT_BLOCK):
@@ -318,6 +324,7 @@ def m_grouped_fp8_gemm_nt_contiguous(a, a_scale, b, b_scale, group_sizes=None, *
     K a multiple of 32.
     """
     spec = validate_m_grouped_contiguous(a, a_scale, b, b_scale, group_sizes, out_dtype, m_indices=m_indices)
+    _check_grouped_config(config)
     by_row = m_indices is not None
     return _run_gemm(spec, (a, a_scale, b, b_scale, m_indices if by_row else group_sizes),
                      build="fp8_grouped_gemm_sm90.build_contiguous", build_kwargs={"by_row": by_row},
@@ -336,6 +343,7 @@ def m_grouped_fp8_gemm_nt_masked(a, a_scale, b, b_scale, masked_m, *, out_dtype=
     masked_m: [G] int32 in [0, M_max] -> [G, M_max, N]. Mosaic kernel: M_max >= 1, N a multiple of 16, K of 128.
     """
     spec = validate_m_grouped_masked(a, a_scale, b, b_scale, masked_m, out_dtype)
+    _check_grouped_config(config)
     return _run_gemm(spec, (a, a_scale, b, b_scale, masked_m), build="fp8_grouped_gemm_sm90.build_masked",
                      reference=ref.m_grouped_fp8_gemm_nt_masked, backend=backend, config=config, num_sms=num_sms)
 
@@ -353,6 +361,7 @@ def k_grouped_fp8_gemm_tn_contiguous(a, a_scale, b, b_scale, group_sizes_k, *, c
     transposes the operands to token(K)-major, as FP8 wgmma needs.
     """
     spec = validate_k_grouped(a, a_scale, b, b_scale, group_sizes_k, out_dtype, c=c)
+    _check_grouped_config(config)
     args = (a, a_scale, b, b_scale, group_sizes_k) + (() if c is None else (c,))
     return _run_gemm(spec, args, build="fp8_k_grouped_gemm_sm90.build",
                      reference=ref.k_grouped_fp8_gemm_tn_contiguous, backend=backend, config=config,

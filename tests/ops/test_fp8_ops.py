@@ -311,6 +311,26 @@ def test_accumulate_and_row_layout_bad_inputs(rng):
                                              c=jnp.zeros((2, 64, 64), jnp.float32), backend="xla")
 
 
+def test_specs_and_configs_of_the_new_cases(rng):
+    from seekax.ir.fp8_tiling import Fp8SwapAbConfig
+    from seekax.ir.gemm import GemmSpec, GroupedGemmSpec
+
+    with pytest.raises(ValueError, match="^out_dtype"):
+        GemmSpec(m=8, n=128, k=128, a_dtype=E4M3, b_dtype=E4M3, a_scale=(1, 128), b_scale=(1, 128), accumulate=True)
+    with pytest.raises(ValueError, match="^accumulate"):
+        GroupedGemmSpec(num_groups=2, m=8, n=128, k=128, layout="masked", out_dtype="float32", accumulate=True)
+    plain = GemmSpec(m=8, n=128, k=128, a_dtype=E4M3, b_dtype=E4M3, a_scale=(1, 128), b_scale=(128, 128),
+                     out_dtype="float32")
+    acc = GemmSpec(m=8, n=128, k=128, a_dtype=E4M3, b_dtype=E4M3, a_scale=(1, 128), b_scale=(128, 128),
+                   out_dtype="float32", accumulate=True)
+    assert acc.min_bytes() == plain.min_bytes() + 4 * 8 * 128 and acc.key() != plain.key()
+    _, a, sa = _quant(rng, (64, 128), (1, 128))
+    _, b, sb = _quant(rng, (2, 128, 128), (128, 128))
+    with pytest.raises(ValueError, match="^config"):
+        fp8.m_grouped_fp8_gemm_nt_masked(a.reshape(2, 32, 128), sa.reshape(2, 32, 1), b, sb,
+                                         jnp.asarray([1, 2], jnp.int32), config=Fp8SwapAbConfig(), backend="xla")
+
+
 def test_quantize_and_linear_bad_inputs(rng):
     with pytest.raises(ValueError, match="block"):
         fp8.quantize_fp8(jnp.ones((4, 128)), (2, 128))
