@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from seekax.ir.validate import fail
-from seekax.ops.fp8 import ACT_BLOCK, BLOCK, WEIGHT_BLOCK, dequantize_fp8, fp8_gemm_nt, quantize_fp8
+from seekax.ops.fp8 import ACT_BLOCK, BLOCK, WEIGHT_BLOCK, dequantize_fp8, fp8_gemm_nt, fp8_linear, quantize_fp8
 
 
 def cdiv(a: int, b: int) -> int:
@@ -61,6 +61,28 @@ class Fp8Weight:
         return dequantize_fp8(self.weight, self.scale_inv, WEIGHT_BLOCK, dtype=dtype)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Fp8Train:
+    """A float weight trained through FP8 GEMMs: forward, dgrad and wgrad run `fp8_linear` (operands quantised
+    on the fly, DeepSeek-V3's training recipe); the weight itself, and its gradient, stay float. Same layout
+    as the float weight it wraps ([in, out] for `linear`, [N, K] for `linear_nt`)."""
+
+    w: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.w.shape)
+
+    @property
+    def ndim(self) -> int:
+        return self.w.ndim
+
+    @property
+    def dtype(self):
+        return self.w.dtype
+
+
 def padded_k(w: Fp8Weight) -> jax.Array:
     """The e4m3 values with K zero-padded to a multiple of 128 (the GEMM's contraction tiles); a no-op at
     DeepSeek's dimensions, which are all multiples of 128."""
@@ -77,6 +99,8 @@ def linear_nt(x: jax.Array, w, *, backend: str = "auto") -> jax.Array:
     n, k = w.shape[-2:]
     if x.shape[-1] != k:
         raise fail("x.shape", tuple(x.shape), f"[..., K={k}] matching the weight's [N={n}, K={k}]")
+    if isinstance(w, Fp8Train):
+        return fp8_linear(x, w.w.astype(x.dtype), backend=backend)
     if isinstance(w, Fp8Weight):
         x2 = x.reshape(-1, k)                                                       # [T, K]
         xq, xs = quantize_fp8(x2, ACT_BLOCK)                                         # [T, Kp], [T, Kb]
@@ -89,6 +113,8 @@ def linear(x: jax.Array, w, *, backend: str = "auto") -> jax.Array:
     """y [..., out] = x [..., in] @ w for a float w [in, out], or an `Fp8Weight` holding [out, in]."""
     if isinstance(w, Fp8Weight):
         return linear_nt(x, w, backend=backend)
+    if isinstance(w, Fp8Train):
+        return fp8_linear(x, w.w.T.astype(x.dtype), backend=backend)
     return x @ w.astype(x.dtype)
 
 
@@ -104,6 +130,8 @@ def as_float(w, dtype=jnp.float32) -> jax.Array:
     folded into other matmuls rather than run as GEMMs (MLA's absorbed W_UK, W_UV)."""
     if isinstance(w, Fp8Weight):
         return w.dequantize(dtype).T
+    if isinstance(w, Fp8Train):
+        return w.w.astype(dtype)
     return w.astype(dtype)
 
 

@@ -303,7 +303,7 @@ def _project(params, x, positions, c: MlaConfig, backend: str = "auto"):
 def _split_wkv_b(params, c: MlaConfig, dtype=None):
     """W_UK [kv_lora, H, nope], W_UV [kv_lora, H, v] (FP8 weights dequantised: they are folded, not GEMMs)."""
     w = params["wkv_b"]
-    w = as_float(w, dtype or jnp.float32) if dtype is not None or not hasattr(w, "dtype") else w
+    w = as_float(w, dtype or jnp.float32) if dtype is not None or not isinstance(w, jax.Array) else w
     w = w.reshape(c.kv_lora, c.heads, c.qk_nope + c.v_head)
     return w[..., :c.qk_nope], w[..., c.qk_nope:]
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from seekax.ir.validate import check_choice, check_int, fail
-from seekax.layers.linear import Fp8Weight, linear_nt, padded_k
+from seekax.layers.linear import Fp8Train, Fp8Weight, linear_nt, padded_k
 from seekax.ops import ep as ep
 from seekax.lowering import dispatch_permute as perm
 from seekax.lowering.dispatch_route import axis_index, axis_size
@@ -115,7 +115,7 @@ def route(x: jax.Array, gate: jax.Array, gate_bias: jax.Array, cfg: MoeConfig):
 def _swiglu_dense(x, w1, w3, w2, backend: str = "auto"):
     """x: [T, H], w1/w3: [I, H], w2: [H, I] (float or Fp8Weight) -> [T, H] (float32 math, output in x.dtype).
     The dense MLP of DeepSeek's first layers and the shared experts."""
-    if any(isinstance(w, Fp8Weight) for w in (w1, w3, w2)):
+    if any(isinstance(w, (Fp8Weight, Fp8Train)) for w in (w1, w3, w2)):
         g, u = linear_nt(x, w1, backend=backend), linear_nt(x, w3, backend=backend)
         a = (jax.nn.silu(g.astype(jnp.float32)) * u.astype(jnp.float32)).astype(x.dtype)
         return linear_nt(a, w2, backend=backend)

@@ -48,6 +48,7 @@ class TrainConfig:
     redundant_experts: int = 0        # EPLB replicas a MoE layer (0: no EPLB)
     eplb_every: int = 0               # rebalance every N steps (with redundant_experts > 0)
     eplb_window: int = 8              # batches whose expert loads the rebalance sees
+    fp8: bool = False                 # attention and dense/shared MLP projections through FP8 GEMMs
     seed: int = 0
 
     def __post_init__(self):
@@ -162,6 +163,8 @@ class Trainer:
         self.placement = None
         if tcfg.redundant_experts:
             params = self._with_replicas(params)
+        if tcfg.fp8:
+            params = fp8_projections(params)
         self._replicated = replicated = jax.sharding.NamedSharding(self.mesh, P())
         self.params = jax.device_put(split_stages(params, self.stages), replicated)
         frozen = jax.tree_util.tree_map_with_path(lambda path, _: _key(path) not in ("log2phy", "logcnt"),
@@ -300,7 +303,32 @@ class Trainer:
 
     def model_params(self) -> dict:
         """The trained params in the model's layout (`seekax.models.deepseek`), as host arrays."""
-        return merge_stages(jax.device_get(self.params), self.params_like)
+        return unwrap_fp8(merge_stages(jax.device_get(self.params), self.params_like))
+
+
+FP8_LEAVES = ("wq", "wq_a", "wq_b", "wkv_a", "wo", "w1", "w2", "w3", "shared_w1", "shared_w2", "shared_w3")
+
+
+def fp8_projections(params: dict) -> dict:
+    """Wrap the attention projections (all but the folded wkv_b) and the dense and shared MLPs' weights in
+    `Fp8Train`: trained through FP8 GEMMs (`fp8_linear`), kept in float. Routed experts, embedding, head,
+    router and norms stay as they are (the grouped FP8 GEMMs have no VJP)."""
+    from seekax.layers.linear import Fp8Train
+
+    def wrap(path, leaf):
+        keys = [getattr(k, "key", None) for k in path]
+        if keys[-1] in FP8_LEAVES and ("attn" in keys or "mlp" in keys or keys[-1].startswith("shared_")):
+            return Fp8Train(w=leaf)
+        return leaf
+
+    return {**params, "layers": [jax.tree_util.tree_map_with_path(wrap, layer) for layer in params["layers"]]}
+
+
+def unwrap_fp8(params: dict) -> dict:
+    from seekax.layers.linear import Fp8Train
+
+    return jax.tree.map(lambda x: x.w if isinstance(x, Fp8Train) else x, params,
+                        is_leaf=lambda x: isinstance(x, Fp8Train))
 
 
 def _key(path):

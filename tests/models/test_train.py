@@ -61,11 +61,11 @@ def test_train_command_trains_checkpoints_and_saves_a_servable_directory(tmp_pat
     rc = main(["train", "--model", os.path.join(DATA, "v2_lite"), "--data", str(tmp_path / "store"), "--steps", "2",
                "--pp", "2", "--ep", "2", "--microbatches", "2", "--microbatch-size", "2", "--lr", "1e-3",
                "--ckpt-dir", str(tmp_path / "ckpt"), "--save", str(tmp_path / "out"), "--json", "--backend", "xla",
-               "--redundant-experts", "2", "--eplb-every", "1"])
+               "--redundant-experts", "2", "--eplb-every", "1", "--fp8"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [h["step"] for h in out["history"]] == [1, 2] and out["stages"] == [[0, 1], [1, 2]]
-    assert [e["step"] for e in out["eplb"]] == [1, 2]
+    assert [e["step"] for e in out["eplb"]] == [1, 2] and all(np.isfinite(h["loss"]) for h in out["history"])
     assert os.listdir(tmp_path / "ckpt")
     cfg, params = load_checkpoint(tmp_path / "out", progress=False)
     assert cfg.num_layers == 2 and params["layers"][1]["moe"]["w1"].dtype == np.float32
