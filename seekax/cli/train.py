@@ -36,6 +36,8 @@ def register(sub) -> None:
     p.add_argument("--eplb-every", type=int, default=0, help="rebalance the experts every N steps")
     p.add_argument("--fp8", action="store_true",
                    help="train the attention and dense/shared MLP projections through FP8 GEMMs (fp8_linear)")
+    p.add_argument("--mtp-weight", type=float, default=0.0,
+                   help="train the multi-token-prediction modules with this weight on their loss (0: not)")
     p.add_argument("--ckpt-dir", default=None, help="orbax checkpoints here")
     p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--save", default=None, help="write the trained model as a Hugging Face directory here")
@@ -74,10 +76,10 @@ def run(args) -> int:
     tcfg = TrainConfig(steps=args.steps, pp=args.pp, ep=args.ep, schedule=args.schedule,
                        microbatches=args.microbatches, microbatch_size=args.microbatch_size, lr=args.lr,
                        ckpt_every=args.ckpt_every, redundant_experts=args.redundant_experts,
-                       eplb_every=args.eplb_every, fp8=args.fp8)
+                       eplb_every=args.eplb_every, fp8=args.fp8, mtp_weight=args.mtp_weight)
     loader = Loader(args.data, LoaderConfig(global_batch_size=tcfg.microbatches * tcfg.microbatch_size,
                                             seed=tcfg.seed, process_index=0, process_count=1))
-    cfg, params = load_checkpoint(args.model, dtype=np.float32, progress=sys.stderr.isatty())
+    cfg, params = load_checkpoint(args.model, dtype=np.float32, progress=sys.stderr.isatty())  # MTP modules kept
     trainer = Trainer(params, cfg, tcfg, backend=args.backend)
     ckpt = None
     if args.ckpt_dir:

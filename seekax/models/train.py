@@ -49,6 +49,7 @@ class TrainConfig:
     eplb_every: int = 0               # rebalance every N steps (with redundant_experts > 0)
     eplb_window: int = 8              # batches whose expert loads the rebalance sees
     fp8: bool = False                 # attention and dense/shared MLP projections through FP8 GEMMs
+    mtp_weight: float = 0.0           # lambda of the multi-token-prediction loss (0: MTP modules not trained)
     seed: int = 0
 
     def __post_init__(self):
@@ -59,6 +60,8 @@ class TrainConfig:
             check_int(name, getattr(self, name), min_value=0)
         if self.microbatch_size % self.ep:
             raise fail("microbatch_size", self.microbatch_size, f"a multiple of ep={self.ep}")
+        if not (isinstance(self.mtp_weight, (int, float)) and self.mtp_weight >= 0):
+            raise fail("mtp_weight", self.mtp_weight, "a number >= 0")
 
 
 def split_layers(num_layers: int, num_stages: int) -> list[range]:
@@ -110,8 +113,10 @@ def _logical(layer: dict) -> dict:
     return {**layer, "moe": moe}
 
 
-def stage_fns(cfg: DeepseekConfig, stages: list[range], ep_axis: str | None, backend: str = "auto") -> list:
-    """One function per stage: f(stage_params, x) -> next x (token ids -> hidden -> ... -> logits)."""
+def stage_fns(cfg: DeepseekConfig, stages: list[range], ep_axis: str | None, backend: str = "auto",
+              with_hidden: bool = False) -> list:
+    """One function per stage: f(stage_params, x) -> next x (token ids -> hidden -> ... -> logits, or
+    (logits, final hidden state) with_hidden: what the MTP modules continue from)."""
     fns = []
     for s, layers in enumerate(stages):
         first, last = s == 0, s == len(stages) - 1
@@ -120,7 +125,9 @@ def stage_fns(cfg: DeepseekConfig, stages: list[range], ep_axis: str | None, bac
             h = jnp.take(p["embed"], x, axis=0) if first else x                      # [b, S, H]
             for j, i in enumerate(layers):
                 h, _ = decoder_layer(p["layers"][j], h, cfg, i, ep_axis=ep_axis, backend=backend)
-            return logits_from_hidden(p, h, cfg) if last else h
+            if not last:
+                return h
+            return (logits_from_hidden(p, h, cfg), h) if with_hidden else logits_from_hidden(p, h, cfg)
 
         fns.append(fn)
     return fns
@@ -142,7 +149,7 @@ class Trainer:
 
     def __init__(self, params: dict, cfg: DeepseekConfig, tcfg: TrainConfig, *, devices=None, backend: str = "auto"):
         from seekax.layers.linear import Fp8Weight
-        from seekax.layers.pipeline import make_pipeline_train_step
+        from seekax.layers.pipeline import make_pipeline_train_step, make_pipeline_value_and_grad
         from seekax.schedules.registry import make_schedule
 
         if any(isinstance(x, Fp8Weight) for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Fp8Weight))):
@@ -171,9 +178,22 @@ class Trainer:
                                                   self.params)
         self.opt = optax.masked(optax.adamw(tcfg.lr, weight_decay=tcfg.weight_decay), frozen)
         self.opt_state = jax.device_put(self.opt.init(self.params), replicated)
-        self._step = make_pipeline_train_step(self.schedule, stage_fns(cfg, self.stages, "ep", backend), loss_fn,
-                                              mesh=self.mesh, param_specs=stage_specs(self.params, "ep"),
-                                              batch_spec=P("ep"))
+        self.mtp = None
+        if tcfg.mtp_weight:
+            if not params.get("mtp"):
+                raise fail("mtp_weight", tcfg.mtp_weight, "0 for a model without MTP modules in its params")
+            self.mtp = jax.device_put(params["mtp"], replicated)
+            self.mtp_opt = optax.adamw(tcfg.lr, weight_decay=tcfg.weight_decay)
+            self.mtp_opt_state = jax.device_put(self.mtp_opt.init(self.mtp), replicated)
+            self._full = make_pipeline_value_and_grad(
+                self.schedule, stage_fns(cfg, self.stages, "ep", backend, with_hidden=True),
+                mtp_loss_fn(cfg, tcfg.mtp_weight, backend), mesh=self.mesh,
+                param_specs=stage_specs(self.params, "ep"), batch_spec=P("ep"), with_loss_params=True)
+            self._mtp_apply = jax.jit(self._mtp_apply_fn, out_shardings=replicated)
+        else:
+            self._step = make_pipeline_train_step(self.schedule, stage_fns(cfg, self.stages, "ep", backend),
+                                                  loss_fn, mesh=self.mesh, param_specs=stage_specs(self.params, "ep"),
+                                                  batch_spec=P("ep"))
         # replicated in, replicated out: the next step reuses the compiled pipeline program
         self._apply = jax.jit(self._apply_fn, out_shardings=replicated)
         self._loads = jax.jit(self._loads_fn)
@@ -275,13 +295,27 @@ class Trainer:
         updates, opt_state = self.opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
+    def _mtp_apply_fn(self, mtp, opt_state, grads):
+        grads = jax.tree.map(lambda g: jax.sharding.reshard(g, self._replicated), grads)
+        updates, opt_state = self.mtp_opt.update(grads, opt_state, mtp)
+        return optax.apply_updates(mtp, updates), opt_state
+
     def loss_and_grads(self, tokens) -> tuple[jax.Array, list]:
-        """tokens [M, b, S + 1] int32 -> (mean next-token loss, per-stage grads)."""
+        """tokens [M, b, S + 1] int32 -> (mean loss, per-stage grads). With MTP the loss is the next-token loss
+        plus mtp_weight x the MTP modules' mean loss, and the MTP modules' grads are kept in `mtp_grads`."""
         tokens = jnp.asarray(tokens, jnp.int32)
         m, b = self.tcfg.microbatches, self.tcfg.microbatch_size
         if tokens.ndim != 3 or tokens.shape[:2] != (m, b) or tokens.shape[2] < 2:
             raise fail("tokens.shape", tuple(tokens.shape), f"[microbatches={m}, microbatch_size={b}, seq_len + 1]")
-        return self._step(self.params, tokens[..., :-1], tokens[..., 1:])
+        if self.mtp is None:
+            return self._step(self.params, tokens[..., :-1], tokens[..., 1:])
+        lp = {"embed": self.params[0]["embed"], "head": self.params[-1]["head"], "mtp": self.mtp}
+        out = self._full(self.params, lp, tokens[..., :-1], tokens[..., 1:])
+        grads = list(out.grads)                                 # embedding and head are shared with the MTP modules
+        grads[0] = {**grads[0], "embed": grads[0]["embed"] + out.loss_grads["embed"]}
+        grads[-1] = {**grads[-1], "head": grads[-1]["head"] + out.loss_grads["head"]}
+        self.mtp_grads = out.loss_grads["mtp"]
+        return out.loss, grads
 
     def train_step(self, tokens) -> float:
         t0 = time.perf_counter()
@@ -294,6 +328,8 @@ class Trainer:
         loss, grads = self.loss_and_grads(tokens)
         phy2log = None if self.placement is None else jnp.asarray(self.placement.phy2log, jnp.int32)
         self.params, self.opt_state = self._apply(self.params, self.opt_state, grads, phy2log)
+        if self.mtp is not None:
+            self.mtp, self.mtp_opt_state = self._mtp_apply(self.mtp, self.mtp_opt_state, self.mtp_grads)
         self.step_count += 1
         if eplb and self.step_count % self.tcfg.eplb_every == 0:
             self.rebalance()
@@ -303,7 +339,10 @@ class Trainer:
 
     def model_params(self) -> dict:
         """The trained params in the model's layout (`seekax.models.deepseek`), as host arrays."""
-        return unwrap_fp8(merge_stages(jax.device_get(self.params), self.params_like))
+        params = unwrap_fp8(merge_stages(jax.device_get(self.params), self.params_like))
+        if self.mtp is not None:
+            params["mtp"] = jax.device_get(self.mtp)
+        return params
 
 
 FP8_LEAVES = ("wq", "wq_a", "wq_b", "wkv_a", "wo", "w1", "w2", "w3", "shared_w1", "shared_w2", "shared_w3")
@@ -329,6 +368,25 @@ def unwrap_fp8(params: dict) -> dict:
 
     return jax.tree.map(lambda x: x.w if isinstance(x, Fp8Train) else x, params,
                         is_leaf=lambda x: isinstance(x, Fp8Train))
+
+
+def mtp_loss_fn(cfg: DeepseekConfig, weight: float, backend: str = "auto"):
+    """loss(lp, (logits, h), targets): next-token loss + weight x mean over MTP depths of their losses.
+    lp = {"embed", "head", "mtp"}; module k predicts token i+k+1 from h and the embedding of token i+k
+    (= targets[:, i+k-1]); its experts run unsharded on this rank's tokens."""
+    from seekax.models.deepseek import mtp_forward
+
+    def fn(lp, y, targets):
+        logits, h = y
+        main = loss_fn(logits, targets)
+        inputs = jnp.concatenate([targets[:, :1], targets[:, :-1]], axis=1)    # tokens 1.. (column 0 unused)
+        outs = mtp_forward(lp, h, inputs, cfg, backend=backend)
+        if not outs:
+            return main
+        extra = sum(loss_fn(o, targets[:, k:]) for k, o in enumerate(outs, start=1)) / len(outs)
+        return main + weight * extra
+
+    return fn
 
 
 def _key(path):

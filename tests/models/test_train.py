@@ -97,3 +97,30 @@ def test_eplb_replicas_and_rebalancing_leave_the_training_math_unchanged(rng):
         np.testing.assert_array_equal(w[s], w[first[p2l[s]]])
     merged = eplb.model_params()
     assert merged["layers"][1]["moe"]["w1"].shape[0] == 8 and "log2phy" not in merged["layers"][1]["moe"]
+
+
+@pytest.mark.slow
+def test_mtp_loss_and_gradients_equal_the_unpipelined_model(rng):
+    """The MTP modules trained as DeepSeek-V3 does: loss = next-token loss + lambda x their mean loss, with the
+    embedding and head shared; pipelined gradients (stages and MTP) equal value_and_grad of the model."""
+    from seekax.models.deepseek import mtp_forward
+
+    cfg, params = load_checkpoint(os.path.join(DATA, "v3_qlora_grouped"), dtype=np.float32, progress=False)
+    tokens = rng.integers(0, cfg.vocab, (2, 2, 9)).astype(np.int32)
+    tr = Trainer(params, cfg, TrainConfig(pp=2, ep=2, microbatches=2, microbatch_size=2, lr=1e-3, mtp_weight=0.3),
+                 backend="xla")
+    loss, grads = tr.loss_and_grads(tokens)
+    x, t = jnp.asarray(tokens[..., :-1].reshape(4, 8)), jnp.asarray(tokens[..., 1:].reshape(4, 8))
+
+    def ref(p):
+        logits, _, h = forward(p, x, cfg, backend="xla", with_hidden=True)
+        outs = mtp_forward(p, h, x, cfg, backend="xla")
+        return loss_fn(logits, t) + 0.3 * sum(loss_fn(o, t[:, k:]) for k, o in enumerate(outs, 1)) / len(outs)
+
+    want_loss, want = jax.value_and_grad(ref)(jax.tree.map(jnp.asarray, params))
+    assert abs(float(loss) - float(want_loss)) <= 1e-5 * float(want_loss)
+    pairs = list(zip(jax.tree.leaves(grads), jax.tree.leaves(split_stages(want, tr.stages))))
+    pairs += list(zip(jax.tree.leaves(tr.mtp_grads), jax.tree.leaves(want["mtp"])))
+    assert max(rel_err(a, b) for a, b in pairs) < 1e-4
+    tr.train_step(tokens)
+    assert set(tr.model_params()["mtp"][0]) == {"eh_proj", "enorm", "hnorm", "layer", "norm"}
