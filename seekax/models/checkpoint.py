@@ -91,17 +91,18 @@ def _quantize(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def load_checkpoint(model_dir: str | os.PathLike, cfg: DeepseekConfig | None = None, *, dtype=None,
                     quantize: bool = False, ep_rank: int = 0, ep_size: int = 1, mtp: bool = True,
-                    progress: bool = True) -> tuple[DeepseekConfig, dict]:
+                    progress: bool = True, ep_ranks: int = 1) -> tuple[DeepseekConfig, dict]:
     """(config, params) from a Hugging Face DeepSeek-V2/V3 directory (config.json + safetensors).
 
     dtype: float weights cast to it (default: as stored; the router at least float32). quantize: float linear
-    weights become 128x128 block FP8. ep_rank/ep_size: read routed experts [rank*E/ep, (rank+1)*E/ep) only.
+    weights become 128x128 block FP8. ep_rank/ep_size: read routed experts [rank*E/ep, (rank+1)*E/ep) only
+    (ep_ranks consecutive ranks from ep_rank: a process holding several EP ranks' devices).
     mtp: read the multi-token-prediction modules when the checkpoint has them. Leaves are numpy arrays (MLA
     matrices as transposed views of the stored [out, in] tensors).
     """
     cfg = cfg or load_config(model_dir)
     with SafetensorsDir(model_dir) as st:
-        specs = tensor_specs(cfg, ep_rank=ep_rank, ep_size=ep_size, mtp=mtp)
+        specs = tensor_specs(cfg, ep_rank=ep_rank, ep_size=ep_size, mtp=mtp, ep_ranks=ep_ranks)
         has_mtp = mtp and cfg.mtp_layers > 0 and f"model.layers.{cfg.num_layers}.eh_proj.weight" in st
         if not has_mtp:
             specs = [s for s in specs if s.path[0] != "mtp"]
@@ -212,6 +213,36 @@ def _bar(total: int, on: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not on, leave=False)
+
+
+def load_checkpoint_to_mesh(model_dir: str | os.PathLike, mesh, *, ep_axis: str = "ep",
+                            cfg: DeepseekConfig | None = None, dtype=None, quantize: bool = False, mtp: bool = True,
+                            progress: bool = True) -> tuple[DeepseekConfig, dict]:
+    """(config, params as global jax arrays on `mesh`): routed experts split over `ep_axis` (P(ep_axis)), the
+    rest replicated. Each process reads only the routed experts of the EP ranks its devices hold (they must
+    be a contiguous block of the axis, as `jax.make_mesh` lays processes out) and all other tensors."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    if ep_axis not in mesh.axis_names:
+        raise fail("ep_axis", ep_axis, f"one of the mesh's axes {mesh.axis_names}")
+    ep = mesh.shape[ep_axis]
+    by_rank = np.moveaxis(mesh.devices, mesh.axis_names.index(ep_axis), 0).reshape(ep, -1)
+    mine = [r for r in range(ep) if any(d.process_index == jax.process_index() for d in by_rank[r])]
+    if not mine or mine != list(range(mine[0], mine[-1] + 1)):
+        raise fail("mesh", f"this process's EP ranks {mine}", f"a contiguous block of the {ep_axis!r} axis")
+    cfg, params = load_checkpoint(model_dir, cfg, dtype=dtype, quantize=quantize, ep_rank=mine[0], ep_size=ep,
+                                  ep_ranks=len(mine), mtp=mtp, progress=progress)
+    e = cfg.moe.num_experts
+    replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(ep_axis))
+
+    def place(path, leaf):
+        names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        if "moe" in names and any(n in ("w1", "w2", "w3") for n in names[names.index("moe") + 1:]):
+            return jax.make_array_from_process_local_data(split, np.asarray(leaf), (e, *leaf.shape[1:]))
+        return jax.device_put(np.asarray(leaf), replicated)
+
+    return cfg, jax.tree_util.tree_map_with_path(place, params)
 
 
 # ----------------------------------------------------------------------------------------------- saving

@@ -69,13 +69,17 @@ def _layer_specs(prefix: str, path: tuple, cfg: DeepseekConfig, layer: int, expe
     return out
 
 
-def tensor_specs(cfg: DeepseekConfig, *, ep_rank: int = 0, ep_size: int = 1, mtp: bool = True) -> list[TensorSpec]:
-    """Every tensor the model reads, in checkpoint order. Routed experts: this EP rank's contiguous slice."""
+def tensor_specs(cfg: DeepseekConfig, *, ep_rank: int = 0, ep_size: int = 1, mtp: bool = True,
+                 ep_ranks: int = 1) -> list[TensorSpec]:
+    """Every tensor the model reads, in checkpoint order. Routed experts: the contiguous slice of EP ranks
+    [ep_rank, ep_rank + ep_ranks) out of ep_size."""
     e = cfg.moe.num_experts
     if e % ep_size:
         raise ValueError(f"ep_size={ep_size}: expected a divisor of n_routed_experts={e}")
+    if not (0 <= ep_rank and ep_rank + ep_ranks <= ep_size):
+        raise ValueError(f"ep_rank={ep_rank}: expected ranks [ep_rank, ep_rank + {ep_ranks}) within ep_size={ep_size}")
     per = e // ep_size
-    experts = range(ep_rank * per, (ep_rank + 1) * per)
+    experts = range(ep_rank * per, (ep_rank + ep_ranks) * per)
     h, v = cfg.hidden, cfg.vocab
     specs = [TensorSpec("model.embed_tokens.weight", ("embed",), (v, h))]
     for i in range(cfg.num_layers):

@@ -121,3 +121,22 @@ def test_ep_rank_reads_only_its_experts():
     for name in ("w1", "w2", "w3"):
         np.testing.assert_array_equal(part["layers"][1]["moe"][name], full["layers"][1]["moe"][name][2:4])
     np.testing.assert_array_equal(part["layers"][1]["moe"]["gate"], full["layers"][1]["moe"]["gate"])
+
+
+def test_load_to_a_mesh_places_each_ep_ranks_experts():
+    from jax.sharding import PartitionSpec as P
+
+    from seekax.models.checkpoint import load_checkpoint_to_mesh
+
+    src = os.path.join(DATA, "v3_fp8")
+    _, full = load_checkpoint(src, progress=False)
+    mesh = jax.make_mesh((2, 2), ("dp", "ep"))
+    _, placed = load_checkpoint_to_mesh(src, mesh, progress=False)
+    w1 = placed["layers"][1]["moe"]["w1"]
+    assert isinstance(w1, Fp8Weight) and w1.weight.sharding.spec == P("ep")
+    assert w1.weight.addressable_shards[0].data.shape == (2, 128, 128)          # 4 experts / ep 2
+    assert placed["embed"].sharding.spec == P()
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(placed)):
+        np.testing.assert_array_equal(np.asarray(a).astype(np.float32), np.asarray(b).astype(np.float32))
+    with pytest.raises(ValueError, match="ep_axis"):
+        load_checkpoint_to_mesh(src, mesh, ep_axis="tp", progress=False)
