@@ -26,12 +26,12 @@ def test_piping_into_head_is_quiet():
 
 
 def test_usage_error_exit_status_and_one_line():
-    run = subprocess.run([*SEEKAX, "lower", "fp8_gemm", "--k", "100", "--emit", "jaxpr"], capture_output=True,
+    run = subprocess.run([*SEEKAX, "lower", "fp8_gemm", "--k", "200", "--emit", "jaxpr"], capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == 2 and run.stdout == ""
     # one line: the flag, the value, then the kernel's own words for what it supports
-    assert run.stderr.startswith("seekax lower: error: argument --k: 100 is not supported: ")
-    assert run.stderr.count("\n") == 1 and "128" in run.stderr
+    assert run.stderr.startswith("seekax lower: error: argument --k: 200 is not supported: ")
+    assert run.stderr.count("\n") == 1 and "multiple of 32" in run.stderr
 
 
 def test_bench_from_a_package_outside_the_repository(tmp_path):
