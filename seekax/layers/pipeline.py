@@ -37,7 +37,7 @@ from seekax.ir.schedule import Schedule
 from seekax.ir.validate import fail
 from seekax.layers.pipeline_params import check_leaf_spec, make_pack, make_unpack, param_key, row_spec, spec_axes
 from seekax.lowering.pipeline import PipelinePlan, plan_pipeline
-from seekax.lowering.pipeline_body import lower_pipeline, variant_table
+from seekax.lowering.pipeline_body import channel_flags, lower_pipeline, variant_table
 from seekax.lowering.pipeline_stages import SubStep, Stage, as_stage, build_program, trace_stage_shapes
 from seekax.schedules.passes import split_all_backward
 
@@ -313,6 +313,8 @@ class _Pipeline:
                               has_loss_params=self.with_loss_params, input_grads=self.input_grads,
                               has_aux=self.stage_aux, fb_order=self.fb_order)
         tables = {k: jnp.asarray(v) for k, v in self.plan.tables.items()} | {"variant": jnp.asarray(vtable)}
+        tables |= {k: jnp.asarray(v) for k, v in channel_flags(self.plan).items()}
+        tspecs = {k: P() if k.startswith("send_") else P(pp) for k in tables}  # channel flags: replicated
         row_keys = list(program.params.sizes)
         hetero = self.hetero
 
@@ -346,7 +348,7 @@ class _Pipeline:
         tgt_specs = jax.tree.map(lambda _: P(None, *self.batch_spec), targets) if self.with_targets else P()
         main = jax.shard_map(
             body, mesh=mesh,
-            in_specs=(rspecs, P(), mb_specs, tgt_specs, {k: P(pp) for k in tables}),
+            in_specs=(rspecs, P(), mb_specs, tgt_specs, tspecs),
             out_specs=(P(), rspecs, P(), mb_specs if self.input_grads else P(),
                        {k: P(pp) for k in program.aux.sizes} if self.stage_aux else P()))
         put = _placer(mesh)
@@ -360,7 +362,7 @@ class _Pipeline:
             microbatches = jax.tree.map(put, microbatches, mb_specs)
             tgt = jax.tree.map(put, targets, tgt_specs) if with_targets else jnp.zeros((s.num_microbatches,))
             lp = jax.tree.map(lambda x: put(x, P()), loss_params)
-            tabs = {k: put(v, P(pp)) for k, v in tables.items()}
+            tabs = {k: put(v, tspecs[k]) for k, v in tables.items()}
             loss, grow, loss_grads, in_grads, aux_rows = main(rows, lp, microbatches, tgt, tabs)
             grads = unpack({k: put(v, gathered[k]) for k, v in grow.items()})
             aux = ()

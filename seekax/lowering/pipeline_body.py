@@ -154,6 +154,9 @@ def lower_pipeline(plan: PipelinePlan, program: StageProgram, variants: tuple[tu
             else:
                 inputs, fns, comms = (x,), [_activation_only(stage.fn, has_aux)], [False]
             grads: list[Any] = []
+            # Differentiate w.r.t. the stage's parameter tree (slices of the row), not the row itself: the
+            # row's cotangent would be one zero-padded full row per leaf, summed.
+            p = stage_params(k, prow)
 
             def step(i):
                 f, h = fns[i], inputs[i]
@@ -161,13 +164,13 @@ def lower_pipeline(plan: PipelinePlan, program: StageProgram, variants: tuple[tu
                 def run(g):
                     want_h = need_x or i > 0  # carries' grads continue the chain; the stage input's is asked for
                     if want_h and need_p:
-                        _, vjp = jax.vjp(lambda pr, hh: f(stage_params(k, pr), hh), prow, h)
+                        _, vjp = jax.vjp(f, p, h)
                         gp, gh = vjp(g)
                     elif need_p:
-                        _, vjp = jax.vjp(lambda pr: f(stage_params(k, pr), h), prow)
+                        _, vjp = jax.vjp(lambda pp: f(pp, h), p)
                         (gp,), gh = vjp(g), None
                     elif want_h:
-                        _, vjp = jax.vjp(lambda hh: f(stage_params(k, prow), hh), h)
+                        _, vjp = jax.vjp(lambda hh: f(p, hh), h)
                         (gh,), gp = vjp(g), None
                     else:
                         return None
@@ -183,7 +186,7 @@ def lower_pipeline(plan: PipelinePlan, program: StageProgram, variants: tuple[tu
                 if grads:
                     gp = grads[0]
                     for more in grads[1:]:
-                        gp = {key: gp[key] + more[key] for key in gp}
+                        gp = jax.tree.map(jnp.add, gp, more)
                 gx_packed = varying(prog.cots.pack(st0, gx)) if need_x else None
                 return gp, gx_packed
 
@@ -248,9 +251,8 @@ def lower_pipeline(plan: PipelinePlan, program: StageProgram, variants: tuple[tu
                 if has_b:
                     with b_scope():
                         gp, gx = finish(b_state[-1])
-                        if gp is not None:
-                            c = row["b_chunk"]
-                            out["gacc"] = {key: a.at[c].add(gp[key].astype(a.dtype)) for key, a in out["gacc"].items()}
+                        if gp is not None:  # each leaf's gradient into its slice of the chunk's row
+                            out["gacc"] = prog.params.members[kb].add_into(out["gacc"], row["b_chunk"], gp)
                         if gx is not None:
                             out["grad_msg"] = gx
                 return tuple(out[name] for name in OUTPUTS)
@@ -277,12 +279,14 @@ def lower_pipeline(plan: PipelinePlan, program: StageProgram, variants: tuple[tu
             if input_grads:  # stage 0's input-grad is d loss / d micro-batch (row M is the trash row)
                 at = jnp.where(row["b_first"] == 1, row["b_gmb"], M)
                 ig = {k: v.at[at].set(out["grad_msg"][k]) for k, v in ig.items()}
-            for d in plan.act_channels:
-                recv = out["act_msg"] if d == 0 else lax.ppermute(out["act_msg"], pp_axis, _shift(n, d))
-                act = {k: v.at[row[f"recv_act_{d}"]].set(recv[k]) for k, v in act.items()}
-            for d in plan.grad_channels:
-                recv = out["grad_msg"] if d == 0 else lax.ppermute(out["grad_msg"], pp_axis, _shift(n, d))
-                grad = {k: v.at[row[f"recv_grad_{d}"]].set(recv[k]) for k, v in grad.items()}
+            bufs_out = {"act": act, "grad": grad}
+            for kind, chans in (("act", plan.act_channels), ("grad", plan.grad_channels)):
+                msg = out[f"{kind}_msg"]
+                for d in chans:
+                    recv = msg if d == 0 else _send(msg, row[f"send_{kind}_{d}"], pp_axis, _shift(n, d))
+                    slot = row[f"recv_{kind}_{d}"]
+                    bufs_out[kind] = {k: v.at[slot].set(recv[k]) for k, v in bufs_out[kind].items()}
+            act, grad = bufs_out["act"], bufs_out["grad"]
             return {"act": act, "sub": sub, "grad": grad, "gacc": out["gacc"], "hacc": out["hacc"],
                     "aacc": out["aacc"], "loss": state["loss"] + out["loss"], "ig": ig}, None
 
@@ -330,6 +334,26 @@ def _activation_only(fn: Callable, has_aux: bool) -> Callable:
     if not has_aux:
         return fn
     return lambda p, x: fn(p, x)[0]
+
+
+def channel_flags(plan: PipelinePlan) -> dict[str, np.ndarray]:
+    """{"send_act_d" / "send_grad_d": [1, num_ticks] int32}: 1 where some rank receives over shift d in that
+    tick. The same on every rank (pass them replicated): a tick whose channel carries nothing skips its
+    ppermute, whose rendezvous of all ranks is the largest fixed cost of a tick."""
+    out = {}
+    for kind, chans, trash in (("act", plan.act_channels, plan.num_act_slots),
+                               ("grad", plan.grad_channels, plan.num_grad_slots)):
+        for d in chans:
+            if d:
+                used = (plan.tables[f"recv_{kind}_{d}"] != trash).any(axis=0)
+                out[f"send_{kind}_{d}"] = used.astype(np.int32)[None]
+    return out
+
+
+def _send(msg: dict, flag, axis: str, perm: list[tuple[int, int]]) -> dict:
+    """ppermute when `flag` (the same on every rank) says the channel carries a value this tick; otherwise
+    the message stays (the receivers write it to their trash slot)."""
+    return lax.cond(flag == 1, lambda m: lax.ppermute(m, axis, perm), lambda m: m, msg)
 
 
 def _shift(n: int, d: int) -> list[tuple[int, int]]:

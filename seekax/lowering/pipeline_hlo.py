@@ -6,7 +6,8 @@ FB_BACKWARD (`pipeline_body`), so every HLO instruction carries its stream in `m
 each computation holding both streams (the F&B branches of the tick's conditional) this module builds the
 def-use graph and follows every collective's users: reaching an instruction of the other stream means that
 stream must wait for the collective, so the two cannot overlap. A `while`, `call`, `conditional` or fusion
-counts as a collective when a computation it calls holds one.
+counts as a collective when a computation it calls holds one; a path into a fusion continues inside it from the
+parameter it enters by (after XLA's passes a fusion can hold CSE'd instructions of both streams).
 
 Works on `jax.jit(f).lower(...).as_text(dialect="hlo", debug_info=True)` (the program as lowered) and on
 `compiled.as_text()` (after XLA's passes: on a GPU, the scheduled program with async collective pairs).
@@ -162,8 +163,14 @@ def fb_stream_reports(text: str) -> list[StreamReport]:
     def _is_collective(ins: Instr) -> bool:
         return ins.opcode in COLLECTIVES or any(has_collective(c) for c in ins.called if c in comps)
 
-    def touches(ins: Instr) -> frozenset:
-        """The streams an instruction belongs to: its own, and those of the computations it calls."""
+    def touches(ins: Instr, via: str) -> frozenset:
+        """The streams an instruction puts to work on its operand `via`: for a fusion, the streams of the fused
+        instructions that depend on that operand's parameter (XLA fuses and CSEs across streams, so a fusion
+        may hold another stream's instructions that do not read this operand); for other callers (while,
+        call, conditional), their own stream and every stream inside what they call."""
+        if ins.opcode == "fusion" and ins.called and ins.called[0] in comps:
+            params = {i for i, op in enumerate(ins.operands) if op == via}
+            return _param_streams(comps[ins.called[0]], params)
         out = {ins.stream} - {None}
         for c in ins.called:
             out |= inner_streams(c)
@@ -199,6 +206,25 @@ def fb_stream_reports(text: str) -> list[StreamReport]:
     return reports
 
 
+def _param_streams(instrs: list[Instr], params: set[int]) -> frozenset:
+    """Streams of the instructions of a fused computation that depend on its parameters `params`."""
+    users: dict[str, list[Instr]] = {}
+    for ins in instrs:
+        for op in ins.operands:
+            users.setdefault(op, []).append(ins)
+    todo = [ins for ins in instrs if ins.opcode == "parameter" and ins.operands and ins.operands[0].isdigit()
+            and int(ins.operands[0]) in params]
+    seen, found = {ins.name for ins in todo}, set()
+    while todo:
+        ins = todo.pop()
+        found |= {ins.stream} - {None}
+        for u in users.get(ins.name, ()):
+            if u.name not in seen:
+                seen.add(u.name)
+                todo.append(u)
+    return frozenset(found)
+
+
 def _cross_path(start: Instr, by_name: dict[str, Instr], users: dict[str, list[str]],
                 touches) -> tuple[str, ...]:
     """A def-use path from `start` to an instruction of (or calling into) the other stream, or ()."""
@@ -211,7 +237,7 @@ def _cross_path(start: Instr, by_name: dict[str, Instr], users: dict[str, list[s
             if u in parent:
                 continue
             parent[u] = cur
-            if other in touches(by_name[u]):
+            if other in touches(by_name[u], cur):
                 path = [u]
                 while parent[path[-1]] is not None:
                     path.append(parent[path[-1]])

@@ -77,6 +77,19 @@ class TreeLayout:
             out[k] = chunks[0] if len(chunks) == 1 else jnp.concatenate(chunks, axis=-1)
         return out
 
+    def add_into(self, bufs: dict, index: Any, tree: Any) -> dict:
+        """bufs {key: [n, size]} with each leaf of `tree` added into its slice of row `index` (a traced int)."""
+        out = dict(bufs)
+        for slot, leaf in zip(self.leaves, self.treedef.flatten_up_to(tree)):
+            if slot.skip:
+                continue
+            buf = out[slot.key]
+            piece = jnp.reshape(leaf, (1, slot.size)).astype(buf.dtype)
+            start = (index, slot.offset)
+            cur = jax.lax.dynamic_slice(buf, start, (1, slot.size))
+            out[slot.key] = jax.lax.dynamic_update_slice(buf, cur + piece, start)
+        return out
+
     def unpack(self, flat: dict, lead: tuple[int, ...] = ()) -> Any:
         """{key: [*lead, size]} -> the tree (leaves [*lead, *shape]); skipped leaves come back as float0 zeros."""
         leaves = []

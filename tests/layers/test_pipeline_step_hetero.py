@@ -62,7 +62,8 @@ def test_heterogeneous_stages_expert_parallel(kind, rng):
     _run(kind, 4, 2, rng, 8)
 
 
-@pytest.mark.parametrize("kind", ["1f1b", "dualpipev"])  # 8 and 16 stages; every schedule runs on 4 above
+@pytest.mark.slow  # 8 and 16 stages of 4 stage classes: ~30-60 s each on 2 cores
+@pytest.mark.parametrize("kind", ["1f1b", "dualpipev"])  # every schedule runs on 4 (and 4 x ep=2) above
 def test_heterogeneous_stages_8_devices(kind, rng):
     _run(kind, 8, None, rng, 16)
 

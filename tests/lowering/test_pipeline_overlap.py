@@ -98,9 +98,13 @@ def test_checker_follows_fusions_and_reports_paths():
     assert [i.name for i in comps["branch"]][:3] == ["arg", "a", "b"]
     (r,) = fb_stream_reports(HLO)
     assert r.collectives == {"F": 1, "B": 1}
-    # x (forward all-to-all) feeds a fusion holding a backward instruction: one path
+    # x (forward all-to-all) feeds a fusion whose backward instruction reads it: one path
     assert r.paths == (("x", "f"),)
     assert not fb_stream_reports(HLO.replace("calls=%fused_b", "calls=%none"))[0].paths
+    # a fusion that holds a backward instruction reading another operand only (CSE across streams): no path
+    other = HLO.replace("fusion(%x)", "fusion(%x, %b)").replace("negate(p)", "negate(q)").replace(
+        "  p = f32[4] parameter(0)\n", "  p = f32[4] parameter(0)\n  q = f32[4] parameter(1)\n")
+    assert not fb_stream_reports(other)[0].paths
 
 
 def test_async_windows_on_a_scheduled_program():
