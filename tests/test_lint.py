@@ -28,3 +28,12 @@ def test_ruff_clean():
         pytest.skip("ruff not installed (pip install -e '.[dev]')")
     result = subprocess.run([*cmd, "check", "--no-cache", str(ROOT)], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_test_modules_have_unique_basenames():
+    """pytest imports test files by basename (no __init__.py in tests/): two with one name break collection."""
+    seen: dict[str, list[str]] = {}
+    for path in (ROOT / "tests").rglob("*.py"):
+        seen.setdefault(path.name, []).append(str(path.relative_to(ROOT)))
+    dupes = {name: paths for name, paths in seen.items() if len(paths) > 1 and name != "__init__.py"}
+    assert not dupes, f"test modules sharing a basename: {dupes}"
