@@ -82,20 +82,15 @@ def expected(kind):
 SAMPLE_CHILD = textwrap.dedent("""
     import os, resource, signal, sys
     sys.path.insert(0, "tests/storage")
+    from kill_points import KillPoint
     from test_fault_injection import N, SEQ, expected
     from seekax.storage import atomic, sample_writer
     kind, path, kill_at, fsize = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     if fsize:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, resource.RLIM_INFINITY))
-    calls = [0]
-    def hook(real):
-        def wrapped(*a, **k):
-            calls[0] += 1
-            if calls[0] == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return real(*a, **k)
-        return wrapped
+    kill = KillPoint(kill_at)
+    hook = kill.wrap
     for mod in (atomic.os, sample_writer.os):
         mod.fsync, mod.replace = hook(os.fsync), hook(os.replace)
     data = expected(kind)
@@ -110,7 +105,7 @@ SAMPLE_CHILD = textwrap.dedent("""
     except atomic.StorageFullError as e:
         print("FULL", e)
         sys.exit(3)
-    print("acked", calls[0])
+    print("acked", kill.calls)
 """)
 
 
@@ -180,19 +175,14 @@ KV_CHILD = textwrap.dedent("""
     import os, resource, signal, sys
     import numpy as np
     sys.path.insert(0, "tests/storage")
+    from kill_points import KillPoint
     from test_fault_injection import CAP, PAGES, kv_open, kv_pages, kv_tokens
     from seekax.storage import kv_tensorstore
     from seekax.storage.atomic import StorageFullError
     path, kill_at, fsize, puts = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     kv = kv_open(path)
-    calls = [0]
-    def hook(real):
-        def wrapped(*a, **k):
-            calls[0] += 1
-            if calls[0] == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return real(*a, **k)
-        return wrapped
+    kill = KillPoint(kill_at)
+    hook = kill.wrap
     os.fsync, os.fdatasync, os.pwritev, os.write = (hook(os.fsync), hook(os.fdatasync), hook(os.pwritev),
                                                     hook(os.write))
     kv_tensorstore._value = hook(kv_tensorstore._value)  # tensorstore: between issuing a batch's page writes
@@ -208,7 +198,7 @@ KV_CHILD = textwrap.dedent("""
         if fsize and i == puts // 2:
             resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
     kv.close()
-    print("steps", calls[0], flush=True)
+    print("steps", kill.calls, flush=True)
 """)
 
 

@@ -1,5 +1,6 @@
 """Fault injection: a writer SIGKILLed at random points, a full disk (RLIMIT_FSIZE). Each case: seconds."""
 
+import pathlib
 import signal
 import subprocess
 import sys
@@ -23,14 +24,10 @@ CHILD = textwrap.dedent("""
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
     from seekax.storage import atomic, sample_store
-    calls = [0]
-    def hook(real):
-        def wrapped(*a, **k):
-            calls[0] += 1
-            if calls[0] == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return real(*a, **k)
-        return wrapped
+    sys.path.insert(0, %r)
+    from kill_points import KillPoint
+    kill = KillPoint(kill_at)
+    hook = kill.wrap
     for mod in (atomic.os, sample_store.os):
         mod.fsync, mod.replace = hook(os.fsync), hook(os.replace)
     data = np.arange(%d * %d, dtype=np.int32).reshape(%d, %d)
@@ -42,8 +39,8 @@ CHILD = textwrap.dedent("""
     except atomic.StorageFullError as e:
         print("FULL:", e)
         sys.exit(3)
-    print("steps", calls[0])
-""") % (N, SEQ, N, SEQ, SEQ, SEQ)
+    print("steps", kill.calls)
+""") % (str(pathlib.Path(__file__).resolve().parent), N, SEQ, N, SEQ, SEQ, SEQ)
 
 
 def _run_child(path, kill_at=0, fsize=0):
