@@ -24,7 +24,8 @@ def register(sub) -> None:
     p.add_argument("--pp", type=int, default=2, help="pipeline ranks (mesh axis 'pp')")
     p.add_argument("--ep", type=int, default=4, help="expert-parallel ranks (mesh axis 'ep')")
     p.add_argument("--schedule", default="dualpipev", choices=sorted(GENERATORS), help="pipeline schedule")
-    p.add_argument("--layers", type=int, default=None, help="transformer blocks (default: the schedule's stages)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="decoder layers (default: 4, or the schedule's stages if more)")
     p.add_argument("--microbatches", type=int, default=4, help="micro-batches per training step")
     p.add_argument("--microbatch-size", type=int, default=4, help="sequences per micro-batch")
     p.add_argument("--seq-len", type=int, default=128, help="training context (serving prompts stay inside it)")
@@ -59,13 +60,13 @@ def configure_env(argv: list[str]) -> None:
 
 def check_args(args) -> None:
     """The checks the demo would meet minutes in (after preparing its data), made before any work."""
-    from seekax.demo.train import TrainConfig
+    from seekax.demo.main import train_config
     from seekax.schedules.registry import make_schedule
 
-    TrainConfig(steps=args.steps, pp=args.pp, ep=args.ep, schedule=args.schedule, microbatches=args.microbatches,
-                microbatch_size=args.microbatch_size, lr=args.lr, eplb_every=args.eplb_every,
-                ckpt_every=args.ckpt_every, seed=args.seed)
-    make_schedule(args.schedule, args.pp, args.microbatches)
+    train_config(args)
+    schedule = make_schedule(args.schedule, args.pp, args.microbatches)
+    if args.layers is not None and args.layers < schedule.num_stages:
+        raise fail("layers", args.layers, f">= the {args.schedule} schedule's {schedule.num_stages} stages")
     n = args.processes
     if n < 1 or 8 % n or args.ep % n:
         raise fail("processes", n, f"a divisor of 8 and of ep={args.ep}")

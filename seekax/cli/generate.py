@@ -37,43 +37,19 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    import jax
-    import numpy as np
-
-    from seekax.models.checkpoint import load_checkpoint
-    from seekax.models.deepseek_config import load_config
-    from seekax.models.generate import Generator, SamplingConfig
-    from seekax.models.tokenizer import Tokenizer
+    from seekax.models.generate import DirectoryGenerator, SamplingConfig
 
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               seed=args.seed)
-    cfg = load_config(args.model)
-    tok = Tokenizer(args.model)
-    prompts = [tok.encode_chat([{"role": "user", "content": p}]) if args.chat else tok.encode(p)
-               for p in args.prompt]
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if jax.default_backend() == "gpu" else "float32")
-    import ml_dtypes
-
-    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
-    cfg, params = load_checkpoint(args.model, cfg, dtype=np_dtype, quantize=args.fp8, mtp=False,
-                                  progress=sys.stderr.isatty())
-    page = 64
-    longest = max(len(p) for p in prompts) + sampling.max_new_tokens
-    kv = None
-    if args.kv_store:
-        from seekax.storage.kv_store import KVPageStore
-
-        kv = KVPageStore(args.kv_store, page_shape=(page, cfg.num_layers, cfg.mla.latent_dim), dtype=dtype,
-                         capacity_pages=4096)
-    eos = cfg.eos_ids or ((tok.eos_id,) if tok.eos_id is not None else ())
-    gen = Generator(params, cfg, max_batch=min(args.max_batch, len(prompts)), max_seq_len=-(-longest // page) * page,
-                    page_size=page, backend=args.backend, kv_store=kv,
-                    cache_dtype="bfloat16" if dtype == "bfloat16" else "float32")
-    result = gen.generate(prompts, sampling, eos_ids=tuple(eos))
-    if kv is not None:
-        kv.close()
+    gen = DirectoryGenerator(args.model, dtype=args.dtype, quantize=args.fp8, kv_store=args.kv_store,
+                             max_batch=args.max_batch, backend=args.backend, progress=sys.stderr.isatty())
+    try:
+        prompts = gen.encode(args.prompt, chat=args.chat)
+        result = gen.generate(prompts, sampling)
+    finally:
+        gen.close()
     for ids, out in zip(prompts, result.output_ids):
-        text = tok.decode(out)
+        text = gen.decode(out)
         if args.json:
             print(json.dumps({"prompt_ids": ids, "output_ids": out, "text": text}, ensure_ascii=False))
         else:

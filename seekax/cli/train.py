@@ -2,10 +2,11 @@
 
 The model's layers are the pipeline stages (contiguous runs; the first also embeds, the last also applies the
 head) under --schedule over --pp ranks; MoE experts and token rows are split over --ep ranks, with
---redundant-experts EPLB replica slots rebalanced every --eplb-every steps. On a CPU the
+--redundant-experts EPLB replica slots rebalanced every --eplb-every steps; --overlap runs MoE stages as
+sub-steps whose all-to-alls overlap the other F&B stream under dualpipe(v). On a CPU the
 pp * ep devices are host devices (set before jax loads). Records of the store are sequences of seq_len + 1
-token ids of the model's tokenizer. --ckpt-dir keeps orbax checkpoints of the per-stage params, optimizer
-and loader state every --ckpt-every steps; --save writes the trained model as a Hugging Face directory
+token ids of the model's tokenizer. --ckpt-dir keeps orbax checkpoints of the per-stage params, optimizer,
+EPLB and loader state every --ckpt-every steps; --save writes the trained model as a Hugging Face directory
 (config, safetensors, and the source's tokenizer files) that `seekax generate` serves.
 """
 
@@ -31,6 +32,11 @@ def register(sub) -> None:
     p.add_argument("--microbatches", type=int, default=4, help="micro-batches a step")
     p.add_argument("--microbatch-size", type=int, default=4, help="sequences a micro-batch (a multiple of --ep)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    p.add_argument("--warmup", type=int, default=0, help="linear warmup steps, then cosine decay (0: constant lr)")
+    p.add_argument("--clip-norm", type=float, default=0.0, help="clip gradients to this global norm (0: off)")
+    p.add_argument("--overlap", action="store_true",
+                   help="MoE stages as attention/dispatch/experts/combine sub-steps: under dualpipe(v) an F&B "
+                        "runs one micro-batch's all-to-all under the other's compute")
     p.add_argument("--redundant-experts", type=int, default=0,
                    help="EPLB replica slots a MoE layer (0: no EPLB); n_routed_experts + this a multiple of --ep")
     p.add_argument("--eplb-every", type=int, default=0, help="rebalance the experts every N steps")
@@ -75,6 +81,7 @@ def run(args) -> int:
 
     tcfg = TrainConfig(steps=args.steps, pp=args.pp, ep=args.ep, schedule=args.schedule,
                        microbatches=args.microbatches, microbatch_size=args.microbatch_size, lr=args.lr,
+                       warmup=args.warmup, clip_norm=args.clip_norm, overlap=args.overlap,
                        ckpt_every=args.ckpt_every, redundant_experts=args.redundant_experts,
                        eplb_every=args.eplb_every, fp8=args.fp8, mtp_weight=args.mtp_weight)
     loader = Loader(args.data, LoaderConfig(global_batch_size=tcfg.microbatches * tcfg.microbatch_size,
@@ -92,7 +99,7 @@ def run(args) -> int:
             h = trainer.history[-1]
             print(f"step {step}: loss {loss:.4f} ({h['seconds']:.2f} s)", flush=True)
         if ckpt and (step == tcfg.steps or (tcfg.ckpt_every and step % tcfg.ckpt_every == 0)):
-            ckpt.save(step, model=trainer.params, opt_state=trainer.opt_state, loader_state=loader.get_state())
+            trainer.save(ckpt, loader.get_state())
     if ckpt:
         ckpt.close()
     if args.save:

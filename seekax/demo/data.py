@@ -1,7 +1,7 @@
 """Demo data: a generated corpus (nothing downloads) prepared with seekax's storage runtime.
 
 raw parquet shards -> `storage.prep.Session` (DuckDB per partition: dedupe, deterministic shuffle) ->
-a token sample store of packed byte-level rows of seq_len + 1 tokens (inputs + shifted targets).
+a token sample store of packed rows of seq_len + 1 token ids of the model's tokenizer (inputs + shifted targets).
 """
 
 from __future__ import annotations
@@ -54,26 +54,30 @@ def write_raw(raw_dir: Path, docs: list[str], num_files: int = 4) -> list[str]:
     return paths
 
 
-def prepare(data_dir: Path, *, num_docs: int, seq_len: int, seed: int = 0, num_workers: int = 2) -> dict:
-    """Generate, dedupe, shuffle and tokenise into `data_dir/store` (rows of seq_len + 1 tokens).
-    Rerunnable: finished partitions and an existing store are reused. Returns the store manifest."""
+def prepare(data_dir: Path, *, num_docs: int, seq_len: int, tokenizer: str | Path, seed: int = 0,
+            num_workers: int = 2) -> dict:
+    """Generate, dedupe, shuffle and tokenise (with the model's tokenizer.json) into `data_dir/store`: rows of
+    seq_len + 1 token ids, documents separated by the tokenizer's EOS. Rerunnable: finished partitions are
+    reused, and so is a store packed with the same tokenizer and row length; any other store is rebuilt.
+    Returns the store manifest."""
+    import shutil
+
     from seekax.storage.atomic import read_json
     from seekax.storage.prep import Session
+    from seekax.storage.tokenizer import load_tokenizer, same_tokenizer
 
     store = data_dir / "store"
     if (store / "manifest.json").exists():
-        return read_json(store / "manifest.json")
+        m = read_json(store / "manifest.json")
+        have = m.get("metadata", {}).get("tokenizer") or {}
+        if (m.get("version", 0) >= 2 and m.get("seq_len") == seq_len + 1
+                and same_tokenizer(have, load_tokenizer(str(Path(tokenizer).absolute())).identity())):
+            return m
+        shutil.rmtree(store)
     paths = write_raw(data_dir / "raw", make_corpus(num_docs, seed))
     sess = Session(data_dir / "work", num_workers=num_workers, executor="inline" if num_workers == 1 else "process")
     try:
         df = sess.read_parquet(paths).repartition(4, hash_by="doc_id").dedupe("doc_id").shuffle(seed=seed)
-        return df.to_sample_store(store, text_column="text", seq_len=seq_len + 1)
+        return df.to_sample_store(store, text_column="text", seq_len=seq_len + 1, tokenizer=tokenizer)
     finally:
         sess.close()
-
-
-def to_model_vocab(tokens: np.ndarray, vocab: int) -> np.ndarray:
-    """Byte-level ids (0..255, EOS=256) -> the model's vocab: ASCII stays, EOS becomes 0 (NUL)."""
-    t = np.asarray(tokens)
-    t = np.where(t == 256, 0, t)
-    return np.where(t < vocab, t, ord("?")).astype(np.int32)

@@ -1,6 +1,9 @@
-"""The end-to-end demo (`seekax demo`): prepare data -> train (DualPipeV over pp, EP over ep, EPLB, async
-checkpoints, a resume check) -> serve (batched decode over paged latent caches, KV-store prefix reuse)
--> report (loss curve, schedule picture, EPLB chart, summary)."""
+"""The end-to-end demo (`seekax demo`): a tiny DeepSeek-V3 written as a Hugging Face directory -> data prepared
+with its tokenizer -> train (its layers as pipeline stages under DualPipeV over pp with F&B overlap of the MoE
+all-to-alls, experts over ep, EPLB, async checkpoints, a resume check) -> save as a Hugging Face directory,
+reload and serve it through `seekax generate`'s code path (continuous batching over paged latent caches,
+KV-store prefix reuse, checked against the full forward) -> report (loss curve, schedule picture, EPLB chart,
+summary)."""
 
 from __future__ import annotations
 
@@ -51,40 +54,45 @@ def main(args) -> int:
     from jax.experimental import multihost_utils
 
     from seekax.demo import report as R
-    from seekax.models import tiny as M
-    from seekax.demo.data import prepare
-    from seekax.demo.train import TrainConfig, Trainer
+    from seekax.demo.data import make_corpus, prepare
+    from seekax.demo.model import TOKENIZER_FILES, make_model_dir
+    from seekax.demo.train import DemoTrainer
+    from seekax.models.checkpoint import load_checkpoint, save_checkpoint
     from seekax.schedules.registry import make_schedule
 
     lead = jax.process_index() == 0
     say = print if lead else (lambda *a, **k: None)
     work, report = Path(args.workdir), Path(args.report)
-    run_dir = work / "run"
+    run_dir, init_dir, trained_dir = work / "run", work / "model-init", work / "model"
     t_start = time.perf_counter()
     devs = jax.devices()
+    schedule = make_schedule(args.schedule, args.pp, args.microbatches)
+    layers = args.layers or max(4, schedule.num_stages)
     say(f"seekax demo: {len(devs)} {devs[0].platform} devices in {jax.process_count()} process(es); "
         f"mesh pp={args.pp} x ep={args.ep}, schedule {args.schedule}")
 
-    # ---- 1. data ----------------------------------------------------------------------------------------
+    # ---- 1. model directory and data -------------------------------------------------------------------
     if lead:
         t0 = time.perf_counter()
-        manifest = prepare(work / "data", num_docs=args.docs, seq_len=args.seq_len, seed=args.seed,
-                           num_workers=2)
-        say(f"[data] {manifest['num_records']} packed rows of {args.seq_len + 1} tokens in "
-            f"{len(manifest['shards'])} shard(s) ({time.perf_counter() - t0:.1f} s)")
         if not args.resume and run_dir.exists():
             shutil.rmtree(run_dir)
+        make_model_dir(init_dir, make_corpus(args.docs, args.seed), num_layers=layers, seed=args.seed)
+        manifest = prepare(work / "data", num_docs=args.docs, seq_len=args.seq_len, seed=args.seed,
+                           tokenizer=init_dir / "tokenizer.json", num_workers=2)
+        say(f"[data] {init_dir}: tiny DeepSeek-V3 ({layers} layers) and a BPE tokenizer trained on the corpus; "
+            f"{manifest['num_records']} packed rows of {args.seq_len + 1} tokens in {len(manifest['shards'])} "
+            f"shard(s) ({time.perf_counter() - t0:.1f} s)")
         report.mkdir(parents=True, exist_ok=True)
     multihost_utils.sync_global_devices("seekax-demo-data")
 
     # ---- 2. train ---------------------------------------------------------------------------------------
-    schedule = make_schedule(args.schedule, args.pp, args.microbatches)
-    layers = args.layers or schedule.num_stages
-    mc = M.ModelConfig(seq_len=args.seq_len, num_layers=layers, num_slots=3 * args.ep)
-    tc = TrainConfig(steps=args.steps, pp=args.pp, ep=args.ep, schedule=args.schedule,
-                     microbatches=args.microbatches, microbatch_size=args.microbatch_size, lr=args.lr,
-                     eplb_every=args.eplb_every, ckpt_every=args.ckpt_every, seed=args.seed)
-    trainer = Trainer(mc, tc, store_path=work / "data" / "store", run_dir=run_dir, log=say)
+    cfg, params = load_checkpoint(init_dir, dtype=np.float32, progress=False)
+    tc = train_config(args)
+    trainer = DemoTrainer(params, cfg, tc, store_path=work / "data" / "store", run_dir=run_dir,
+                          tokenizer=init_dir / "tokenizer.json", log=say)
+    stages = ", ".join(f"{r.start}-{r.stop - 1}" if len(r) > 1 else f"{r.start}" for r in trainer.trainer.stages)
+    say(f"[train] layers per stage: {stages}; MoE stages as attention/dispatch/experts/combine sub-steps "
+        f"(F&B overlap); {tc.redundant_experts} EPLB replica slots a MoE layer")
     if args.resume and trainer.ckpt and trainer.ckpt.latest_step() is not None:
         say(f"[train] resumed from checkpoint step {trainer.restore()}")
     loss_log = (run_dir / "losses.jsonl").open("a") if lead else open(os.devnull, "w")
@@ -111,10 +119,16 @@ def main(args) -> int:
     loss_log.close()
     hist = trainer.history
 
-    # ---- 3. serve ---------------------------------------------------------------------------------------
+    # ---- 3. save, reload, serve -------------------------------------------------------------------------
     serve = {}
     if lead and not args.no_serve:
-        serve = _serve(trainer, mc, work, args.gen, say)
+        from seekax.demo.serve import serve as run_serve
+
+        save_checkpoint(trainer.trainer.model_params(), cfg, trained_dir, progress=False)
+        for name in TOKENIZER_FILES:
+            shutil.copyfile(init_dir / name, trained_dir / name)
+        say(f"[save] trained model written as a Hugging Face directory: {trained_dir}")
+        serve = run_serve(trained_dir, work / "kvstore", demo_prompts(init_dir), args.gen, say)
 
     # ---- 4. report --------------------------------------------------------------------------------------
     if not lead:
@@ -123,20 +137,21 @@ def main(args) -> int:
     sim = schedule.simulate()
     bubble_frac = float(sum(sim.bubble) / (sim.makespan * schedule.num_ranks))
     steady = hist["step_seconds"][min(3, len(hist["step_seconds"]) - 1):] or hist["step_seconds"]
-    tokens_per_step = tc.global_batch * args.seq_len
+    tokens_per_step = tc.microbatches * tc.microbatch_size * args.seq_len
     eplb = hist["eplb"]
     summary = {
         "devices": f"{len(devs)} x {devs[0].platform} in {jax.process_count()} process(es)",
         "mesh": f"pp={args.pp} x ep={args.ep}", "schedule": args.schedule, "layers": layers,
-        "params": M.param_count(trainer.params), "steps": trainer.step,
+        "stages": [[r.start, r.stop] for r in trainer.trainer.stages],
+        "params": int(sum(np.size(x) for x in jax.tree.leaves(params))), "steps": trainer.step,
         "loss_start": float(np.mean(losses[:5])) if losses else None,
         "loss_end": float(np.mean(losses[-5:])) if losses else None,
         "train_tokens_per_s": tokens_per_step / float(np.median(steady)) if steady else None,
         "train_seconds": train_seconds,
         "schedule_bubble_fraction": bubble_frac,
         "eplb_rebalances": len(eplb),
-        "eplb_max_over_mean_before": float(np.mean(eplb[0]["before_max_over_mean"])) if eplb else None,
-        "eplb_max_over_mean_after": float(np.mean(eplb[-1]["after_max_over_mean"])) if eplb else None,
+        "eplb_max_over_mean_before": float(np.mean(eplb[0]["max_over_mean_before"])) if eplb else None,
+        "eplb_max_over_mean_after": float(np.mean(eplb[-1]["max_over_mean_after"])) if eplb else None,
         "ckpt_blocking_ms_first_then_median": ([hist["ckpt_blocking_ms"][0],
                                                 float(np.median(hist["ckpt_blocking_ms"][1:]))]
                                               if len(hist["ckpt_blocking_ms"]) > 1 else hist["ckpt_blocking_ms"]),
@@ -156,9 +171,21 @@ def main(args) -> int:
     return 0
 
 
+def train_config(args):
+    """The demo's training settings from its flags: AdamW with warmup and clipping, one EPLB replica slot a MoE
+    layer per EP rank (loads sampled every 5 steps), MoE stages as overlapping sub-steps."""
+    from seekax.models.train import TrainConfig
+
+    return TrainConfig(steps=args.steps, pp=args.pp, ep=args.ep, schedule=args.schedule,
+                       microbatches=args.microbatches, microbatch_size=args.microbatch_size, lr=args.lr,
+                       warmup=20, clip_norm=1.0, redundant_experts=args.ep if args.eplb_every else 0,
+                       eplb_every=args.eplb_every, stats_every=max(1, min(5, args.eplb_every)), eplb_window=10,
+                       ckpt_every=args.ckpt_every, overlap=True, fp8=True, seed=args.seed)
+
+
 def _resume_check(trainer) -> dict:
     """Compute the next step's loss from memory, then restore the just-written checkpoint (params, optimizer,
-    placement, loader position) and compute it again: a correct resume reproduces it exactly."""
+    placement, load window, loader position) and compute it again: a correct resume reproduces it exactly."""
     trainer.ckpt.wait()
     state = trainer.loader.get_state()
     in_memory = trainer.peek_loss(trainer.next_batch())
@@ -168,56 +195,20 @@ def _resume_check(trainer) -> dict:
     return {"step": trainer.step, "in_memory": in_memory, "restored": restored, "identical": in_memory == restored}
 
 
-def _page_aligned_story(make_corpus, page: int = 64) -> str:
-    """A shared prompt prefix that fills exactly one KV page and ends on the subject of a story's second
-    sentence ("story N: <sentence>. <name>"), the story number's digits chosen to make `page` characters;
-    each request then continues it with its own verb."""
-    for story in make_corpus(500, seed=12345):
-        body = story.split(": ", 1)[1]
-        cut = body.index(". ") + 2
-        text = body[: cut + body[cut:].index(" ")]                   # "<sentence>. <name>"
-        digits = page - len("story : ") - len(text)
-        if 1 <= digits <= 4:
-            return f"story {int('1' + '7' * (digits - 1))}: {text}"
-    raise RuntimeError("no page-aligned story in the generated corpus")
+ASKS = ("alice gives 3", "bob sells 5", "carol sends 2", "dave shows 8", "erin lends 4", "frank sells 7",
+        "grace gives 9", "heidi lends 6")
 
 
-def _serve(trainer, mc, work: Path, gen: int, say) -> dict:
-    """Two batches of requests sharing a one-page (64-token) prompt prefix: the first misses the KV store and
-    fills it, the second reuses the prefix page. Both are checked against the XLA reference decode."""
-    from seekax.demo.data import make_corpus, to_model_vocab
-    from seekax.demo.serve import Server, host_params, open_kv_store, reference_generate
-    from seekax.storage.tokens import encode
+def demo_prompts(model_dir: Path, page: int = 64) -> list[str]:
+    """Eight requests sharing a prompt prefix of more than one KV page (64 tokens of the model's tokenizer):
+    stories in the corpus's style, then each request's own opening of the next sentence."""
+    from seekax.demo.data import make_corpus
+    from seekax.models.tokenizer import Tokenizer
 
-    params = host_params(trainer.params)
-    kv_dir = work / "kvstore"
-    shutil.rmtree(kv_dir, ignore_errors=True)
-    kv = open_kv_store(kv_dir, mc)
-    server = Server(params, mc, kv_store=kv)
-    prefix = to_model_vocab(encode(_page_aligned_story(make_corpus)), mc.vocab)            # 64 tokens: one page
-    asks = [f" {v} {n}" for v, n in zip(("gives", "sells", "sends", "shows", "lends", "sells", "gives", "lends"),
-                                        (3, 5, 2, 8, 4, 7, 9, 6))]
-    prompts = np.stack([np.concatenate([prefix, to_model_vocab(encode(a), mc.vocab)]) for a in asks]).astype(np.int32)
-    say(f"[serve] batch of {len(prompts)} requests, prompt {prompts.shape[1]} tokens ({len(prefix)} shared), "
-        f"generating {gen} each")
-    first = server.generate(prompts, gen)
-    second = server.generate(prompts, gen)
-    ref_tokens, ref_logits = reference_generate(params, mc, prompts, gen)
-    match = bool((ref_tokens == first.tokens).all() and (ref_tokens == second.tokens).all())
-    max_dlogit = float(max(np.abs(ref_logits - first.logits).max(), np.abs(ref_logits - second.logits).max()))
-    stats = kv.stats()
-    kv.close()
-    from seekax.storage.tokens import decode
-
-    for row in first.tokens[:4]:
-        say("   ..." + repr(decode(row[len(prefix) - 24:])))
-    toks = len(prompts) * gen
-    return {
-        "decode_tokens_per_s": toks / second.decode_seconds,
-        "prefill_tokens_per_request_miss_then_hit": [prompts.shape[1] - first.matched_tokens,
-                                                     prompts.shape[1] - second.matched_tokens],
-        "kv_prefix_tokens_reused": second.matched_tokens,
-        "kv_page_hit_rate": stats["hits"] / max(stats["hits"] + stats["misses"], 1),
-        "decode_equals_xla_reference": match,
-        "decode_max_logit_diff_vs_reference": max_dlogit,
-    }
+    tok = Tokenizer(model_dir)
+    shared = ""
+    for story in make_corpus(50, seed=12345):
+        shared = (shared + " " + story.split(": ", 1)[1]).strip()
+        if len(tok.encode(shared)) > page + 8:
+            return [f"{shared} {a}" for a in ASKS]
+    raise RuntimeError("the generated stories are too short for a one-page prompt prefix")

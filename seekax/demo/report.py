@@ -34,15 +34,15 @@ def eplb_chart(records: list[dict[str, Any]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
     if records:
-        layers = len(records[0]["before_max_over_mean"])
+        layers = len(records[0]["max_over_mean_before"])
         x = np.arange(layers)
         w = 0.8 / (2 * len(records))
         for i, r in enumerate(records):
-            ax.bar(x + (2 * i) * w, r["before_max_over_mean"], w, color="#c55a11", alpha=0.5 + 0.5 * i / len(records),
+            ax.bar(x + (2 * i) * w, r["max_over_mean_before"], w, color="#c55a11", alpha=0.5 + 0.5 * i / len(records),
                    label="before" if i == 0 else None)
-            ax.bar(x + (2 * i + 1) * w, r["after_max_over_mean"], w, color="#2e75b6",
+            ax.bar(x + (2 * i + 1) * w, r["max_over_mean_after"], w, color="#2e75b6",
                    alpha=0.5 + 0.5 * i / len(records), label="after" if i == 0 else None)
-        ax.set_xticks(x + 0.4 - w / 2, [f"layer {i}" for i in range(layers)])
+        ax.set_xticks(x + 0.4 - w / 2, [f"MoE #{i}" for i in range(layers)])
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_ylabel("max / mean GPU load")
     ax.set_title("EPLB rebalances (each pair: one rebalance)")

@@ -11,7 +11,7 @@ dense single-device oracle (every expert on every token, float32).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,8 +58,9 @@ class MoeConfig:
         if self.top_k > self.topk_group * (self.num_experts // self.n_groups):
             raise fail("top_k", self.top_k, f"<= topk_group * experts per group = "
                        f"{self.topk_group * (self.num_experts // self.n_groups)}")
-        if self.fp8 and (self.hidden % 128 or self.moe_inter % 128):
-            raise fail("hidden", self.hidden, "hidden and moe_inter multiples of 128 when fp8=True")
+        for name in ("hidden", "moe_inter"):
+            if self.fp8 and getattr(self, name) % 128:
+                raise fail(name, getattr(self, name), "a multiple of 128 when fp8=True (the FP8 expert GEMMs' blocks)")
 
 
 def init_moe_params(key: jax.Array, cfg: MoeConfig, *, dtype=jnp.bfloat16, num_slots: int | None = None) -> dict:
@@ -233,6 +234,64 @@ def validate_moe_layer(x, params: dict, cfg: MoeConfig, ep_size: int, placement)
     return slots
 
 
+class Routed(NamedTuple):
+    """`moe_route`'s result for this rank's tokens: logical top-k ids and weights [T, K], the physical slots
+    the rows go to [T, K] (the replicas' with an EPLB placement, else the logical ids), and this rank's
+    logical load [E] int32 (`moe_layer` sums it over the EP axis)."""
+
+    topk_idx: jax.Array
+    topk_weights: jax.Array
+    phys: jax.Array
+    load: jax.Array
+
+
+def moe_route(x: jax.Array, params: dict, *, cfg: MoeConfig, axis_name=None, placement=None) -> Routed:
+    """The gate, and with a placement each chosen expert's replica: the first piece of `moe_layer` (its
+    arguments' shapes are checked here)."""
+    validate_moe_layer(x, params, cfg, axis_size(axis_name), placement)
+    topk_idx, topk_w = route(x, params["gate"], params["gate_bias"], cfg)                    # [T, K] each
+    load = (topk_idx[:, :, None] == jnp.arange(cfg.num_experts)).sum((0, 1), dtype=jnp.int32)   # [E]
+    phys = topk_idx
+    if placement is not None:
+        from seekax.ops.replica_routing import route_to_replicas
+
+        phys = route_to_replicas(topk_idx, placement[0], placement[1], token_offset=axis_index(axis_name) * x.shape[0])
+    return Routed(topk_idx, topk_w, phys, load)
+
+
+def moe_dispatch(x: jax.Array, routed: Routed, params: dict, *, cfg: MoeConfig, axis_name=None,
+                 transport: str = "auto", capacity: int | None = None, drop: bool = False) -> ep.Dispatched:
+    """The rows to the ranks holding their experts' slots (`ep_dispatch`): moe_layer's communication out."""
+    slots = params["w1"].shape[0] * axis_size(axis_name)
+    return ep.ep_dispatch(x, routed.phys, routed.topk_weights, transport=transport,
+                          num_experts=slots, axis_name=axis_name, fp8=cfg.fp8, capacity=capacity, drop=drop,
+                          check_ids=False)
+
+
+def moe_experts(d: ep.Dispatched, params: dict, *, cfg: MoeConfig, dtype, backend: str = "auto") -> jax.Array:
+    """This rank's routed experts on the rows it received: [R, H] weighted rows in receive order for the normal
+    transports, [E_local, R, H] per-expert buffers for low latency (weighted in the combine)."""
+    if d.x.ndim == 3:
+        return _experts_masked(d.x, d.x_scale, d.num_recv, params, cfg, dtype, backend)       # [G, P*M, H]
+    pm = perm.make_permutation(d.topk_idx, params["w1"].shape[0])
+    rows = perm.permute(d.x, pm, backend=backend)                                             # [M, H]
+    scale = None if d.x_scale is None else perm.permute(d.x_scale, pm)                       # tiny rows: XLA
+    out = _experts_contiguous(rows, scale, pm.group_sizes, params, cfg, dtype, backend)      # [M, H]
+    return perm.unpermute(out, pm, d.topk_weights)                                           # [R, H]
+
+
+def moe_combine(out: jax.Array, handle: ep.DispatchHandle) -> jax.Array:
+    """The experts' rows back to their tokens, summed per token (`ep_combine`): moe_layer's communication back."""
+    return ep.ep_combine(out, handle, weighted=out.ndim == 3)
+
+
+def moe_shared(x: jax.Array, params: dict, *, cfg: MoeConfig, backend: str = "auto") -> jax.Array | None:
+    """The shared experts on this rank's tokens [T, H] (float32), or None without them."""
+    if not cfg.shared:
+        return None
+    return _swiglu_dense(x, params["shared_w1"], params["shared_w3"], params["shared_w2"], backend).astype(jnp.float32)
+
+
 def moe_layer(x: jax.Array, params: dict, *, cfg: MoeConfig, axis_name=None, placement=None,
               transport: str = "auto", capacity: int | None = None, drop: bool = False,
               backend: str = "auto") -> tuple[jax.Array, dict[str, Any]]:
@@ -244,39 +303,22 @@ def moe_layer(x: jax.Array, params: dict, *, cfg: MoeConfig, axis_name=None, pla
     "low_latency" (fixed buffers, masked GEMM, weighted combine). backend: the FP8 GEMMs' and the permute's.
     aux: tokens_per_expert [E] int32 (logical, summed over the EP axis: EPLB's load), num_dropped [] (summed),
     topk_idx [T, K], topk_weights [T, K]. Differentiable on the bf16/f32 path (fp8=False).
-    """
-    p = axis_size(axis_name)
-    slots = validate_moe_layer(x, params, cfg, p, placement)
-    t = x.shape[0]
-    topk_idx, topk_w = route(x, params["gate"], params["gate_bias"], cfg)                    # [T, K] each
-    load = (topk_idx[:, :, None] == jnp.arange(cfg.num_experts)).sum((0, 1), dtype=jnp.int32)   # [E]
-    if placement is not None:
-        from seekax.ops.replica_routing import route_to_replicas
 
-        phys = route_to_replicas(topk_idx, placement[0], placement[1], token_offset=axis_index(axis_name) * t)
-    else:
-        phys = topk_idx
-    local = params["w1"].shape[0]
-    kw = dict(num_experts=slots, axis_name=axis_name, fp8=cfg.fp8, capacity=capacity, drop=drop, check_ids=False)
-    if ep.resolve_transport(transport) == "low_latency":
-        d = ep.ep_dispatch(x, phys, topk_w, transport="low_latency", **kw)
-        out = _experts_masked(d.x, d.x_scale, d.num_recv, params, cfg, x.dtype, backend)      # [G, P*M, H]
-        routed = ep.ep_combine(out, d.handle, weighted=True)
-    else:
-        d = ep.ep_dispatch(x, phys, topk_w, transport=transport, **kw)
-        pm = perm.make_permutation(d.topk_idx, local)
-        rows = perm.permute(d.x, pm, backend=backend)                                         # [M, H]
-        scale = None if d.x_scale is None else perm.permute(d.x_scale, pm)                   # tiny rows: XLA
-        out = _experts_contiguous(rows, scale, pm.group_sizes, params, cfg, x.dtype, backend)  # [M, H]
-        routed = ep.ep_combine(perm.unpermute(out, pm, d.topk_weights), d.handle)            # [T, H]
-    y = routed
-    if cfg.shared:
-        y = (y.astype(jnp.float32) + _swiglu_dense(x, params["shared_w1"], params["shared_w3"], params["shared_w2"],
-                                                   backend).astype(jnp.float32)).astype(x.dtype)
-    dropped = d.num_dropped
+    The same computation in pieces, for pipelines that overlap one micro-batch's communication with another's
+    computation: `moe_route` -> `moe_dispatch` (communication) -> `moe_experts` and `moe_shared` ->
+    `moe_combine` (communication).
+    """
+    r = moe_route(x, params, cfg=cfg, axis_name=axis_name, placement=placement)
+    d = moe_dispatch(x, r, params, cfg=cfg, axis_name=axis_name, transport=transport, capacity=capacity, drop=drop)
+    y = moe_combine(moe_experts(d, params, cfg=cfg, dtype=x.dtype, backend=backend), d.handle)
+    shared = moe_shared(x, params, cfg=cfg, backend=backend)
+    if shared is not None:
+        y = (y.astype(jnp.float32) + shared).astype(x.dtype)
+    load, dropped = r.load, d.num_dropped
     if axis_name is not None:
         load, dropped = jax.lax.psum(load, axis_name), jax.lax.psum(dropped, axis_name)
-    return y, {"tokens_per_expert": load, "num_dropped": dropped, "topk_idx": topk_idx, "topk_weights": topk_w}
+    return y, {"tokens_per_expert": load, "num_dropped": dropped, "topk_idx": r.topk_idx,
+               "topk_weights": r.topk_weights}
 
 
 def moe_reference(x: jax.Array, params: dict, *, cfg: MoeConfig) -> jax.Array:

@@ -207,3 +207,69 @@ class Generator:
             rows = jnp.asarray(tables[s, :full])
             pages = np.stack([np.asarray(c.pages[rows, :, 0]) for c in caches], axis=2)  # [full, page, L, latent]
             self.kv.put_pages(ids[: full * self.page], pages.astype(self.kv.dtype))
+
+
+class DirectoryGenerator:
+    """A Hugging Face checkpoint directory ready to serve: its tokenizer, its params (float weights cast to
+    `dtype`, or quantised to FP8 with `quantize`) and `Generator`s sized per call. What `seekax generate` runs.
+
+    dtype "auto": bfloat16 on a GPU, float32 elsewhere (FP8 weights stay FP8). kv_store: a `KVPageStore`
+    folder for prompt-prefix reuse (pages of `page_size` tokens), kept open until `close()`."""
+
+    def __init__(self, model_dir, *, dtype: str = "auto", quantize: bool = False, kv_store=None,
+                 max_batch: int = 8, page_size: int = 64, backend: str = "auto", progress: bool = False):
+        import ml_dtypes
+
+        from seekax.ir.validate import check_choice
+        from seekax.models.checkpoint import load_checkpoint
+        from seekax.models.deepseek_config import load_config
+        from seekax.models.tokenizer import Tokenizer
+
+        check_choice("dtype", dtype, ("auto", "float32", "bfloat16"))
+        check_int("max_batch", max_batch, min_value=1)
+        self.model_dir, self.max_batch, self.page, self.backend = model_dir, max_batch, page_size, backend
+        cfg = load_config(model_dir)
+        self.tokenizer = Tokenizer(model_dir)
+        if dtype == "auto":
+            dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
+        self.dtype = dtype
+        self.cfg, self.params = load_checkpoint(model_dir, cfg,
+                                                dtype=ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32,
+                                                quantize=quantize, mtp=False, progress=progress)
+        self.kv = None
+        if kv_store is not None:
+            from seekax.storage.kv_store import KVPageStore
+
+            self.kv = KVPageStore(kv_store, page_shape=(page_size, self.cfg.num_layers, self.cfg.mla.latent_dim),
+                                  dtype=dtype, capacity_pages=4096)
+        tok_eos = self.tokenizer.eos_id
+        self.eos_ids = tuple(self.cfg.eos_ids or ((tok_eos,) if tok_eos is not None else ()))
+        self._generators: dict[tuple[int, int], Generator] = {}
+
+    def encode(self, texts: list[str], *, chat: bool = False) -> list[list[int]]:
+        """Prompt ids as the directory's tokenizer.json encodes them (its post-processor adds BOS, say); with
+        chat, each text becomes one user message rendered by the chat template."""
+        tok = self.tokenizer
+        return [tok.encode_chat([{"role": "user", "content": t}]) if chat else tok.encode(t) for t in texts]
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig = SamplingConfig()) -> GenerateResult:
+        """Generate for prompt ids (continuous batching; the Generator for this batch and length is compiled
+        once and reused by later calls of the same size)."""
+        if not prompts:
+            raise fail("prompts", [], "at least one prompt")
+        longest = max(len(p) for p in prompts) + sampling.max_new_tokens
+        key = (min(self.max_batch, len(prompts)), cdiv(longest, self.page) * self.page)
+        gen = self._generators.get(key)
+        if gen is None:
+            gen = self._generators[key] = Generator(
+                self.params, self.cfg, max_batch=key[0], max_seq_len=key[1], page_size=self.page,
+                backend=self.backend, kv_store=self.kv, cache_dtype=self.dtype)
+        return gen.generate(prompts, sampling, eos_ids=self.eos_ids)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(ids)
+
+    def close(self) -> None:
+        if self.kv is not None:
+            self.kv.close()
+            self.kv = None

@@ -25,11 +25,11 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from seekax.ir.validate import check_choice, check_int, fail
-from seekax.models.deepseek import decoder_layer, logits_from_hidden, loss_fn
+from seekax.models.deepseek import loss_fn
 from seekax.models.deepseek_config import DeepseekConfig
+from seekax.models.stages import EXPERT_LEAVES, merge_stages, split_layers, split_stages, stage_fns, stage_specs
 
 SCHEDULES = ("1f1b", "gpipe", "zb1p", "interleaved", "dualpipe", "dualpipev")
-EXPERT_LEAVES = ("w1", "w2", "w3")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -43,105 +43,43 @@ class TrainConfig:
     microbatches: int = 4
     microbatch_size: int = 4
     lr: float = 1e-4
+    warmup: int = 0                   # > 0: linear warmup over these steps, then cosine decay to lr / 10
+    clip_norm: float = 0.0            # > 0: clip gradients to this global norm
     weight_decay: float = 0.0
     ckpt_every: int = 0
     redundant_experts: int = 0        # EPLB replicas a MoE layer (0: no EPLB)
     eplb_every: int = 0               # rebalance every N steps (with redundant_experts > 0)
-    eplb_window: int = 8              # batches whose expert loads the rebalance sees
+    eplb_window: int = 8              # expert-load samples the rebalance sees
+    stats_every: int = 1              # with EPLB: sample the expert loads of every N-th batch
+    overlap: bool = False             # MoE stages as sub-steps: F&B overlaps one stream's all-to-all with the
+                                      # other's compute (DualPipe / DualPipeV)
     fp8: bool = False                 # attention and dense/shared MLP projections through FP8 GEMMs
     mtp_weight: float = 0.0           # lambda of the multi-token-prediction loss (0: MTP modules not trained)
     seed: int = 0
 
     def __post_init__(self):
         check_choice("schedule", self.schedule, SCHEDULES)
-        for name in ("steps", "pp", "ep", "microbatches", "microbatch_size", "eplb_window"):
+        for name in ("steps", "pp", "ep", "microbatches", "microbatch_size", "eplb_window", "stats_every"):
             check_int(name, getattr(self, name), min_value=1)
-        for name in ("ckpt_every", "redundant_experts", "eplb_every"):
+        for name in ("ckpt_every", "redundant_experts", "eplb_every", "warmup"):
             check_int(name, getattr(self, name), min_value=0)
         if self.microbatch_size % self.ep:
             raise fail("microbatch_size", self.microbatch_size, f"a multiple of ep={self.ep}")
-        if not (isinstance(self.mtp_weight, (int, float)) and self.mtp_weight >= 0):
-            raise fail("mtp_weight", self.mtp_weight, "a number >= 0")
+        for name in ("mtp_weight", "clip_norm", "weight_decay"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0):
+                raise fail(name, v, "a number >= 0")
+        if not isinstance(self.overlap, bool):
+            raise fail("overlap", self.overlap, "True or False")
 
-
-def split_layers(num_layers: int, num_stages: int) -> list[range]:
-    """Contiguous runs of layers, as even as possible, earlier stages taking the remainder."""
-    if num_layers < num_stages:
-        raise fail("num_hidden_layers", num_layers, f">= the schedule's {num_stages} stages (one layer a stage)")
-    base, extra = divmod(num_layers, num_stages)
-    out, at = [], 0
-    for s in range(num_stages):
-        n = base + (s < extra)
-        out.append(range(at, at + n))
-        at += n
-    return out
-
-
-def split_stages(params: dict, stages: list[range]) -> list[dict]:
-    """The model's params as one tree per stage: {"embed"} on the first, {"norm", "head"} on the last."""
-    if "head" not in params:
-        raise fail("params['head']", "missing (tied embeddings)", "an untied head: the first and last pipeline "
-                   "stages cannot share the embedding")
-    out = []
-    for s, layers in enumerate(stages):
-        p: dict[str, Any] = {"layers": [params["layers"][i] for i in layers]}
-        if s == 0:
-            p["embed"] = params["embed"]
-        if s == len(stages) - 1:
-            p["norm"], p["head"] = params["norm"], params["head"]
-        out.append(p)
-    return out
-
-
-def merge_stages(stage_params: list[dict], params_like: dict | None = None, *, logical: bool = True) -> dict:
-    """The inverse of `split_stages` (MTP modules, not trained here, taken from params_like). logical: EPLB
-    replicas collapse to one slot per expert (its first replica; host arrays); else they stay (jit-able)."""
-    params = {"embed": stage_params[0]["embed"], "norm": stage_params[-1]["norm"], "head": stage_params[-1]["head"],
-              "layers": [_logical(layer) if logical else layer for p in stage_params for layer in p["layers"]]}
-    if params_like is not None and "mtp" in params_like:
-        params["mtp"] = params_like["mtp"]
-    return params
-
-
-def _logical(layer: dict) -> dict:
-    moe = layer.get("moe")
-    if moe is None or "log2phy" not in moe:
-        return layer
-    first = np.asarray(moe["log2phy"])[:, 0].astype(np.int64)                       # [E] a slot of each expert
-    moe = {k: (np.asarray(v)[first] if k in EXPERT_LEAVES else v) for k, v in moe.items()
-           if k not in ("log2phy", "logcnt")}
-    return {**layer, "moe": moe}
-
-
-def stage_fns(cfg: DeepseekConfig, stages: list[range], ep_axis: str | None, backend: str = "auto",
-              with_hidden: bool = False) -> list:
-    """One function per stage: f(stage_params, x) -> next x (token ids -> hidden -> ... -> logits, or
-    (logits, final hidden state) with_hidden: what the MTP modules continue from)."""
-    fns = []
-    for s, layers in enumerate(stages):
-        first, last = s == 0, s == len(stages) - 1
-
-        def fn(p, x, layers=layers, first=first, last=last):
-            h = jnp.take(p["embed"], x, axis=0) if first else x                      # [b, S, H]
-            for j, i in enumerate(layers):
-                h, _ = decoder_layer(p["layers"][j], h, cfg, i, ep_axis=ep_axis, backend=backend)
-            if not last:
-                return h
-            return (logits_from_hidden(p, h, cfg), h) if with_hidden else logits_from_hidden(p, h, cfg)
-
-        fns.append(fn)
-    return fns
-
-
-def stage_specs(stage_params: list[dict], ep_axis: str | None) -> list:
-    """PartitionSpecs of each stage's per-stage dims: routed expert weights split over `ep_axis`."""
-    def spec(path, leaf):
-        names = [getattr(k, "key", None) for k in path]
-        if ep_axis and "moe" in names and names[-1] in EXPERT_LEAVES:
-            return P(ep_axis, *([None] * (leaf.ndim - 1)))
-        return P(*([None] * leaf.ndim))
-
-    return [jax.tree_util.tree_map_with_path(spec, p) for p in stage_params]
+    def optimizer(self) -> optax.GradientTransformation:
+        """AdamW at lr (warmup then cosine decay with warmup > 0), after clipping with clip_norm > 0."""
+        lr = self.lr
+        if self.warmup:
+            lr = optax.warmup_cosine_decay_schedule(0.0, self.lr, self.warmup, max(self.steps, self.warmup + 1),
+                                                    self.lr * 0.1)
+        adam = optax.adamw(lr, weight_decay=self.weight_decay)
+        return optax.chain(optax.clip_by_global_norm(self.clip_norm), adam) if self.clip_norm else adam
 
 
 class Trainer:
@@ -149,7 +87,7 @@ class Trainer:
 
     def __init__(self, params: dict, cfg: DeepseekConfig, tcfg: TrainConfig, *, devices=None, backend: str = "auto"):
         from seekax.layers.linear import Fp8Weight
-        from seekax.layers.pipeline import make_pipeline_train_step, make_pipeline_value_and_grad
+        from seekax.layers.pipeline import make_pipeline_value_and_grad
         from seekax.schedules.registry import make_schedule
 
         if any(isinstance(x, Fp8Weight) for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Fp8Weight))):
@@ -176,28 +114,26 @@ class Trainer:
         self.params = jax.device_put(split_stages(params, self.stages), replicated)
         frozen = jax.tree_util.tree_map_with_path(lambda path, _: _key(path) not in ("log2phy", "logcnt"),
                                                   self.params)
-        self.opt = optax.masked(optax.adamw(tcfg.lr, weight_decay=tcfg.weight_decay), frozen)
+        self.opt = optax.masked(tcfg.optimizer(), frozen)
         self.opt_state = jax.device_put(self.opt.init(self.params), replicated)
         self.mtp = None
         if tcfg.mtp_weight:
             if not params.get("mtp"):
                 raise fail("mtp_weight", tcfg.mtp_weight, "0 for a model without MTP modules in its params")
             self.mtp = jax.device_put(params["mtp"], replicated)
-            self.mtp_opt = optax.adamw(tcfg.lr, weight_decay=tcfg.weight_decay)
+            self.mtp_opt = tcfg.optimizer()
             self.mtp_opt_state = jax.device_put(self.mtp_opt.init(self.mtp), replicated)
-            self._full = make_pipeline_value_and_grad(
-                self.schedule, stage_fns(cfg, self.stages, "ep", backend, with_hidden=True),
-                mtp_loss_fn(cfg, tcfg.mtp_weight, backend), mesh=self.mesh,
-                param_specs=stage_specs(self.params, "ep"), batch_spec=P("ep"), with_loss_params=True)
             self._mtp_apply = jax.jit(self._mtp_apply_fn, out_shardings=replicated)
-        else:
-            self._step = make_pipeline_train_step(self.schedule, stage_fns(cfg, self.stages, "ep", backend),
-                                                  loss_fn, mesh=self.mesh, param_specs=stage_specs(self.params, "ep"),
-                                                  batch_spec=P("ep"))
+        mtp = self.mtp is not None
+        self.stage_fns = stage_fns(cfg, self.stages, "ep", backend, with_hidden=mtp, overlap=tcfg.overlap)
+        self._full = make_pipeline_value_and_grad(
+            self.schedule, self.stage_fns, mtp_loss_fn(cfg, tcfg.mtp_weight, backend) if mtp else loss_fn,
+            mesh=self.mesh, param_specs=stage_specs(self.params, "ep"), batch_spec=P("ep"), with_loss_params=mtp)
         # replicated in, replicated out: the next step reuses the compiled pipeline program
         self._apply = jax.jit(self._apply_fn, out_shardings=replicated)
         self._loads = jax.jit(self._loads_fn)
-        self.window: list[np.ndarray] = []
+        self.window = np.zeros((tcfg.eplb_window, len(self.moe_layers), cfg.moe.num_experts), np.float32)
+        self.window_count = 0                       # samples added (the window keeps the last eplb_window)
         self.step_count = 0
         self.history: list[dict] = []
         self.eplb_history: list[dict] = []
@@ -262,7 +198,7 @@ class Trainer:
         """EPLB on the load window: new placement; expert weights and Adam moments follow their experts."""
         from seekax.layers.eplb import rebalance
 
-        load = np.sum(self.window, axis=0).astype(np.float64)                         # [MoE layers, E]
+        load = self.window.sum(0).astype(np.float64)                                   # [MoE layers, E]
         before = self.placement.balance(load, self.tcfg.ep)
         new, plan = rebalance(load, self.placement, num_groups=self.cfg.moe.n_groups, num_nodes=1,
                               num_gpus=self.tcfg.ep)
@@ -307,24 +243,47 @@ class Trainer:
         m, b = self.tcfg.microbatches, self.tcfg.microbatch_size
         if tokens.ndim != 3 or tokens.shape[:2] != (m, b) or tokens.shape[2] < 2:
             raise fail("tokens.shape", tuple(tokens.shape), f"[microbatches={m}, microbatch_size={b}, seq_len + 1]")
+        out = self._full(self.params, self._loss_params(), tokens[..., :-1], tokens[..., 1:])
         if self.mtp is None:
-            return self._step(self.params, tokens[..., :-1], tokens[..., 1:])
-        lp = {"embed": self.params[0]["embed"], "head": self.params[-1]["head"], "mtp": self.mtp}
-        out = self._full(self.params, lp, tokens[..., :-1], tokens[..., 1:])
+            return out.loss, out.grads
         grads = list(out.grads)                                 # embedding and head are shared with the MTP modules
         grads[0] = {**grads[0], "embed": grads[0]["embed"] + out.loss_grads["embed"]}
         grads[-1] = {**grads[-1], "head": grads[-1]["head"] + out.loss_grads["head"]}
         self.mtp_grads = out.loss_grads["mtp"]
         return out.loss, grads
 
+    def _loss_params(self):
+        if self.mtp is None:
+            return ()
+        return {"embed": self.params[0]["embed"], "head": self.params[-1]["head"], "mtp": self.mtp}
+
+    def lower(self, tokens):
+        """The pipelined value-and-grad step lowered for tokens' shape (`jax.stages.Lowered`): its HLO shows the
+        schedule's ticks and, with overlap, the F&B streams (`seekax.lowering.pipeline_hlo`)."""
+        tokens = jnp.asarray(tokens, jnp.int32)
+        return self._full.lower(self.params, self._loss_params(), tokens[..., :-1], tokens[..., 1:])
+
+    def observe(self, tokens) -> np.ndarray:
+        """Add the expert loads of a batch's inputs (tokens [M, b, S + 1]) to the EPLB window: tokens routed to
+        each logical expert, [MoE layers, E], by the unpipelined model. Every process sees the whole batch (a
+        batch spread over processes is gathered first), so all make the same rebalancing decision."""
+        if isinstance(tokens, jax.Array) and not tokens.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            tokens = multihost_utils.process_allgather(tokens, tiled=True)
+        t = np.asarray(tokens)[..., :-1]
+        host = jax.device_get(self.params)       # the unpipelined model, outside the mesh's explicit axes
+        load = np.asarray(self._loads(host, jnp.asarray(t.reshape(-1, t.shape[-1]))), np.float32)
+        self.window[self.window_count % len(self.window)] = load
+        self.window_count += 1
+        return load
+
     def train_step(self, tokens) -> float:
+        """One optimizer step on tokens [M, b, S + 1] (inputs and shifted targets): the loss before the step."""
         t0 = time.perf_counter()
         eplb = self.placement is not None and self.tcfg.eplb_every > 0
-        if eplb:                                                   # expert loads of this batch, for the window
-            t = np.asarray(tokens)[..., :-1]
-            host = jax.device_get(self.params)       # the unpipelined model, outside the mesh's explicit axes
-            load = np.asarray(self._loads(host, jnp.asarray(t.reshape(-1, t.shape[-1]))))
-            self.window = (self.window + [load])[-self.tcfg.eplb_window:]
+        if eplb and self.step_count % self.tcfg.stats_every == 0:
+            self.observe(tokens)
         loss, grads = self.loss_and_grads(tokens)
         phy2log = None if self.placement is None else jnp.asarray(self.placement.phy2log, jnp.int32)
         self.params, self.opt_state = self._apply(self.params, self.opt_state, grads, phy2log)
@@ -336,6 +295,50 @@ class Trainer:
         loss = float(loss)
         self.history.append({"step": self.step_count, "loss": loss, "seconds": time.perf_counter() - t0})
         return loss
+
+    def peek_loss(self, tokens) -> float:
+        """The loss the next `train_step` would report on tokens, changing no state."""
+        return float(self.loss_and_grads(tokens)[0])
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------
+    def _state(self) -> tuple[dict, Any]:
+        """Everything the next step depends on, as (model, opt_state) trees for `TrainCheckpointer`: per-stage
+        params (EPLB tables inside), the load window, the MTP modules and their optimizer state."""
+        put = lambda x: jax.device_put(jnp.asarray(x), self._replicated)  # noqa: E731
+        model = {"params": self.params, "window": put(self.window), "window_count": put(self.window_count),
+                 "step": put(self.step_count)}
+        opt = {"stages": self.opt_state}
+        if self.mtp is not None:
+            model["mtp"], opt["mtp"] = self.mtp, self.mtp_opt_state
+        return model, opt
+
+    def save(self, ckpt, loader_state: dict | None = None):
+        """Start an async save of this step into ckpt (a `TrainCheckpointer`) with the loader's position."""
+        model, opt = self._state()
+        return ckpt.save(self.step_count, model=model, opt_state=opt, loader_state=loader_state)
+
+    def restore(self, ckpt, step: int | None = None) -> dict:
+        """Replace params, optimizer state, EPLB placement and window with checkpoint `step`'s (latest when None);
+        returns its loader state. The next step then computes what it would have computed after that save."""
+        model_t, opt_t = self._state()
+        model, opt, loader_state = ckpt.restore(step, model_target=model_t, opt_target=opt_t)
+        self.params, self.opt_state = model["params"], opt["stages"]
+        if self.mtp is not None:
+            self.mtp, self.mtp_opt_state = model["mtp"], opt["mtp"]
+        self.window = np.array(model["window"], np.float32)
+        self.window_count, self.step_count = int(model["window_count"]), int(model["step"])
+        if self.placement is not None:
+            from seekax.ir.placement import ExpertPlacement
+
+            phy2log = np.zeros_like(self.placement.phy2log)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(self.params)):
+                where = self._where(path)
+                if where is not None and _key(path) == "log2phy":
+                    log2phy = np.asarray(leaf).astype(np.int64)                        # [E, maxcnt], -1 padded
+                    for e, c in zip(*np.nonzero(log2phy >= 0)):
+                        phy2log[where[1], log2phy[e, c]] = e
+            self.placement = ExpertPlacement.from_phy2log(phy2log, self.cfg.moe.num_experts)
+        return loader_state
 
     def model_params(self) -> dict:
         """The trained params in the model's layout (`seekax.models.deepseek`), as host arrays."""

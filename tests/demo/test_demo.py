@@ -1,6 +1,8 @@
-"""The end-to-end demo, shortened: trains (loss falls), serves (decode equals the XLA reference decode),
-survives a SIGKILL (the resumed run reproduces the uninterrupted run's losses exactly), and runs as two
-JAX processes on loopback with the same losses as one process."""
+"""The end-to-end demo, shortened: writes a tiny DeepSeek-V3 as a Hugging Face directory, trains it under
+DualPipeV with overlapped MoE sub-steps (loss falls), saves and reloads it, serves it through `seekax
+generate`'s code path (greedy decode equals the full forward, the second round reuses the KV store's pages),
+survives a SIGKILL (the resumed run reproduces the uninterrupted run's losses exactly), and runs as two JAX
+processes on loopback with the same losses as one process."""
 
 import json
 import os
@@ -52,14 +54,20 @@ def test_demo_trains_serves_and_reports(full_run):
     assert sorted(losses) == list(range(1, 9))
     assert losses[8] < losses[1] - 0.5, losses  # the loss falls
     summary = json.loads((d / "r" / "summary.json").read_text())
-    assert summary["decode_equals_xla_reference"] is True
+    assert summary["stages"] == [[0, 1], [1, 2], [2, 3], [3, 4]]      # one layer a stage: embed+dense ... MoE+head
+    assert summary["decode_equals_full_forward"] is True
     assert summary["resume_next_loss_identical"] is True
-    assert summary["kv_prefix_tokens_reused"] == 64 and summary["kv_page_hit_rate"] == 0.5
+    # 8 requests whose prompts share their first 64-token page: the second round takes each from the KV store
+    assert summary["prompt_tokens_reused_miss_then_hit"] == [0, 8 * 64] and summary["kv_page_hit_rate"] == 0.5
     assert summary["eplb_rebalances"] == 2
     assert summary["eplb_max_over_mean_after"] <= summary["eplb_max_over_mean_before"]
     for name in ("loss_curve.png", "schedule.png", "eplb_balance.png", "summary.txt"):
         assert (d / "r" / name).stat().st_size > 0, name
     assert "seekax demo summary" in stdout
+    from seekax.models.deepseek_config import load_config
+
+    cfg = load_config(d / "w" / "model")                               # the trained model, a servable directory
+    assert cfg.num_layers == 4 and (d / "w" / "model" / "tokenizer.json").is_file()
 
 
 def test_kill_and_resume_reproduces_the_uninterrupted_losses(full_run, tmp_path):

@@ -124,3 +124,93 @@ def test_mtp_loss_and_gradients_equal_the_unpipelined_model(rng):
     assert max(rel_err(a, b) for a, b in pairs) < 1e-4
     tr.train_step(tokens)
     assert set(tr.model_params()["mtp"][0]) == {"eh_proj", "enorm", "hnorm", "layer", "norm"}
+
+
+def _four_layer_model():
+    """v3_qlora_grouped with 4 layers (1 dense + 3 MoE): DualPipeV on pp=2 has 4 stages, one layer each."""
+    from seekax.models.deepseek import init_params
+    from seekax.models.deepseek_config import from_hf_config
+
+    with open(os.path.join(DATA, "v3_qlora_grouped", "config.json")) as f:
+        hf = json.load(f)
+    cfg = from_hf_config({**hf, "num_hidden_layers": 4, "num_nextn_predict_layers": 0})
+    return cfg, jax.tree.map(np.asarray, init_params(jax.random.key(3), cfg))
+
+
+@pytest.mark.slow
+def test_overlapped_moe_stages_equal_the_unpipelined_model_and_keep_the_streams_apart(rng):
+    """DeepSeek-V3's F&B overlap on the real model: MoE stages as attention / dispatch / experts / combine
+    sub-steps under DualPipeV over (pp=2, ep=2). The loss and every gradient equal value_and_grad of the
+    unpipelined model (with EPLB replica slots), and in the lowered program no data dependency runs from one
+    F&B stream's all-to-all to the other stream's computation."""
+    from seekax.layers.pipeline import Stage
+    from seekax.lowering.pipeline_hlo import fb_stream_reports
+
+    cfg, params = _four_layer_model()
+    tokens = rng.integers(0, cfg.vocab, (4, 2, 9)).astype(np.int32)
+    tcfg = TrainConfig(pp=2, ep=2, schedule="dualpipev", microbatches=4, microbatch_size=2, lr=1e-3, overlap=True,
+                       redundant_experts=2)
+    tr = Trainer(params, cfg, tcfg, backend="xla")
+    assert tr.stages == [range(i, i + 1) for i in range(4)]
+    assert not isinstance(tr.stage_fns[0], Stage)                           # embedding + dense layer: one function
+    names = [[s.name for s in st.substeps] for st in tr.stage_fns[1:]]
+    assert names[0] == ["attention1", "dispatch1", "experts1", "combine1"]
+    assert names[-1] == ["attention3", "dispatch3", "experts3", "combine3", "head"]
+    assert [s.comm for s in tr.stage_fns[1].substeps] == [False, True, False, True]
+    loss, grads = tr.loss_and_grads(tokens)
+
+    def ref(p):
+        logits, _ = forward(p, jnp.asarray(tokens[..., :-1].reshape(8, 8)), cfg, backend="xla")
+        return loss_fn(logits, jnp.asarray(tokens[..., 1:].reshape(8, 8)))
+
+    want_loss, want = jax.value_and_grad(ref)(jax.tree.map(jnp.asarray, params))
+    assert abs(float(loss) - float(want_loss)) <= 1e-5 * abs(float(want_loss))
+    got = merge_stages(jax.device_get(grads), logical=False)
+    for j in range(1, 4):                                 # replica slots: each slot's gradient sums to its expert's
+        moe = got["layers"][j]["moe"]
+        p2l = np.arange(10) % 8
+        got["layers"][j]["moe"] = {k: (np.stack([np.asarray(v)[p2l == e].sum(0) for e in range(8)])
+                                       if k in ("w1", "w2", "w3") else v)
+                                   for k, v in moe.items() if k not in ("log2phy", "logcnt")}
+    pairs = list(zip(jax.tree.leaves(got), jax.tree.leaves({k: want[k] for k in got})))
+    assert len(pairs) == len(jax.tree.leaves(want))
+    assert max(rel_err(a, b) for a, b in pairs) < 1e-4
+    reports = fb_stream_reports(tr.lower(tokens).as_text(dialect="hlo", debug_info=True))
+    assert reports and all(not r.paths for r in reports), [r.paths[0] for r in reports if r.paths]
+    assert any(min(r.collectives["F"], r.collectives["B"], r.compute["F"], r.compute["B"]) > 0 for r in reports)
+
+
+@pytest.mark.slow
+def test_checkpoint_restore_reproduces_the_next_steps_exactly(rng, tmp_path):
+    """save() after a step and an EPLB rebalance, two more steps, restore(): the two steps come out bit for bit
+    the same (params, Adam state, placement tables, the load window and the step counter all restored)."""
+    from seekax.storage.checkpoint import TrainCheckpointer
+
+    cfg, params = load_checkpoint(os.path.join(DATA, "v3_qlora_grouped"), dtype=np.float32, mtp=False,
+                                  progress=False)
+    batches = [rng.integers(0, cfg.vocab, (2, 2, 9)).astype(np.int32) for _ in range(4)]
+    tr = Trainer(params, cfg, TrainConfig(pp=2, ep=2, microbatches=2, microbatch_size=2, lr=1e-3, warmup=2,
+                                          clip_norm=1.0, redundant_experts=2, eplb_every=2, eplb_window=3),
+                 backend="xla")
+    for b in batches[:2]:
+        tr.train_step(b)
+    assert len(tr.eplb_history) == 1
+    with TrainCheckpointer(tmp_path / "ckpt") as ckpt:
+        tr.save(ckpt, {"step": 2})
+        ckpt.wait()
+        first = [tr.train_step(b) for b in batches[2:]]
+        assert len(tr.eplb_history) == 2
+        assert tr.restore(ckpt) == {"step": 2} and tr.step_count == 2
+        again = [tr.train_step(b) for b in batches[2:]]
+    assert again == first
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("overlap", "yes", "overlap='yes': expected True or False"),
+    ("clip_norm", -1.0, "clip_norm=-1.0: expected a number >= 0"),
+    ("warmup", -2, "warmup=-2"),
+    ("stats_every", 0, "stats_every=0"),
+])
+def test_train_config_names_the_bad_field(field, value, expected):
+    with pytest.raises(ValueError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        TrainConfig(**{field: value})
