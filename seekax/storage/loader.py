@@ -42,8 +42,11 @@ class LoaderConfig:
     shuffle: str = "random"  # "random" | "block" | "sequential" (see order.py)
     block_records: int = 64
     num_epochs: int | None = None
-    num_threads: int = 2  # grain threads reading whole batches concurrently (more only contend for the GIL)
-    prefetch: int = 8  # batches buffered by grain (futures in flight on its threads)
+    # grain threads reading whole batches, and batches they keep in flight. One thread is enough: the disk's
+    # queue depth comes from `readahead`, and every extra thread costs the GIL (warm, 512 KiB batches on 2 cores:
+    # 2400-2900 MiB/s with 1 thread and 2 in flight, 600-1300 MiB/s with 2 threads and 8; BENCHMARKS.md).
+    num_threads: int = 1
+    prefetch: int = 2
     # batches ahead whose byte ranges are hinted to the kernel (posix_fadvise WILLNEED): the I/O queue depth,
     # without threads. None: as many batches as fill READAHEAD_BYTES (at least 2).
     readahead: int | None = None
@@ -87,9 +90,9 @@ class _BatchSource:
             last = min(step + self.readahead, self.plan.num_batches - 1)
             inside = step <= self._hinted <= step + self.readahead  # continuing the current window
             for ahead in range(self._hinted + 1 if inside else step + 1, last + 1):
-                self.store.advise(self._rows(ahead))
+                self.store._advise_valid(self._rows(ahead))  # BatchPlan's indices: int64, in range
             self._hinted = max(self._hinted, last) if inside else last
-        return self.store.read(self._rows(step))
+        return self.store._read_valid(self._rows(step))
 
 
 class Loader:

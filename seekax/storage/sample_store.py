@@ -189,6 +189,14 @@ class SampleStore:
         grp = self._table(shard)[2]
         rb, g, total = self.record_bytes, self.group, self.shards[shard].records
         end = local + n
+        if g and local % g == 0 and (n % g == 0 or end == total):  # whole groups only (block-shuffle batches)
+            step, first = g * rb, local // g
+            want = grp[first:first + -(-n // g)].tolist()
+            for k, w in enumerate(want):
+                if crc32(data[k * step:(k + 1) * step]) != w:
+                    break
+            else:
+                return
         g0 = -(-local // g)
         g1 = -(-end // g) if end == total else end // g  # the shard's last group may be partial
         if g1 <= g0:
@@ -249,7 +257,10 @@ class SampleStore:
 
     def read(self, indices) -> np.ndarray | list[bytes]:
         """Records at `indices` (any order, repeats allowed). tokens: [n, seq_len] array; bytes: list of bytes."""
-        idx = self._check_indices(indices)
+        return self._read_valid(self._check_indices(indices))
+
+    def _read_valid(self, idx: np.ndarray) -> np.ndarray | list[bytes]:
+        """`read` of indices already checked (int64, in range): the loader's per-batch path."""
         if self.kind == "tokens":
             out = np.empty((len(idx), self.seq_len), dtype=self.dtype)
             self._read_fixed(idx, out)
@@ -281,7 +292,9 @@ class SampleStore:
     def advise(self, indices) -> None:
         """Hint the kernel to start reading these records now (posix_fadvise WILLNEED per coalesced run), so
         the reads of later batches overlap the current one: queue depth without extra threads."""
-        idx = self._check_indices(indices)
+        self._advise_valid(self._check_indices(indices))
+
+    def _advise_valid(self, idx: np.ndarray) -> None:
         if not len(idx):
             return
         run = self._contiguous(idx) if self.record_bytes is not None else None

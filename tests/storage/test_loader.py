@@ -53,7 +53,7 @@ def test_readahead_hints_every_later_batch_once(store, readahead):
                        readahead=readahead)
     loader = Loader(path, cfg)
     hinted = []
-    loader.store.advise = lambda idx: hinted.append(np.asarray(idx).copy())
+    loader.store._advise_valid = lambda idx: hinted.append(np.asarray(idx).copy())
     batches = list(loader)
     want = [] if readahead == 0 else [loader.plan.batch_indices(s) for s in range(1, len(batches))]
     assert len(hinted) == len(want)
@@ -64,7 +64,7 @@ def test_readahead_hints_every_later_batch_once(store, readahead):
     resumed = Loader(path, cfg)
     resumed.set_state({**loader.get_state(), "step": 7})
     hinted.clear()
-    resumed.store.advise = lambda idx: hinted.append(np.asarray(idx).copy())
+    resumed.store._advise_valid = lambda idx: hinted.append(np.asarray(idx).copy())
     next(resumed)
     assert len(hinted) == (0 if readahead == 0 else min(resumed.readahead, len(batches) - 8))
 

@@ -28,8 +28,8 @@ CHILD = textwrap.dedent("""
                     sharding=NamedSharding(mesh, P("data")))
     assert (loader.process_index, loader.process_count) == (pid, 2)
     seen = []
-    real_read = loader.store.read
-    loader.store.read = lambda idx: seen.append(np.asarray(idx).copy()) or real_read(idx)
+    real_read = loader.store._read_valid
+    loader.store._read_valid = lambda idx: seen.append(np.asarray(idx).copy()) or real_read(idx)
     seqs = SampleStore(store).read(np.arange(256))
     plan = BatchPlan(num_records=256, global_batch_size=32, seed=3, num_epochs=1)
     total = jax.jit(lambda x: x.sum(), out_shardings=NamedSharding(mesh, P()))
