@@ -59,7 +59,8 @@ def test_train_command_trains_checkpoints_and_saves_a_servable_directory(tmp_pat
 
     write_token_store(tmp_path / "store", np.random.default_rng(0).integers(0, 300, (32, 13)).astype(np.int32))
     rc = main(["train", "--model", os.path.join(DATA, "v2_lite"), "--data", str(tmp_path / "store"), "--steps", "2",
-               "--pp", "2", "--ep", "2", "--microbatches", "2", "--microbatch-size", "2", "--lr", "1e-3",
+               "--pp", "2", "--ep", "2", "--schedule", "dualpipe", "--overlap", "--warmup", "1", "--clip-norm", "1",
+               "--microbatches", "4", "--microbatch-size", "2", "--lr", "1e-3",
                "--ckpt-dir", str(tmp_path / "ckpt"), "--save", str(tmp_path / "out"), "--json", "--backend", "xla",
                "--redundant-experts", "2", "--eplb-every", "1", "--fp8"])
     assert rc == 0
