@@ -106,3 +106,26 @@ def test_generate_command_errors_name_the_flag(capsys):
     assert "--top-p" in capsys.readouterr().err
     assert main(["generate", "--model", "/nonexistent", "--prompt", "hi"]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_directory_generator_reuses_its_compiled_generator_and_the_kv_store(tmp_path):
+    """What `seekax generate` and the demo run: the same greedy tokens as transformers; a second call of the same
+    batch and length reuses the compiled Generator and takes the prompts' whole pages from the KV store."""
+    from seekax.models.generate import DirectoryGenerator
+
+    name = "v3_qlora_grouped"
+    g = _golden(name)
+    gen = DirectoryGenerator(os.path.join(DATA, name), kv_store=tmp_path / "kv", page_size=4, backend="xla")
+    try:
+        prompts = gen.encode([r["prompt"] for r in g["generate"]])
+        assert prompts == [r["prompt_ids"] for r in g["generate"]]
+        sampling = SamplingConfig(max_new_tokens=g["max_new_tokens"])
+        first = gen.generate(prompts, sampling)
+        second = gen.generate(prompts, sampling)
+        assert len(gen._generators) == 1                                   # one compiled Generator for both
+        assert first.output_ids == second.output_ids == [r["output_ids"] for r in g["generate"]]
+        assert first.prefix_tokens_reused == 0 and second.prefix_tokens_reused > 0
+    finally:
+        gen.close()
+    with pytest.raises(ValueError, match="dtype='float16'"):
+        DirectoryGenerator(os.path.join(DATA, name), dtype="float16")
