@@ -30,6 +30,7 @@ COLOURS: dict[tuple[str, int], str] = {
 }
 LABELS = {"F": "forward", "B": "backward (input grad)", "BW": "backward (full)", "W": "backward (weight grad)"}
 KIND_ORDER = ("F", "B", "BW", "W")
+ODD_CHUNK_HATCH = "/" * 3  # matplotlib hatch of odd chunks' boxes (three diagonal strokes a cell)
 TERMINAL_WIDTH = 100  # the terminal view puts ranks in columns when they fit this many characters
 
 
@@ -224,7 +225,7 @@ def to_png(schedule: Schedule, path: str, costs: Any = None, *, dpi: int = 110, 
         for p in b.pieces:
             y, h = (y0 + 0.5, 0.4) if p.comm else (y0 - 0.45, 0.9)
             ax.add_patch(Rectangle((p.start, y), p.end - p.start, h, facecolor=_fill(p.kind, p.chunk),
-                                   edgecolor="#404040", linewidth=0.5, hatch="///" if p.chunk % 2 else None))
+                                   edgecolor="#404040", linewidth=0.5, hatch=ODD_CHUNK_HATCH if p.chunk % 2 else None))
             if not p.comm and (p.kind, p.chunk, p.mb) not in labelled:
                 labelled.add((p.kind, p.chunk, p.mb))
                 ax.text((p.start + p.end) / 2, y0, str(p.mb), ha="center", va="center", fontsize=7,
@@ -237,7 +238,7 @@ def to_png(schedule: Schedule, path: str, costs: Any = None, *, dpi: int = 110, 
     ax.set_yticks([r * row for r in range(n)], [f"rank {r}" for r in range(n)])
     ax.xaxis.tick_top()
     ax.set_title(_title(schedule, sim) + "; time in cost units", fontsize=10, pad=18)
-    handles = [Patch(facecolor=_fill(k, c), edgecolor="#404040", hatch="///" if c else None,
+    handles = [Patch(facecolor=_fill(k, c), edgecolor="#404040", hatch=ODD_CHUNK_HATCH if c else None,
                      label=f"{LABELS[k]}, {'odd' if c else 'even'} chunk") for k, c in kinds]
     if pairs:
         handles.append(Patch(facecolor="none", edgecolor="black", label="overlapped F&B pair"))
