@@ -98,26 +98,38 @@ def validate_params(params: dict, cfg: DeepseekConfig) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- training
+def moe_inputs(p_moe: dict, cfg: DeepseekConfig):
+    """A MoE layer's params as `moe_layer` (or its pieces) takes them: (routed/shared weights, MoeConfig,
+    placement (log2phy, logcnt) int32 tables or None). With EPLB replicas the routed weights are per physical
+    slot and the tables ride in the params as float32 holding integers, outside the gradient."""
+    moe, placement = p_moe, None
+    if "log2phy" in moe:
+        placement = (jax.lax.stop_gradient(moe["log2phy"]).astype(jnp.int32),
+                     jax.lax.stop_gradient(moe["logcnt"]).astype(jnp.int32))
+        moe = {k: v for k, v in moe.items() if k not in ("log2phy", "logcnt")}
+    return moe, moe_config_for(moe, cfg), placement
+
+
 def _ffn(p: dict, h: jax.Array, cfg: DeepseekConfig, layer: int, ep_axis, backend: str, transport: str = "auto"):
     """The post-attention half: h [B, S, H] -> (h + ffn(norm(h)), topk_idx [B, S, K] or None)."""
     b, s, d = h.shape
     x = _rms_norm(h, p["mlp_norm"], cfg.eps)
     if not cfg.is_moe(layer):
         return h + swiglu_mlp(x, p["mlp"], backend=backend), None
-    moe, placement = p["moe"], None
-    if "log2phy" in moe:                        # EPLB replicas: routed weights per physical slot (float tables)
-        placement = (jax.lax.stop_gradient(moe["log2phy"]).astype(jnp.int32),
-                     jax.lax.stop_gradient(moe["logcnt"]).astype(jnp.int32))
-        moe = {k: v for k, v in moe.items() if k not in ("log2phy", "logcnt")}
-    y, aux = moe_layer(x.reshape(b * s, d), moe, cfg=moe_config_for(moe, cfg), axis_name=ep_axis,
-                       placement=placement, transport=transport, backend=backend)
+    moe, mcfg, placement = moe_inputs(p["moe"], cfg)
+    y, aux = moe_layer(x.reshape(b * s, d), moe, cfg=mcfg, axis_name=ep_axis, placement=placement,
+                       transport=transport, backend=backend)
     return h + y.reshape(b, s, d).astype(h.dtype), aux["topk_idx"].reshape(b, s, -1)
+
+
+def attention_residual(p: dict, h: jax.Array, cfg: DeepseekConfig, backend: str = "auto") -> jax.Array:
+    """The pre-attention half of a layer over whole sequences: h + MLA(RMSNorm(h)), h [B, S, H]."""
+    return h + mla_forward(p["attn"], _rms_norm(h, p["attn_norm"], cfg.eps), config=cfg.mla, backend=backend)
 
 
 def decoder_layer(p: dict, h: jax.Array, cfg: DeepseekConfig, layer: int, *, ep_axis=None, backend: str = "auto"):
     """One decoder layer over whole sequences (no cache): h [B, S, H] -> (h, topk_idx [B, S, K] or None)."""
-    a = mla_forward(p["attn"], _rms_norm(h, p["attn_norm"], cfg.eps), config=cfg.mla, backend=backend)
-    return _ffn(p, h + a, cfg, layer, ep_axis, backend)
+    return _ffn(p, attention_residual(p, h, cfg, backend), cfg, layer, ep_axis, backend)
 
 
 def logits_from_hidden(params: dict, h: jax.Array, cfg: DeepseekConfig, norm: jax.Array | None = None):

@@ -19,10 +19,10 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from seekax.ir.validate import fail
-from seekax.layers.mla import _rms_norm, mla_forward
+from seekax.layers.mla import _rms_norm
 from seekax.layers.moe import moe_combine, moe_dispatch, moe_experts, moe_route, moe_shared
 from seekax.layers.pipeline import Stage, SubStep
-from seekax.models.deepseek import decoder_layer, logits_from_hidden, moe_config_for
+from seekax.models.deepseek import attention_residual, decoder_layer, logits_from_hidden, moe_inputs
 from seekax.models.deepseek_config import DeepseekConfig
 
 EXPERT_LEAVES = ("w1", "w2", "w3")
@@ -114,16 +114,6 @@ def stage_fns(cfg: DeepseekConfig, stages: list[range], ep_axis: str | None, bac
 
 
 # ---------------------------------------------------------------------------------------------- sub-steps
-def _moe_params(lp: dict, cfg: DeepseekConfig):
-    """A MoE layer's routed/shared weights, its MoeConfig and its EPLB placement tables (or None)."""
-    moe, placement = lp["moe"], None
-    if "log2phy" in moe:
-        placement = (jax.lax.stop_gradient(moe["log2phy"]).astype(jnp.int32),
-                     jax.lax.stop_gradient(moe["logcnt"]).astype(jnp.int32))
-        moe = {k: v for k, v in moe.items() if k not in ("log2phy", "logcnt")}
-    return moe, moe_config_for(moe, cfg), placement
-
-
 def _layer_steps(cfg: DeepseekConfig, j: int, i: int, ep_axis, backend: str) -> list[SubStep]:
     """Layer i (the stage's j-th) as sub-steps; a dense layer is one compute step. Carries between the steps of
     a MoE layer are dicts: the residual stream h [b, S, H] and what the next step needs."""
@@ -133,18 +123,18 @@ def _layer_steps(cfg: DeepseekConfig, j: int, i: int, ep_axis, backend: str) -> 
 
     def attention(p, h):
         lp = p["layers"][j]
-        h = h + mla_forward(lp["attn"], _rms_norm(h, lp["attn_norm"], cfg.eps), config=cfg.mla, backend=backend)
+        h = attention_residual(lp, h, cfg, backend)
         x = _rms_norm(h, lp["mlp_norm"], cfg.eps).reshape(-1, h.shape[-1])                    # [T, H]
-        moe, mcfg, placement = _moe_params(lp, cfg)
+        moe, mcfg, placement = moe_inputs(lp["moe"], cfg)
         return {"h": h, "x": x, "routed": moe_route(x, moe, cfg=mcfg, axis_name=ep_axis, placement=placement)}
 
     def dispatch(p, c):
-        moe, mcfg, _ = _moe_params(p["layers"][j], cfg)
+        moe, mcfg, _ = moe_inputs(p["layers"][j]["moe"], cfg)
         d = moe_dispatch(c["x"], c["routed"], moe, cfg=mcfg, axis_name=ep_axis)
         return {"h": c["h"], "x": c["x"], "d": d}
 
     def experts(p, c):
-        moe, mcfg, _ = _moe_params(p["layers"][j], cfg)
+        moe, mcfg, _ = moe_inputs(p["layers"][j]["moe"], cfg)
         out = moe_experts(c["d"], moe, cfg=mcfg, dtype=c["x"].dtype, backend=backend)
         shared = moe_shared(c["x"], moe, cfg=mcfg, backend=backend)
         return {"h": c["h"], "out": out, "handle": c["d"].handle,
