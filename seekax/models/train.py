@@ -303,10 +303,12 @@ class Trainer:
     # ---- checkpoints ---------------------------------------------------------------------------------------
     def _state(self) -> tuple[dict, Any]:
         """Everything the next step depends on, as (model, opt_state) trees for `TrainCheckpointer`: per-stage
-        params (EPLB tables inside), the load window, the MTP modules and their optimizer state."""
+        params (EPLB tables inside), the placement, the load window, the MTP modules and their optimizer state."""
         put = lambda x: jax.device_put(jnp.asarray(x), self._replicated)  # noqa: E731
         model = {"params": self.params, "window": put(self.window), "window_count": put(self.window_count),
                  "step": put(self.step_count)}
+        if self.placement is not None:
+            model["phy2log"] = put(np.asarray(self.placement.phy2log, np.int32))
         opt = {"stages": self.opt_state}
         if self.mtp is not None:
             model["mtp"], opt["mtp"] = self.mtp, self.mtp_opt_state
@@ -330,14 +332,7 @@ class Trainer:
         if self.placement is not None:
             from seekax.ir.placement import ExpertPlacement
 
-            phy2log = np.zeros_like(self.placement.phy2log)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(self.params)):
-                where = self._where(path)
-                if where is not None and _key(path) == "log2phy":
-                    log2phy = np.asarray(leaf).astype(np.int64)                        # [E, maxcnt], -1 padded
-                    for e, c in zip(*np.nonzero(log2phy >= 0)):
-                        phy2log[where[1], log2phy[e, c]] = e
-            self.placement = ExpertPlacement.from_phy2log(phy2log, self.cfg.moe.num_experts)
+            self.placement = ExpertPlacement.from_phy2log(np.asarray(model["phy2log"]), self.cfg.moe.num_experts)
         return loader_state
 
     def model_params(self) -> dict:
