@@ -11,7 +11,6 @@ its devices hold (`mesh_devices` puts each process's devices on a contiguous blo
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import jax
@@ -58,7 +57,7 @@ class DemoTrainer:
         from seekax.storage.checkpoint import TrainCheckpointer
         from seekax.storage.loader import Loader, LoaderConfig
 
-        self.cfg, self.tcfg, self.log = cfg, tcfg, log
+        self.tcfg, self.log = tcfg, log
         self.trainer = Trainer(params, cfg, tcfg, devices=mesh_devices(tcfg.pp, tcfg.ep))
         self.mesh = self.trainer.mesh
         self.nproc, self.pidx = jax.process_count(), jax.process_index()
@@ -66,15 +65,19 @@ class DemoTrainer:
                                                       seed=tcfg.seed, process_index=self.pidx,
                                                       process_count=self.nproc), tokenizer=str(tokenizer))
         self.ckpt = TrainCheckpointer(Path(run_dir) / "ckpt", max_to_keep=2) if tcfg.ckpt_every else None
-        self.history: dict[str, list] = {"loss": [], "step_seconds": [], "eplb": [], "ckpt_blocking_ms": []}
+        self.ckpt_blocking_ms: list[float] = []
 
     @property
     def step(self) -> int:
         return self.trainer.step_count
 
     @property
-    def schedule(self):
-        return self.trainer.schedule
+    def history(self) -> dict[str, list]:
+        """Per step the loss and seconds, the EPLB rebalances and the checkpoints' blocking times (what the
+        report draws), from the `Trainer`'s own records."""
+        steps = self.trainer.history
+        return {"loss": [h["loss"] for h in steps], "step_seconds": [h["seconds"] for h in steps],
+                "eplb": list(self.trainer.eplb_history), "ckpt_blocking_ms": list(self.ckpt_blocking_ms)}
 
     def next_batch(self) -> jax.Array:
         """The next global batch [M, b, S + 1], this process's rows read from the store."""
@@ -84,21 +87,16 @@ class DemoTrainer:
         return jax.make_array_from_process_local_data(NamedSharding(self.mesh, P(None, "ep")), local, shape)
 
     def train_step(self) -> float:
-        tokens = self.next_batch()
-        t0 = time.perf_counter()
         rebalances = len(self.trainer.eplb_history)
-        loss = self.trainer.train_step(tokens)
-        self.history["loss"].append(loss)
-        self.history["step_seconds"].append(time.perf_counter() - t0)
+        loss = self.trainer.train_step(self.next_batch())
         if len(self.trainer.eplb_history) > rebalances:
             rec = self.trainer.eplb_history[-1]
-            self.history["eplb"].append(rec)
             before, after = np.mean(rec["max_over_mean_before"]), np.mean(rec["max_over_mean_after"])
             self.log(f"step {self.step}: EPLB max/mean GPU load {before:.3f} -> {after:.3f} (mean over MoE "
                      f"layers), {rec['slots_moved']} expert slots migrated")
         if self.ckpt and self.step % self.tcfg.ckpt_every == 0:
             res = self.trainer.save(self.ckpt, self.loader.get_state())
-            self.history["ckpt_blocking_ms"].append(res.blocking_seconds * 1e3)
+            self.ckpt_blocking_ms.append(res.blocking_seconds * 1e3)
         return loss
 
     def peek_loss(self, tokens: jax.Array) -> float:
