@@ -60,6 +60,17 @@ def generator_rows(ranks: int, microbatches: int, repeats: int) -> list[dict]:
     return rows
 
 
+def stage_fn(p, x):
+    """The benchmark model's stage: residual tanh layers, p["w"] [layers per stage, width, width]."""
+    for i in range(p["w"].shape[0]):
+        x = jnp.tanh(x @ p["w"][i] + p["b"][i]) + x
+    return x
+
+
+def loss_fn(y, t):
+    return jnp.mean((y - t) ** 2)
+
+
 def step_rows(microbatches: int, width: int, tokens: int, iters: int) -> list[dict]:
     devices = jax.devices()[:8]
     if len(devices) < 8:
@@ -69,14 +80,6 @@ def step_rows(microbatches: int, width: int, tokens: int, iters: int) -> list[di
     rng = np.random.default_rng(0)
     xs = jnp.asarray(rng.normal(size=(microbatches, tokens, width)), jnp.float32)
     ts = jnp.asarray(rng.normal(size=(microbatches, tokens, width)), jnp.float32)
-
-    def stage_fn(p, x):  # p["w"]: [layers per stage, width, width]
-        for i in range(p["w"].shape[0]):
-            x = jnp.tanh(x @ p["w"][i] + p["b"][i]) + x
-        return x
-
-    def loss_fn(y, t):
-        return jnp.mean((y - t) ** 2)
 
     rows, base = [], None
     variants = [(k, False) for k in ("gpipe", "1f1b", "zb1p", "interleaved", "dualpipe", "dualpipev")]
@@ -192,14 +195,6 @@ def overhead_rows(microbatches: int, width: int, tokens: int, iters: int, kinds=
 
     layers = 16
     rng = np.random.default_rng(1)
-
-    def stage_fn(p, x):  # p["w"]: [layers per stage, width, width]
-        for i in range(p["w"].shape[0]):
-            x = jnp.tanh(x @ p["w"][i] + p["b"][i]) + x
-        return x
-
-    def loss_fn(y, t):
-        return jnp.mean((y - t) ** 2)
 
     def problem(s, w, tok):
         per = layers // s.num_stages
