@@ -36,7 +36,7 @@ from seekax.ir.fp8 import ACT_BLOCK
 from seekax.ir.fp8_tiling import FP8_BLOCK_K, SCALE_BLOCK, Fp8SwapAbConfig, Fp8TileConfig
 from seekax.ir.tiling import WgSplit
 from seekax.lowering.mosaic.gemm_common import c_barriers_spec, epilogue_smem, store_tile, tile_slices
-from seekax.lowering.mosaic.pipeline_common import (WARPGROUP_PARAMS, k_pipeline, k_row_spec, k_tile_spec,
+from seekax.lowering.mosaic.pipeline_common import (k_pipeline, k_row_spec, k_tile_spec, persistent_kernel,
                                                     pipeline_allocations)
 
 _FP8 = jnp.float8_e4m3fn
@@ -197,15 +197,10 @@ def build(spec, config: Fp8TileConfig | Fp8SwapAbConfig, num_sms: int):
     config.check_smem(out_dtype.itemsize, col_scales=col_scales)
     mp, kp = padded_m(m, config), padded_k(k)
     tiles = -(-mp // config.cta_block_m) * (n // config.cta_block_n)
-    kernel = plgpu.kernel(
+    kernel = persistent_kernel(
         functools.partial(_kernel, config=config, col_scales=col_scales, swizzle=k_swizzle(kp)),
-        out_type=jax.ShapeDtypeStruct((mp, n), out_dtype),
-        grid=(min(num_sms, tiles),),
-        grid_names=("sm",),
-        num_threads=config.num_compute_wgs + 1,
-        thread_name="wg",
-        compiler_params=WARPGROUP_PARAMS,
-    )
+        jax.ShapeDtypeStruct((mp, n), out_dtype), num_compute_wgs=config.num_compute_wgs, num_sms=num_sms,
+        tiles=tiles)
 
     def run(a, a_scale, b, b_scale, c=None):
         a, a_scale = pad_rows(pad_rows(a, kp, -1), mp), pad_rows(a_scale, mp)

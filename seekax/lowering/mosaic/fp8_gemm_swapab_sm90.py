@@ -28,7 +28,7 @@ from jax import lax
 from seekax.ir.fp8_tiling import FP8_BLOCK_K, SCALE_BLOCK, Fp8SwapAbConfig
 from seekax.lowering.mosaic.fp8_gemm_sm90 import (k_swizzle, operand_transforms, pad_rows, padded_k,
                                                   tma_aligned_scales)
-from seekax.lowering.mosaic.pipeline_common import (WARPGROUP_PARAMS, k_pipeline, k_row_spec, k_tile_spec,
+from seekax.lowering.mosaic.pipeline_common import (k_pipeline, k_row_spec, k_tile_spec, persistent_kernel,
                                                     pipeline_allocations, swizzled)
 
 
@@ -112,15 +112,9 @@ def build(spec, config: Fp8SwapAbConfig, num_sms: int):
     config.check_smem(out_dtype.itemsize)
     mp, kp = -(-m // config.block_tokens) * config.block_tokens, padded_k(k)
     tiles = (mp // config.block_tokens) * (n // config.cta_rows)
-    kernel = plgpu.kernel(
-        functools.partial(_kernel, config=config, swizzle=k_swizzle(kp)),
-        out_type=jax.ShapeDtypeStruct((mp, n), out_dtype),
-        grid=(min(num_sms, tiles),),
-        grid_names=("sm",),
-        num_threads=config.num_compute_wgs + 1,
-        thread_name="wg",
-        compiler_params=WARPGROUP_PARAMS,
-    )
+    kernel = persistent_kernel(
+        functools.partial(_kernel, config=config, swizzle=k_swizzle(kp)), jax.ShapeDtypeStruct((mp, n), out_dtype),
+        num_compute_wgs=config.num_compute_wgs, num_sms=num_sms, tiles=tiles)
 
     def run(a, a_scale, b, b_scale):
         a, a_scale = pad_rows(pad_rows(a, kp, -1), mp), pad_rows(a_scale, mp)

@@ -32,7 +32,7 @@ from seekax.ir.tiling import WgSplit
 from seekax.lowering.mosaic.fp8_gemm_sm90 import (fp8_pipeline, k_swizzle, pad_rows, padded_k, padded_m,
                                                   promote_step, tma_aligned_scales)
 from seekax.lowering.mosaic.gemm_common import epilogue_smem, store_tile
-from seekax.lowering.mosaic.pipeline_common import WARPGROUP_PARAMS, pipeline_allocations
+from seekax.lowering.mosaic.pipeline_common import persistent_kernel, pipeline_allocations
 
 
 def _wg_slices(config: Fp8TileConfig, wg, ni):
@@ -229,12 +229,10 @@ def contiguous_kernel(spec, config: Fp8TileConfig, num_sms: int):
     mp = padded_m(m, config)
     row_blocks = -(-mp // cta_m) + g - 1          # a bound on the virtual row blocks over all groups
     tiles = row_blocks * (n // config.cta_block_n)
-    return plgpu.kernel(
+    return persistent_kernel(
         functools.partial(_contiguous_kernel, config=config, num_groups=g, row_blocks=row_blocks),
-        out_type=jax.ShapeDtypeStruct((mp, n), out_dtype),
-        grid=(min(num_sms, tiles),), grid_names=("sm",),
-        num_threads=config.num_compute_wgs + 1, thread_name="wg", compiler_params=WARPGROUP_PARAMS,
-    )
+        jax.ShapeDtypeStruct((mp, n), out_dtype), num_compute_wgs=config.num_compute_wgs, num_sms=num_sms,
+        tiles=tiles)
 
 
 def build_contiguous(spec, config: Fp8TileConfig, num_sms: int, *, by_row: bool = False):
@@ -269,12 +267,10 @@ def build_masked(spec, config: Fp8TileConfig, num_sms: int):
     cta_m = config.cta_block_m
     mp, kp = padded_m(m_max, config), padded_k(k)
     tiles = g * -(-mp // cta_m) * (n // config.cta_block_n)
-    kernel = plgpu.kernel(
+    kernel = persistent_kernel(
         functools.partial(_masked_kernel, config=config, num_groups=g, m_pad=mp),
-        out_type=jax.ShapeDtypeStruct((g, mp, n), out_dtype),
-        grid=(min(num_sms, tiles),), grid_names=("sm",),
-        num_threads=config.num_compute_wgs + 1, thread_name="wg", compiler_params=WARPGROUP_PARAMS,
-    )
+        jax.ShapeDtypeStruct((g, mp, n), out_dtype), num_compute_wgs=config.num_compute_wgs, num_sms=num_sms,
+        tiles=tiles)
 
     def run(a, a_scale, b, b_scale, masked_m):
         a, a_scale = pad_rows(pad_rows(a, kp, -1), mp), pad_rows(a_scale, mp)

@@ -27,7 +27,7 @@ from seekax.ir.fp8_tiling import FP8_BLOCK_K, Fp8TileConfig
 from seekax.lowering.mosaic.fp8_gemm_sm90 import fp8_pipeline
 from seekax.lowering.mosaic.fp8_gemm_sm90 import pad_rows, padded_m
 from seekax.lowering.mosaic.gemm_common import c_barriers_spec, epilogue_smem, store_tile, tile_slices
-from seekax.lowering.mosaic.pipeline_common import WARPGROUP_PARAMS, pipeline_allocations
+from seekax.lowering.mosaic.pipeline_common import persistent_kernel, pipeline_allocations
 
 
 def _kernel(grp_gmem, last_gmem, a_gmem, sa_gmem, b_gmem, sb_gmem, *rest, config: Fp8TileConfig):
@@ -111,12 +111,10 @@ def build(spec, config: Fp8TileConfig, num_sms: int):
     config.check_smem(out_dtype.itemsize, col_scales=True)
     mp = padded_m(m, config)
     tiles = -(-mp // config.cta_block_m) * (n // config.cta_block_n)
-    kernel = plgpu.kernel(
+    kernel = persistent_kernel(
         functools.partial(_kernel, config=config),
-        out_type=jax.ShapeDtypeStruct((g, mp, n), out_dtype),
-        grid=(min(num_sms, tiles),), grid_names=("sm",),
-        num_threads=config.num_compute_wgs + 1, thread_name="wg", compiler_params=WARPGROUP_PARAMS,
-    )
+        jax.ShapeDtypeStruct((g, mp, n), out_dtype), num_compute_wgs=config.num_compute_wgs, num_sms=num_sms,
+        tiles=tiles)
 
     def run(a, a_scale, b, b_scale, group_sizes_k, c=None):
         tb = t // FP8_BLOCK_K

@@ -18,7 +18,7 @@ from jax import lax
 
 from seekax.ir.tiling import GemmTileConfig
 from seekax.lowering.mosaic.gemm_common import epilogue_smem, store_tile, tile_slices
-from seekax.lowering.mosaic.pipeline_common import (WARPGROUP_PARAMS, k_pipeline, k_tile_spec, pipeline_allocations,
+from seekax.lowering.mosaic.pipeline_common import (k_pipeline, k_tile_spec, persistent_kernel, pipeline_allocations,
                                                     swizzled)
 
 
@@ -86,12 +86,5 @@ def build(m: int, n: int, k: int, dtype, out_dtype, config: GemmTileConfig, num_
                                   "(FP8: seekax.ops.fp8)")
     check_problem(m, n, k, config)
     config.check_smem(jnp.dtype(dtype).name, jnp.dtype(out_dtype).name)
-    return plgpu.kernel(
-        functools.partial(_kernel, config=config),
-        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=(num_sms,),
-        grid_names=("sm",),
-        num_threads=config.num_compute_wgs + 1,
-        thread_name="wg",
-        compiler_params=WARPGROUP_PARAMS,
-    )
+    return persistent_kernel(functools.partial(_kernel, config=config), jax.ShapeDtypeStruct((m, n), out_dtype),
+                             num_compute_wgs=config.num_compute_wgs, num_sms=num_sms)

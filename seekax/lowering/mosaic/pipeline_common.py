@@ -17,6 +17,16 @@ COMPUTE_WG_REGISTERS = 232    # per thread, each compute warpgroup (setmaxnreg.i
 WARPGROUP_PARAMS = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
 
 
+def persistent_kernel(body: Callable, out_type: Any, *, num_compute_wgs: int, num_sms: int,
+                      tiles: int | None = None):
+    """`plgpu.kernel` for a persistent, warp-specialised GEMM: one CTA per SM (no more than `tiles`, the
+    output tiles its `nd_loop` over the "sm" axis walks), `num_compute_wgs` compute warpgroups plus the memory
+    warpgroup on the "wg" axis, warpgroup lowering semantics."""
+    grid = num_sms if tiles is None else min(num_sms, tiles)
+    return plgpu.kernel(body, out_type=out_type, grid=(grid,), grid_names=("sm",), num_threads=num_compute_wgs + 1,
+                        thread_name="wg", compiler_params=WARPGROUP_PARAMS)
+
+
 def swizzled(dtype, cols: int) -> tuple:
     """Transforms for a shared-memory tile whose rows hold `cols` elements of `dtype`: (8, s / itemsize) tiling
     and the widest swizzle s (128, 64, 32 or 16 bytes) the row allows; the layout wgmma and TMA read without
