@@ -62,17 +62,20 @@ class Fp8TileConfig:
     def cta_block_n(self) -> int:
         return self.block_n * (self.num_compute_wgs if self.wg_split == WgSplit.N else 1)
 
-    def smem_bytes(self, out_itemsize: int = 2, col_scales: bool = False) -> int:
+    def smem_bytes(self, out_itemsize: int = 2, col_scales: bool = False, tile_epilogue: bool = False) -> int:
         """Pipelined e4m3 A/B tiles + a_scale rows per stage (+ per-column b scales for the k-grouped
-        kernel), the double-buffered epilogue, barriers."""
+        kernel), the double-buffered [64, epi_block_n] epilogue (tile_epilogue: one whole [block_m, block_n]
+        tile per warpgroup instead, the grouped contiguous kernel's), barriers."""
         per_stage = FP8_BLOCK_K * (self.cta_block_m + self.cta_block_n) + 4 * self.cta_block_m
         per_stage += 4 * self.cta_block_n if col_scales else 0
-        epilogue = self.num_compute_wgs * 2 * 64 * self.epi_block_n * out_itemsize
+        rows, cols = (self.block_m, self.block_n) if tile_epilogue else (2 * 64, self.epi_block_n)
+        epilogue = self.num_compute_wgs * rows * cols * out_itemsize
         barriers = 8 * 4 * self.stages + 64
         return self.stages * per_stage + epilogue + barriers
 
-    def check_smem(self, out_itemsize: int = 2, limit: int = SMEM_LIMIT_BYTES, col_scales: bool = False) -> int:
-        need = self.smem_bytes(out_itemsize, col_scales)
+    def check_smem(self, out_itemsize: int = 2, limit: int = SMEM_LIMIT_BYTES, col_scales: bool = False,
+                   tile_epilogue: bool = False) -> int:
+        need = self.smem_bytes(out_itemsize, col_scales, tile_epilogue)
         if need > limit:
             raise SharedMemoryBudgetExceeded(need, limit, what=repr(self))
         return need
@@ -154,15 +157,15 @@ def _out_itemsize(spec) -> int:
 
 
 def _deepest(cfg: Fp8TileConfig, out_itemsize: int, k_steps: int, limit: int,
-             col_scales: bool = False) -> Fp8TileConfig:
+             col_scales: bool = False, tile_epilogue: bool = False) -> Fp8TileConfig:
     """The deepest pipeline (<= 6 stages, <= K steps, >= 2) that fits the shared-memory budget, keeping
     SMEM_HEADROOM spare: the model counts the big buffers, Mosaic adds a few small ones (group metadata)."""
     for stages in range(6, 1, -1):
         c = dataclasses.replace(cfg, stages=stages)
-        if c.smem_bytes(out_itemsize, col_scales) <= limit - SMEM_HEADROOM:
+        if c.smem_bytes(out_itemsize, col_scales, tile_epilogue) <= limit - SMEM_HEADROOM:
             return dataclasses.replace(c, stages=max(2, min(stages, k_steps)))
-    raise SharedMemoryBudgetExceeded(dataclasses.replace(cfg, stages=2).smem_bytes(out_itemsize, col_scales), limit,
-                                     repr(cfg))
+    need = dataclasses.replace(cfg, stages=2).smem_bytes(out_itemsize, col_scales, tile_epilogue)
+    raise SharedMemoryBudgetExceeded(need, limit, repr(cfg))
 
 
 # CTA layouts in order of preference (bigger tiles reuse more operand bytes per wgmma):
@@ -199,13 +202,14 @@ def swap_ab_config(spec, limit: int = SMEM_LIMIT_BYTES, sm_count: int = 132) -> 
 
 
 def choose_fp8_config(spec, limit: int = SMEM_LIMIT_BYTES, sm_count: int = 132,
-                      min_block_n: int = 16) -> Fp8TileConfig | Fp8SwapAbConfig:
+                      min_block_n: int = 16, tile_epilogue: bool = False) -> Fp8TileConfig | Fp8SwapAbConfig:
     """Heuristic from a GemmSpec/GroupedGemmSpec. A dense M of 1..64 gets the small-M kernel where it applies
     (`swap_ab_config`). Otherwise the first CTA layout (largest first) that divides N,
     does not pad M past one 64-row block more than needed, and gives every one of `sm_count` SMs an output
     tile (else the layout with the most tiles: small M is memory-bound on B, and more CTAs stream B in
-    parallel); then the deepest pipeline that fits 227 KiB. `min_block_n`: the grouped contiguous kernel
-    stores rows at arbitrary offsets from an unswizzled tile and wants rows of >= 128 bytes."""
+    parallel); then the deepest pipeline that fits 227 KiB. `min_block_n`, `tile_epilogue`: the grouped
+    contiguous kernel stores rows at arbitrary offsets from one unswizzled [block_m, block_n] tile per
+    warpgroup and wants rows of >= 128 bytes."""
     m, n, k = spec.m, spec.n, spec.k
     swap = swap_ab_config(spec, limit, sm_count)
     if swap is not None:
@@ -223,7 +227,7 @@ def choose_fp8_config(spec, limit: int = SMEM_LIMIT_BYTES, sm_count: int = 132,
         raise NotImplementedError(f"n={n}: the FP8 kernels need a multiple of 16")
     tiles = lambda c: -(-max(m, 1) // c.cta_block_m) * (n // c.cta_block_n)  # noqa: E731
     cfg = next((c for c in options if tiles(c) >= sm_count), max(options, key=tiles))
-    return _deepest(cfg, out_itemsize, math.ceil(k / FP8_BLOCK_K), limit, col_scales)
+    return _deepest(cfg, out_itemsize, math.ceil(k / FP8_BLOCK_K), limit, col_scales, tile_epilogue)
 
 
 def candidate_fp8_configs(spec, limit: int = SMEM_LIMIT_BYTES) -> list[Fp8TileConfig | Fp8SwapAbConfig]:

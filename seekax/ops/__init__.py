@@ -12,6 +12,7 @@ from seekax.ops.ep import ep_dispatch as ep_dispatch
 from seekax.ops.fp8 import dequantize_fp8 as dequantize_fp8
 from seekax.ops.fp8 import fp8_gemm_nt as fp8_gemm_nt
 from seekax.ops.fp8 import fp8_linear as fp8_linear
+from seekax.ops.fp8 import grouped_fp8_linear as grouped_fp8_linear
 from seekax.ops.fp8 import k_grouped_fp8_gemm_tn_contiguous as k_grouped_fp8_gemm_tn_contiguous
 from seekax.ops.fp8 import m_grouped_fp8_gemm_nt_contiguous as m_grouped_fp8_gemm_nt_contiguous
 from seekax.ops.fp8 import m_grouped_fp8_gemm_nt_masked as m_grouped_fp8_gemm_nt_masked
@@ -26,7 +27,7 @@ from seekax.ops.mla import mla_metadata as mla_metadata
 from seekax.ops.replica_routing import route_to_replicas as route_to_replicas
 
 __all__ = ["DispatchHandle", "Dispatched", "MlaMetadata", "dequantize_fp8", "dispatch_layout", "ep_combine",
-           "ep_dispatch", "fp8_gemm_nt", "fp8_linear", "k_grouped_fp8_gemm_tn_contiguous",
+           "ep_dispatch", "fp8_gemm_nt", "fp8_linear", "grouped_fp8_linear", "k_grouped_fp8_gemm_tn_contiguous",
            "m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked", "matmul_nt", "mla_decode",
            "mla_decode_fp8", "mla_decode_sparse", "mla_decode_sparse_fp8", "mla_metadata", "quantize_fp8",
            "route_to_replicas"]

@@ -331,7 +331,7 @@ def m_grouped_fp8_gemm_nt_contiguous(a, a_scale, b, b_scale, group_sizes=None, *
                      reference=(ref.m_grouped_fp8_gemm_nt_contiguous_rows if by_row
                                 else ref.m_grouped_fp8_gemm_nt_contiguous),
                      backend=backend, config=config, num_sms=num_sms,
-                     min_block_n=128 // np.dtype(spec.out_dtype).itemsize)
+                     min_block_n=128 // np.dtype(spec.out_dtype).itemsize, tile_epilogue=True)
 
 
 def m_grouped_fp8_gemm_nt_masked(a, a_scale, b, b_scale, masked_m, *, out_dtype=jnp.bfloat16,
@@ -420,6 +420,94 @@ def fp8_linear(x, w, *, backend: str = "auto"):
     check_backend(backend)
     x, w = _same_varying_axes(x, w)
     return _fp8_linear(x, w, backend)
+
+
+# MoE experts: the grouped GEMMs with the same recipe. The weight gradient is DeepGEMM's k-grouped GEMM, whose
+# groups must be whole 128-token blocks (one scale per 128 tokens and channel), so dy and x are first spread
+# into a copy where each group starts on a 128-row boundary (the gaps zero: they add nothing).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _grouped_fp8_linear(x, w, group_sizes, backend):
+    return _grouped_fp8_linear_fwd(x, w, group_sizes, backend)[0]
+
+
+def _grouped_out_dtype(x):
+    return x.dtype if jnp.dtype(x.dtype).name == "bfloat16" else jnp.float32
+
+
+def _grouped_fp8_linear_fwd(x, w, group_sizes, backend):
+    xq, xs = ref.quantize_fp8(x, ACT_BLOCK)                                 # [M, Kp], [M, Kb]
+    wq, ws = ref.quantize_fp8(w, WEIGHT_BLOCK)                              # [G, N, Kp], [G, Nb, Kb]
+    y = m_grouped_fp8_gemm_nt_contiguous(xq, xs, wq, ws, group_sizes, out_dtype=_grouped_out_dtype(x),
+                                         backend=backend)                  # [M, N]
+    return y.astype(x.dtype), (x, w, group_sizes)
+
+
+def block_aligned_rows(group_sizes, m: int, block: int = SCALE_BLOCK):
+    """Rows of groups laid out back to back (group g: group_sizes[g] rows) -> where each row goes when every
+    group starts on a multiple of `block`: (dest [M] int32, past the copy for rows in no group; aligned sizes
+    [G] int32 whose sum is the copy's static length round_up(M + G * (block - 1), block), the slack given to
+    the last group)."""
+    g = group_sizes.shape[0]
+    total = cdiv(m + g * (block - 1), block) * block
+    sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)                   # [G]
+    ends = jnp.cumsum(sizes)                                                # [G]
+    aligned = cdiv(sizes, block) * block                                    # [G] (cdiv works on arrays)
+    aligned_starts = jnp.cumsum(aligned) - aligned                          # [G]
+    rows = jnp.arange(m, dtype=jnp.int32)                                   # [M]
+    gid = jnp.searchsorted(ends, rows, side="right")                        # [M] G = in no group
+    inside = gid < g
+    gid = jnp.minimum(gid, g - 1)
+    dest = jnp.where(inside, aligned_starts[gid] + rows - (ends - sizes)[gid], total)  # [M]
+    aligned = aligned.at[-1].add(total - jnp.sum(aligned))                  # [G] the slack (zeros) to the last
+    return dest, aligned, total
+
+
+def _grouped_fp8_linear_bwd(backend, res, dy):
+    x, w, group_sizes = res
+    m = x.shape[0]
+    # dgrad: dx[M, K] = dy[M, N] @ w[g][N, K], as NT with B = w[g]^T [K, N] in 128x128 blocks; rows in no
+    # group get 0.
+    dyq, dys = ref.quantize_fp8(dy, ACT_BLOCK)                              # [M, Np], [M, Nb]
+    wtq, wts = ref.quantize_fp8(jnp.swapaxes(w, 1, 2), WEIGHT_BLOCK)        # [G, K, Np], [G, Kb, Nb]
+    dx = m_grouped_fp8_gemm_nt_contiguous(dyq, dys, wtq, wts, group_sizes, out_dtype=jnp.float32,
+                                          backend=backend)                 # [M, K]
+    # wgrad: dw[g][N, K] = dy[rows of g]^T @ x[rows of g], k-grouped over 128-aligned token blocks, both operands
+    # scaled per (128 tokens, 1 channel).
+    dest, aligned, total = block_aligned_rows(group_sizes, m)
+    spread = lambda a: jnp.zeros((total, a.shape[1]), jnp.float32).at[dest].set(  # noqa: E731
+        a.astype(jnp.float32), mode="drop")                                # [T_al, C]
+    dyq_t, dys_t = ref.quantize_fp8(spread(dy).T, ACT_BLOCK)                # [N, T_al], [N, T_al/128]
+    xq_t, xs_t = ref.quantize_fp8(spread(x).T, ACT_BLOCK)                   # [K, T_al], [K, T_al/128]
+    dw = k_grouped_fp8_gemm_tn_contiguous(dyq_t.T, dys_t.T, xq_t.T, xs_t.T, aligned, out_dtype=jnp.float32,
+                                          backend=backend)                 # [G, N, K]
+    return (dx.astype(x.dtype), dw.astype(w.dtype),
+            np.zeros(group_sizes.shape, jax.dtypes.float0))
+
+
+_grouped_fp8_linear.defvjp(_grouped_fp8_linear_fwd, _grouped_fp8_linear_bwd)
+
+
+def grouped_fp8_linear(x, w, group_sizes, *, backend: str = "auto"):
+    """MoE experts in training: y[r] = x[r] @ w[g]^T for the rows of group g, rows sorted by group (group g owns
+    the next group_sizes[g] rows), rows past sum(group_sizes) 0. x: [M, K] float, w: [G, N, K] float,
+    group_sizes: [G] int32 -> [M, N] in x.dtype.
+
+    `fp8_linear` for grouped weights, DeepSeek-V3's recipe: the forward and dgrad run the m-grouped contiguous
+    FP8 GEMM (x and dy per (1, 128), w and w^T per (128, 128) blocks), the wgrad DeepGEMM's k-grouped GEMM (dy
+    and x per 128 tokens and channel, each group's tokens padded to whole 128-token blocks). Works under jit,
+    grad and shard_map; the weights and their gradients stay float.
+    """
+    if getattr(w, "ndim", None) != 3:
+        raise fail("w.shape", tuple(getattr(w, "shape", ())), "[G, N, K] one [N, K] weight per group")
+    if getattr(x, "ndim", None) != 2 or x.shape[1] != w.shape[2]:
+        raise fail("x.shape", tuple(getattr(x, "shape", ())),
+                   f"[M, K] with K={w.shape[2]} matching w.shape={tuple(w.shape)}")
+    check_array_dtype("x", x, ("float32", "bfloat16", "float16"))
+    check_array_dtype("w", w, ("float32", "bfloat16", "float16"))
+    check_backend(backend)
+    _check_sizes("group_sizes", group_sizes, w.shape[0], total=x.shape[0])
+    x, w = _same_varying_axes(x, w)
+    return _grouped_fp8_linear(x, w, group_sizes, backend)
 
 
 def _same_varying_axes(x, w):

@@ -27,7 +27,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
 
-from seekax.ir.fp8_tiling import FP8_BLOCK_K, SCALE_BLOCK, Fp8TileConfig
+from seekax.ir.fp8_tiling import FP8_BLOCK_K, SCALE_BLOCK, SMEM_HEADROOM, SMEM_LIMIT_BYTES, Fp8TileConfig
 from seekax.ir.tiling import WgSplit
 from seekax.lowering.mosaic.fp8_gemm_sm90 import (fp8_pipeline, k_swizzle, pad_rows, padded_k, padded_m,
                                                   promote_step, tma_aligned_scales)
@@ -202,12 +202,6 @@ def check_problem(n: int, k: int, config: Fp8TileConfig) -> None:
     k_swizzle(padded_k(k))
 
 
-def contiguous_smem_bytes(config: Fp8TileConfig, out_itemsize: int) -> int:
-    """The contiguous kernel's epilogue is one unswizzled [block_m, block_n] tile per warpgroup."""
-    return (config.smem_bytes(out_itemsize) - config.num_compute_wgs * 2 * 64 * config.epi_block_n * out_itemsize
-            + config.num_compute_wgs * config.block_m * config.block_n * out_itemsize)
-
-
 def contiguous_kernel(spec, config: Fp8TileConfig, num_sms: int):
     """The contiguous kernel itself: f(bounds [2, G], a [Mp, Kp], a_scale M-major [Kb, Mp4], b [G, N, Kp],
     b_scale [G, Nb, Kb]) -> [Mp, N] with Mp = `padded_m`, Kp = `padded_k`; rows no group owns are left
@@ -220,11 +214,9 @@ def contiguous_kernel(spec, config: Fp8TileConfig, num_sms: int):
     if config.block_n * out_dtype.itemsize < 128:
         raise NotImplementedError(f"block_n={config.block_n}: the contiguous kernel's row-wise TMA stores need "
                                   f"output rows of >= 128 bytes ({config})")
-    need = contiguous_smem_bytes(config, out_dtype.itemsize)
-    if need > 227 * 1024:
-        from seekax.ir.tiling import SharedMemoryBudgetExceeded
-
-        raise SharedMemoryBudgetExceeded(need, what=repr(config))
+    # the epilogue is one unswizzled [block_m, block_n] tile per warpgroup; Mosaic adds the group bounds and a
+    # few small buffers on top of the model (SMEM_HEADROOM)
+    config.check_smem(out_dtype.itemsize, limit=SMEM_LIMIT_BYTES - SMEM_HEADROOM, tile_epilogue=True)
     cta_m = config.cta_block_m
     mp = padded_m(m, config)
     row_blocks = -(-mp // cta_m) + g - 1          # a bound on the virtual row blocks over all groups

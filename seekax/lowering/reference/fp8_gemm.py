@@ -78,6 +78,8 @@ def m_grouped_fp8_gemm_nt_contiguous(a, a_scale, b, b_scale, group_sizes, *, out
     a32 = dequantize_fp8(a, a_scale, (1, SCALE_BLOCK))                            # [M, K]
     b32 = dequantize_fp8(b, b_scale, (SCALE_BLOCK, SCALE_BLOCK))                  # [G, N, K]
     sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)                         # [G]
+    owned = jnp.arange(m)[:, None] < jnp.sum(sizes)                               # [M, 1] rows some group owns
+    a32 = jnp.where(owned, a32, 0.0)                                              # padding never read (NaN too)
     rest = jnp.maximum(m - jnp.sum(sizes), 0)[None]                               # [1] rows in no group
     sizes = jnp.concatenate([sizes, rest])                                        # [G+1]
     rhs = jnp.concatenate([b32, jnp.zeros((1, n, k), jnp.float32)])              # [G+1, N, K]
