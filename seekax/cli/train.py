@@ -41,7 +41,8 @@ def register(sub) -> None:
                    help="EPLB replica slots a MoE layer (0: no EPLB); n_routed_experts + this a multiple of --ep")
     p.add_argument("--eplb-every", type=int, default=0, help="rebalance the experts every N steps")
     p.add_argument("--fp8", action="store_true",
-                   help="train the attention and dense/shared MLP projections through FP8 GEMMs (fp8_linear)")
+                   help="train the attention projections, dense MLPs and the shared and routed experts through FP8 "
+                        "GEMMs (fp8_linear, grouped_fp8_linear; the weights stay float)")
     p.add_argument("--mtp-weight", type=float, default=0.0,
                    help="train the multi-token-prediction modules with this weight on their loss (0: not)")
     p.add_argument("--ckpt-dir", default=None, help="orbax checkpoints here")

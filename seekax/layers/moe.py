@@ -176,9 +176,24 @@ def _quant(a):
     return quantize_fp8(a)
 
 
+def _experts_fp8_train(rows, scale, sizes, w1, w3, w2, out_dtype, backend):
+    """Routed experts trained through FP8 GEMMs (`Fp8Train` weights, `grouped_fp8_linear`): forward, dgrad and
+    wgrad in FP8, the weights and their gradients float. rows: [M, H] sorted by expert (sizes [G])."""
+    from seekax.ops.fp8 import dequantize_fp8, grouped_fp8_linear
+
+    if scale is not None:                                                                    # an FP8 payload
+        rows = dequantize_fp8(rows, scale, dtype=out_dtype)
+    rows = rows.astype(out_dtype)
+    lin = lambda a, w: grouped_fp8_linear(a, w.w.astype(a.dtype), sizes, backend=backend)  # noqa: E731
+    a = (jax.nn.silu(lin(rows, w1).astype(jnp.float32)) * lin(rows, w3).astype(jnp.float32)).astype(out_dtype)
+    return lin(a, w2)                                                                        # [M, H]
+
+
 def _experts_contiguous(rows, scale, sizes, params, cfg, out_dtype, backend):
     """rows: [M, H] sorted by local expert (group sizes [G]) -> [M, H] SwiGLU expert outputs."""
     w1, w3, w2 = params["w1"], params["w3"], params["w2"]
+    if isinstance(w1, Fp8Train):
+        return _experts_fp8_train(rows, scale, sizes, w1, w3, w2, out_dtype, backend)
     if cfg.fp8:
         g = _fp8_gemm_contiguous(rows, scale, w1, sizes, backend)                           # [M, I]
         u = _fp8_gemm_contiguous(rows, scale, w3, sizes, backend)
@@ -193,6 +208,16 @@ def _experts_contiguous(rows, scale, sizes, params, cfg, out_dtype, backend):
 def _experts_masked(x, scale, counts, params, cfg, out_dtype, backend):
     """x: [G, M, H] fixed per-expert buffers, counts [G] -> [G, M, H] (rows past counts are zero)."""
     w1, w3, w2 = params["w1"], params["w3"], params["w2"]
+    if isinstance(w1, Fp8Train):  # one contiguous run per expert buffer; rows past counts zeroed in and out
+        g_, m, h = x.shape
+        valid = (jnp.arange(m)[None, :] < counts[:, None])[..., None]                      # [G, M, 1]
+        if scale is not None:                                                                # an FP8 payload
+            from seekax.ops.fp8 import dequantize_fp8
+
+            x = dequantize_fp8(x, scale, dtype=out_dtype)
+        rows = jnp.where(valid, x.astype(out_dtype), 0).reshape(g_ * m, h)
+        out = _experts_fp8_train(rows, None, jnp.full((g_,), m, jnp.int32), w1, w3, w2, out_dtype, backend)
+        return jnp.where(valid, out.reshape(g_, m, -1), 0).astype(out_dtype)
     if cfg.fp8:
         g = _fp8_gemm_masked(x, scale, w1, counts, backend)
         u = _fp8_gemm_masked(x, scale, w3, counts, backend)
@@ -328,6 +353,7 @@ def moe_reference(x: jax.Array, params: dict, *, cfg: MoeConfig) -> jax.Array:
     comb = (jax.nn.one_hot(idx, cfg.num_experts, dtype=jnp.float32) * w[..., None]).sum(1)   # [N, E]
     xf = x.astype(jnp.float32)
     f = lambda n: (params[n].dequantize() if isinstance(params[n], Fp8Weight)  # noqa: E731
+                   else params[n].w.astype(jnp.float32) if isinstance(params[n], Fp8Train)
                    else params[n].astype(jnp.float32))
     g = jnp.einsum("nh,eih->nei", xf, f("w1"))
     u = jnp.einsum("nh,eih->nei", xf, f("w3"))

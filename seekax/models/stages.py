@@ -72,16 +72,24 @@ def _logical(layer: dict) -> dict:
     if moe is None or "log2phy" not in moe:
         return layer
     first = np.asarray(moe["log2phy"])[:, 0].astype(np.int64)                       # [E] a slot of each expert
-    moe = {k: (np.asarray(v)[first] if k in EXPERT_LEAVES else v) for k, v in moe.items()
-           if k not in ("log2phy", "logcnt")}
+    take = lambda v: jax.tree.map(lambda a: np.asarray(a)[first], v)  # noqa: E731  (an Fp8Train too)
+    moe = {k: (take(v) if k in EXPERT_LEAVES else v) for k, v in moe.items() if k not in ("log2phy", "logcnt")}
     return {**layer, "moe": moe}
+
+
+def leaf_key(path) -> str | None:
+    """The dict key naming the weight at `path`, looking through an `Fp8Train` wrapper's `.w`."""
+    keys = [getattr(k, "key", None) for k in path]
+    if len(path) > 1 and getattr(path[-1], "name", None) == "w":
+        return keys[-2]
+    return keys[-1] if keys else None
 
 
 def stage_specs(stage_params: list[dict], ep_axis: str | None) -> list:
     """PartitionSpecs of each stage's per-stage dims: routed expert weights split over `ep_axis`."""
     def spec(path, leaf):
         names = [getattr(k, "key", None) for k in path]
-        if ep_axis and "moe" in names and names[-1] in EXPERT_LEAVES:
+        if ep_axis and "moe" in names and leaf_key(path) in EXPERT_LEAVES:
             return P(ep_axis, *([None] * (leaf.ndim - 1)))
         return P(*([None] * leaf.ndim))
 

@@ -27,7 +27,8 @@ from jax.sharding import PartitionSpec as P
 from seekax.ir.validate import check_choice, check_int, fail
 from seekax.models.deepseek import loss_fn
 from seekax.models.deepseek_config import DeepseekConfig
-from seekax.models.stages import EXPERT_LEAVES, merge_stages, split_layers, split_stages, stage_fns, stage_specs
+from seekax.models.stages import (EXPERT_LEAVES, leaf_key, merge_stages, split_layers, split_stages, stage_fns,
+                                  stage_specs)
 
 SCHEDULES = ("1f1b", "gpipe", "zb1p", "interleaved", "dualpipe", "dualpipev")
 
@@ -53,7 +54,7 @@ class TrainConfig:
     stats_every: int = 1              # with EPLB: sample the expert loads of every N-th batch
     overlap: bool = False             # MoE stages as sub-steps: F&B overlaps one stream's all-to-all with the
                                       # other's compute (DualPipe / DualPipeV)
-    fp8: bool = False                 # attention and dense/shared MLP projections through FP8 GEMMs
+    fp8: bool = False                 # attention, dense MLP and routed/shared expert GEMMs in FP8
     mtp_weight: float = 0.0           # lambda of the multi-token-prediction loss (0: MTP modules not trained)
     seed: int = 0
 
@@ -347,14 +348,14 @@ FP8_LEAVES = ("wq", "wq_a", "wq_b", "wkv_a", "wo", "w1", "w2", "w3", "shared_w1"
 
 
 def fp8_projections(params: dict) -> dict:
-    """Wrap the attention projections (all but the folded wkv_b) and the dense and shared MLPs' weights in
-    `Fp8Train`: trained through FP8 GEMMs (`fp8_linear`), kept in float. Routed experts, embedding, head,
-    router and norms stay as they are (the grouped FP8 GEMMs have no VJP)."""
+    """Wrap the attention projections (all but the folded wkv_b), the dense MLPs' and the MoE layers' weights
+    (routed and shared experts) in `Fp8Train`: trained through FP8 GEMMs (`fp8_linear`, the experts through
+    `grouped_fp8_linear`), kept in float. Embedding, head, router and norms stay as they are."""
     from seekax.layers.linear import Fp8Train
 
     def wrap(path, leaf):
         keys = [getattr(k, "key", None) for k in path]
-        if keys[-1] in FP8_LEAVES and ("attn" in keys or "mlp" in keys or keys[-1].startswith("shared_")):
+        if keys[-1] in FP8_LEAVES and ("attn" in keys or "mlp" in keys or "moe" in keys):
             return Fp8Train(w=leaf)
         return leaf
 
@@ -388,8 +389,8 @@ def mtp_loss_fn(cfg: DeepseekConfig, weight: float, backend: str = "auto"):
 
 
 def _key(path):
-    last = path[-1]
-    return getattr(last, "key", getattr(last, "name", None))
+    """The dict key naming the leaf (through an Fp8Train's `.w`), or the last attribute's name."""
+    return leaf_key(path) or getattr(path[-1], "name", None)
 
 
 def tokens_from_rows(rows: np.ndarray, tcfg: TrainConfig, vocab: int) -> np.ndarray:

@@ -101,6 +101,46 @@ def test_eplb_replicas_and_rebalancing_leave_the_training_math_unchanged(rng):
 
 
 @pytest.mark.slow
+def test_fp8_training_runs_every_projection_and_expert_through_fp8_within_its_error(rng):
+    """TrainConfig(fp8=True): attention, dense MLP, shared and routed experts (with EPLB replicas) trained
+    through FP8 GEMMs. Every gradient within calc_diff 1e-3 of the float model's, yet not equal to it (the
+    FP8 path ran); replicas stay equal after a step; model_params() returns plain float weights."""
+    from seekax.layers.linear import Fp8Train
+    from seekax.testing import calc_diff
+
+    cfg, params = load_checkpoint(os.path.join(DATA, "v3_qlora_grouped"), dtype=np.float32, mtp=False,
+                                  progress=False)
+    tokens = rng.integers(0, cfg.vocab, (2, 2, 9)).astype(np.int32)
+    kw = dict(pp=2, ep=2, microbatches=2, microbatch_size=2, lr=1e-3, redundant_experts=2)
+    plain = Trainer(params, cfg, TrainConfig(**kw), backend="xla")
+    fp8 = Trainer(params, cfg, TrainConfig(**kw, fp8=True), backend="xla")
+    moe = fp8.params[0]["layers"][1]["moe"]
+    assert all(isinstance(moe[k], Fp8Train) for k in ("w1", "w2", "w3", "shared_w1", "shared_w2", "shared_w3"))
+    (la, ga), (lb, gb) = plain.loss_and_grads(tokens), fp8.loss_and_grads(tokens)
+    assert abs(float(lb) - float(la)) < 0.05 * float(la)
+    is_fp8 = lambda x: isinstance(x, Fp8Train)  # noqa: E731
+    flat_b = jax.tree_util.tree_leaves_with_path(jax.tree.map(lambda x: x.w if is_fp8(x) else x, gb, is_leaf=is_fp8))
+    flat_a = jax.tree.leaves(ga)
+    assert len(flat_a) == len(flat_b)
+    for (path, b), a in zip(flat_b, flat_a):
+        name = jax.tree_util.keystr(path)
+        if "log2phy" in name or "logcnt" in name or "gate_bias" in name:
+            continue
+        diff = calc_diff(np.asarray(b), np.asarray(a))
+        assert diff < 1e-3, (name, diff)
+        if name.endswith(("['w1']", "['w2']", "['w3']")):
+            assert diff > 0, name                                      # the FP8 path, not the float one
+    fp8.train_step(tokens)
+    moe = fp8.params[0]["layers"][1]["moe"]
+    w1, p2l = np.asarray(moe["w1"].w), fp8.placement.phy2log[0]
+    first = np.asarray(moe["log2phy"])[:, 0].astype(int)
+    for s in range(w1.shape[0]):                                       # replicas stay equal (summed gradients)
+        np.testing.assert_array_equal(w1[s], w1[first[p2l[s]]])
+    out = fp8.model_params()["layers"][1]["moe"]
+    assert isinstance(out["w1"], np.ndarray) and out["w1"].shape == (8, *params["layers"][1]["moe"]["w1"].shape[1:])
+
+
+@pytest.mark.slow
 def test_mtp_loss_and_gradients_equal_the_unpipelined_model(rng):
     """The MTP modules trained as DeepSeek-V3 does: loss = next-token loss + lambda x their mean loss, with the
     embedding and head shared; pipelined gradients (stages and MTP) equal value_and_grad of the model."""
