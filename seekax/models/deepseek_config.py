@@ -10,13 +10,13 @@ anything else, a missing field, or a feature seekax does not implement is a Valu
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
 from seekax.ir.validate import fail
 from seekax.layers.mla import MlaConfig, YarnScaling
 from seekax.layers.moe import MoeConfig
+from seekax.models.safetensors_dir import read_json
 
 MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
 
@@ -29,10 +29,9 @@ _DEFAULTS = {
                         n_group=8, topk_group=4, n_shared_experts=1, first_k_dense_replace=3, norm_topk_prob=True,
                         routed_scaling_factor=2.5, scoring_func="sigmoid", topk_method="noaux_tc",
                         num_nextn_predict_layers=1, rope_interleave=True),
-    "deepseek_v2": dict(q_lora_rank=1536, moe_intermediate_size=1407, n_routed_experts=64, num_experts_per_tok=None,
-                        n_group=None, topk_group=None, n_shared_experts=2, first_k_dense_replace=0,
-                        norm_topk_prob=False, routed_scaling_factor=1.0, scoring_func="softmax", topk_method="greedy",
-                        num_nextn_predict_layers=0, rope_interleave=True),
+    "deepseek_v2": dict(q_lora_rank=1536, moe_intermediate_size=1407, n_routed_experts=64, n_shared_experts=2,
+                        first_k_dense_replace=0, norm_topk_prob=False, routed_scaling_factor=1.0,
+                        scoring_func="softmax", topk_method="greedy", num_nextn_predict_layers=0, rope_interleave=True),
 }
 
 
@@ -99,17 +98,17 @@ def _rope(d: dict) -> tuple[float, YarnScaling | None]:
             raise fail("config.json['rope_parameters']", type(params).__name__, "a dict")
         if any(isinstance(v, dict) for v in params.values()):
             raise fail("config.json['rope_parameters']", sorted(params), "one RoPE for every layer (not per type)")
-        theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
+        theta = params.get("rope_theta") or d.get("rope_theta") or 10000.0
         scaling = params
     else:
-        theta = d.get("rope_theta", 10000.0)
+        theta = d.get("rope_theta") or 10000.0
         scaling = d.get("rope_scaling") or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return float(theta), None
     if kind != "yarn":
         raise fail("config.json rope type", kind, "'default' or 'yarn' (DeepSeek's RoPE variants)")
-    max_pos = d.get("max_position_embeddings", 4096)
+    max_pos = d.get("max_position_embeddings") or 4096
     orig = scaling.get("original_max_position_embeddings") or max_pos
     factor = scaling.get("factor") or max_pos / orig
     opt = {k: scaling[k] for k in ("mscale", "mscale_all_dim", "attention_factor") if scaling.get(k) is not None}
@@ -144,7 +143,7 @@ def from_hf_config(d: dict) -> DeepseekConfig:
     mla = MlaConfig(hidden=int(g("hidden_size")), heads=heads, kv_lora=int(g("kv_lora_rank")),
                     q_lora=int(d.get("q_lora_rank", dflt["q_lora_rank"]) or 0), qk_nope=int(g("qk_nope_head_dim")),
                     qk_rope=int(g("qk_rope_head_dim")), v_head=int(g("v_head_dim")), rope_theta=theta,
-                    eps=float(d.get("rms_norm_eps", 1e-6)), rope_interleave=bool(g("rope_interleave")), yarn=yarn)
+                    eps=float(_get(d, "rms_norm_eps", 1e-6)), rope_interleave=bool(g("rope_interleave")), yarn=yarn)
     experts = int(g("n_routed_experts"))
     n_group = int(d.get("n_group") or 1)
     topk_method = d.get("topk_method") or dflt["topk_method"]
@@ -173,7 +172,7 @@ def from_hf_config(d: dict) -> DeepseekConfig:
                           intermediate=int(g("intermediate_size")), first_k_dense=int(g("first_k_dense_replace")),
                           mla=mla, moe=moe, eps=mla.eps, tie_embeddings=bool(d.get("tie_word_embeddings", False)),
                           mtp_layers=int(g("num_nextn_predict_layers")),
-                          max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+                          max_position_embeddings=int(_get(d, "max_position_embeddings", 4096)),
                           bos_token_id=d.get("bos_token_id"), eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
                           fp8_block=fp8_block, hf=dict(d))
 
@@ -183,5 +182,4 @@ def load_config(model_dir: str | os.PathLike) -> DeepseekConfig:
     path = os.path.join(os.fspath(model_dir), "config.json")
     if not os.path.isfile(path):
         raise fail("model_dir", os.fspath(model_dir), "a directory with a config.json")
-    with open(path, encoding="utf-8") as f:
-        return from_hf_config(json.load(f))
+    return from_hf_config(read_json(path))

@@ -51,24 +51,57 @@ class TensorInfo:
 
 
 def read_header(path: str) -> dict[str, TensorInfo]:
-    """The tensors of one .safetensors file (8-byte little-endian header length, JSON header, data)."""
+    """The tensors of one .safetensors file (8-byte little-endian header length, JSON header, data). The header
+    is checked against the file: its length, each tensor's byte range against its shape and dtype, and the
+    data's end against the file's size (a truncated download fails here, before any tensor is read)."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
             raise fail("checkpoint file", path, "a safetensors file (8-byte header length)")
         (n,) = struct.unpack("<Q", raw)
+        if 8 + n > size:
+            raise fail("checkpoint file", path, f"a safetensors file: its header of {n} bytes does not fit in the "
+                       f"file of {size} bytes (not safetensors, or truncated)")
         try:
             header = json.loads(f.read(n))
         except ValueError as e:
             raise fail("checkpoint file", path, f"a safetensors JSON header ({e})") from None
-    out = {}
+    if not isinstance(header, dict):
+        raise fail("checkpoint file", path, f"a safetensors JSON header (an object, not {type(header).__name__})")
+    out, data_end = {}, 0
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        begin, end = meta["data_offsets"]
-        out[name] = TensorInfo(file=path, dtype=meta["dtype"], shape=tuple(meta["shape"]), start=8 + n + begin,
-                               nbytes=end - begin)
+        try:
+            dtype, shape, (begin, end) = meta["dtype"], tuple(int(d) for d in meta["shape"]), meta["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise fail(f"checkpoint tensor {name!r} in {path}", meta, "a header entry with dtype, shape and "
+                       "data_offsets [begin, end]") from None
+        if dtype in DTYPES:
+            want = int(np.prod(shape)) * np.dtype(DTYPES[dtype]).itemsize
+            if end - begin != want:
+                raise fail(f"checkpoint tensor {name!r} in {path}", f"{end - begin} bytes",
+                           f"{shape} {dtype} = {want} bytes (header's data_offsets {[begin, end]})")
+        out[name] = TensorInfo(file=path, dtype=dtype, shape=shape, start=8 + n + begin, nbytes=end - begin)
+        data_end = max(data_end, 8 + n + end)
+    if data_end > size:
+        raise fail("checkpoint file", path, f"{data_end} bytes (its header puts tensor data to byte {data_end}), "
+                   f"has {size}: truncated (an interrupted download?)")
     return out
+
+
+def read_json(path: str) -> dict:
+    """A JSON object file (config.json, the index, tokenizer_config.json); a malformed one is a ValueError
+    naming the file, not a bare JSONDecodeError."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            d = json.load(f)
+        except ValueError as e:
+            raise fail("JSON file", path, f"valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise fail("JSON file", path, f"a JSON object, not {type(d).__name__}")
+    return d
 
 
 class SafetensorsDir:
@@ -79,8 +112,9 @@ class SafetensorsDir:
         self.dir = os.fspath(model_dir)
         index = os.path.join(self.dir, INDEX)
         if os.path.isfile(index):
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f).get("weight_map", {})
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise fail(f"{index} weight_map", weight_map, "a dict of tensor name -> shard file")
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(self.dir, "*.safetensors")))
