@@ -127,19 +127,22 @@ def import_array_record(src, dst: str | os.PathLike, *, kind: str | None = None,
         writer_args.update(seq_len=seq_len, dtype=dtype)
     with SampleStoreWriter(dst, **writer_args) as w:
         for f in files:
-            r = ar.ArrayRecordReader(str(f))
             try:
-                n = r.num_records()
-                for lo in range(0, n, BATCH):
-                    recs = r.read(lo, min(lo + BATCH, n))
-                    if kind == "bytes":
-                        w.write_many(recs)
-                        continue
-                    bad = next((i for i, x in enumerate(recs) if len(x) != record_bytes), None)
-                    if bad is not None:
-                        raise fail("src", f"{f.name} record {lo + bad} ({len(recs[bad])} bytes)",
-                                   f"records of seq_len={seq_len} x {dtype} = {record_bytes} bytes")
-                    w.write(np.frombuffer(b"".join(recs), dtype=dtype).reshape(len(recs), seq_len))
-            finally:
-                r.close()
+                r = ar.ArrayRecordReader(str(f))
+                try:
+                    n = r.num_records()
+                    for lo in range(0, n, BATCH):
+                        recs = r.read(lo, min(lo + BATCH, n))
+                        if kind == "bytes":
+                            w.write_many(recs)
+                            continue
+                        bad = next((i for i, x in enumerate(recs) if len(x) != record_bytes), None)
+                        if bad is not None:
+                            raise fail("src", f"{f.name} record {lo + bad} ({len(recs[bad])} bytes)",
+                                       f"records of seq_len={seq_len} x {dtype} = {record_bytes} bytes")
+                        w.write(np.frombuffer(b"".join(recs), dtype=dtype).reshape(len(recs), seq_len))
+                finally:
+                    r.close()
+            except RuntimeError as e:  # array_record's C++ status: not an ArrayRecord file, a torn one, ...
+                raise fail("src", str(f), f"an ArrayRecord file ({e})") from None
     return SampleStore(dst).manifest

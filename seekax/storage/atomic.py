@@ -132,11 +132,20 @@ def read_json(path: str | os.PathLike, name: str = "path") -> Any:
 
 
 def ensure_dir(name: str, path: str | os.PathLike) -> Path:
-    """Create directory `path` (and parents); a clear ValueError if it exists as a file."""
+    """Create directory `path` (and parents); a clear ValueError if it exists as a file or this user may not
+    create or write it (every caller writes into it: failing here beats a traceback after the work)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise fail(name, str(path), "a directory path (it is an existing file)")
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise fail(name, str(path), f"a directory this user may create ({os.strerror(e.errno).lower()}: "
+                                    f"{e.filename})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise fail(name, str(path), "a directory this user may write (permission denied)")
     return path
 
 

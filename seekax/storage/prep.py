@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -92,16 +93,21 @@ def run_task(task: dict) -> dict:
         from seekax.storage.tokenizer import load_tokenizer
         from seekax.storage.tokens import pack
 
-        texts = [r[0] for r in con.execute(f"SELECT {_ident(task['column'])} FROM {src}").fetchall()]
+        rows_in = [r[0] for r in con.execute(f"SELECT {_ident(task['column'])} FROM {src}").fetchall()]
+        texts = [t for t in rows_in if t != "" and t is not None]  # an empty document would be a lone EOS
         tokenizer = load_tokenizer(task.get("tokenizer"), task.get("eos_token"))
         rows, tail = pack(texts, task["seq_len"], tokenizer)
         tmp = tmp_name(task["out"])
-        with open(tmp, "wb") as f:
-            np.save(f, rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, task["out"])
-        info.update(rows=int(len(rows)), docs=len(texts), dropped_tail_tokens=int(len(tail)))
+        try:
+            with open(tmp, "wb") as f:
+                np.save(f, rows)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, task["out"])
+        finally:  # an interrupt (Ctrl-C) mid-write leaves no partial temp file behind
+            tmp.unlink(missing_ok=True)
+        info.update(rows=int(len(rows)), docs=len(texts), skipped_docs=len(rows_in) - len(texts),
+                    dropped_tail_tokens=int(len(tail)))
     else:
         raise fail("task.kind", task["kind"], "one of ('sql', 'split', 'tokenize')")
     atomic_write_json(marker, info)
@@ -122,8 +128,16 @@ class _Node:
         return f"{self.op}-{h.hexdigest()[:16]}"
 
 
+SPAWN_HINT = ("a worker process of the Session died. executor='process' spawns its workers, and each one imports "
+              "the main module: a script that makes a Session must do so under `if __name__ == \"__main__\":` "
+              "(else every worker runs the script again), or pass executor='inline'")
+
+
 class Session:
-    """`Session(work_dir, num_workers=2, executor="process"|"inline"|"ray", progress=False)`."""
+    """`Session(work_dir, num_workers=2, executor="process"|"inline"|"ray", progress=False)`.
+
+    executor="process" spawns worker processes, which import the main module: in a script, make the Session
+    under `if __name__ == "__main__":` (as for any spawned multiprocessing)."""
 
     def __init__(self, work_dir: str | os.PathLike, *, num_workers: int = 2, executor: str = "process",
                  duckdb_threads: int = 1, progress: bool = False):
@@ -216,8 +230,12 @@ class Session:
             elif self.executor == "process":
                 if self._pool is None:
                     self._pool = ProcessPoolExecutor(self.num_workers, mp_context=multiprocessing.get_context("spawn"))
-                for _ in self._pool.map(run_task, todo):
-                    bar.update(1)
+                try:
+                    for _ in self._pool.map(run_task, todo):
+                        bar.update(1)
+                except BrokenProcessPool as e:
+                    self._pool = None
+                    raise RuntimeError(SPAWN_HINT) from e
             else:
                 import ray
 
@@ -234,7 +252,10 @@ class Session:
     def __enter__(self) -> "Session":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None and self._pool is not None:  # e.g. Ctrl-C: stop, do not finish the queued tasks
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
         self.close()
 
 
@@ -342,33 +363,48 @@ class DataFrame:
         order). `tokenizer`: a Hugging Face tokenizer.json (None: bytes, ids 0-255 and EOS 256); its identity
         goes into the manifest's metadata. Returns the store manifest."""
         from seekax.storage.sample_store import SampleStoreWriter
+        from seekax.storage.sample_writer import check_target
         from seekax.storage.tokenizer import load_tokenizer
 
+        check_target(path, overwrite)  # an existing store or an unwritable folder fails now, not after the work
         tok_path = None if tokenizer is None else str(Path(tokenizer).absolute())
         identity = load_tokenizer(tok_path, eos_token).identity()  # a bad path or eos fails here, not in a worker
 
         (col,) = self._check_columns("text_column", text_column)
         ctype = dict(self.schema())[col]
         if ctype != "VARCHAR":
-            raise fail("text_column", col, f"a VARCHAR (text) column, got {ctype}")
+            raise fail("text_column", col, f"a text (VARCHAR) column; {col} is {ctype}")
         seq_len = check_int("seq_len", seq_len, min_value=1)
         parts = self.compute()
         d = ensure_dir("work_dir", self.session.work_dir / f"tok-{self.node.id}-{col}-{seq_len}-"
-                                                           f"{identity['sha256'][:12]}-{identity['eos_id']}")
+                                                           f"{identity['sha256'][:12]}-{identity['eos_id']}-v2")
         tasks = [{"kind": "tokenize", "partition": j, "inputs": files, "column": col, "seq_len": seq_len,
                   "tokenizer": tok_path, "eos_token": eos_token,
                   "threads": self.session.duckdb_threads, "out": str(d / f"tokens-{j:05d}.npy"),
                   "marker": str(d / f"tokens-{j:05d}.done")} for j, files in enumerate(parts)]
         infos = self.session.run(tasks, desc="tokenize")
         import numpy as np
+        from tqdm import tqdm
 
         meta = {"source": "seekax.storage.prep", "tokenizer": identity, "text_column": col,
-                "docs": sum(i["docs"] for i in infos),
+                "docs": sum(i["docs"] for i in infos), "skipped_docs": sum(i["skipped_docs"] for i in infos),
                 "dropped_tail_tokens": sum(i["dropped_tail_tokens"] for i in infos)}
+        total = sum(i["rows"] for i in infos)
+        if not meta["docs"]:  # an empty store would only fail later, in the loader
+            raise fail("text_column", col, f"a column holding documents (all {meta['skipped_docs']} rows are "
+                                           "empty or null)")
+        if not total:
+            most = max(i["rows"] * seq_len + i["dropped_tail_tokens"] for i in infos)
+            raise fail("seq_len", seq_len, f"at most {most} tokens, the most one of the {len(infos)} "
+                                           f"partition(s) holds: no partition fills a sequence, nothing to write")
         with SampleStoreWriter(path, kind="tokens", seq_len=seq_len, dtype="int32", overwrite=overwrite,
-                               shard_bytes=shard_bytes, metadata=meta) as w:
+                               shard_bytes=shard_bytes, metadata=meta) as w, \
+                tqdm(total=total, desc="write", unit="seq", disable=not self.session.progress) as bar:
             for t in tasks:
-                w.write(np.load(t["out"], mmap_mode="r"))
+                rows = np.load(t["out"], mmap_mode="r")
+                for lo in range(0, len(rows), 1 << 16):
+                    w.write(rows[lo:lo + (1 << 16)])
+                    bar.update(len(rows[lo:lo + (1 << 16)]))
         from seekax.storage.atomic import read_json
 
         return read_json(Path(path) / "manifest.json")

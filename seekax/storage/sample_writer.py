@@ -58,6 +58,15 @@ class _OpenShard:
         return np.asarray(self.record_crcs + groups, dtype="<u4").tobytes()
 
 
+def check_target(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Store directory `path`, created and writable; a ValueError when it holds a published store and not
+    `overwrite`. Callers with long work ahead (data preparation) call it first, to fail before that work."""
+    path = ensure_dir("path", path)
+    if (path / MANIFEST).exists() and not overwrite:
+        raise fail("path", str(path), "a directory without a published store (pass overwrite=True)")
+    return path
+
+
 class SampleStoreWriter:
     """Use as a context manager; an exception inside aborts (temp files removed, no manifest written).
 
@@ -80,11 +89,9 @@ class SampleStoreWriter:
         self.group = group_records(self.kind, self.record_bytes)
         self.shard_bytes = check_int("shard_bytes", shard_bytes, min_value=1)
         self.metadata = dict(metadata or {})
-        self.path = ensure_dir("path", path)
+        self.path = check_target(path, overwrite)
         manifest = self.path / MANIFEST
         if manifest.exists():
-            if not overwrite:
-                raise fail("path", str(self.path), "a directory without a published store (pass overwrite=True)")
             manifest.unlink()  # unpublish first: from here on readers see an incomplete store
             fsync_dir(self.path)
         for p in self.path.iterdir():

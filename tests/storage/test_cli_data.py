@@ -48,7 +48,7 @@ def test_prepare_from_text_files_and_errors(tmp_path, capsys):
     with SampleStore(out) as s:
         assert s.manifest["metadata"]["docs"] == 3
     assert main(["data", "prepare", out, "--synthetic", "10", "--quiet", "--executor", "inline"]) == 2
-    assert "overwrite=True" in capsys.readouterr().err
+    assert "--overwrite" in capsys.readouterr().err
     assert main(["data", "verify", str(tmp_path / "nothing")]) == 2
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "shard-00000.data").write_bytes(b"x")
@@ -92,7 +92,7 @@ def test_export_import_array_record(tmp_path, capsys):
     with SampleStore(tmp_path / "back") as s:
         np.testing.assert_array_equal(s.read(np.arange(300)), seqs)
     assert main(["data", "export", str(tmp_path / "s"), ar, "--shards", "2"]) == 2  # exists: a usage error
-    assert "overwrite=True" in capsys.readouterr().err
+    assert "--overwrite" in capsys.readouterr().err
     assert main(["data", "export", str(tmp_path / "s"), ar, "--shards", "0", "--overwrite"]) == 2
     assert "--shards" in capsys.readouterr().err
     assert main(["data", "import", ar + "-00000-of-00002", str(tmp_path / "t"), "--kind", "tokens", "--dtype",

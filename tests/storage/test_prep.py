@@ -123,3 +123,20 @@ def test_bad_input(tmp_path, rng):
         df.to_sample_store(tmp_path / "st", text_column="id", seq_len=8)
     with pytest.raises(ValueError, match="text_column='body'"):
         df.to_sample_store(tmp_path / "st", text_column="body", seq_len=8)
+
+
+def test_an_unguarded_script_gets_told_about_the_main_guard(tmp_path):
+    """executor="process" spawns workers that import the main module: a script without the __main__ guard has
+    them run it again (and die making their own pools); the Session says so instead of a bare BrokenProcessPool."""
+    import subprocess
+    import sys
+
+    for i in range(2):
+        pq.write_table(pa.table({"k": list(range(40)), "text": ["x"] * 40}), tmp_path / f"in-{i}.parquet")
+    (tmp_path / "script.py").write_text(
+        "from seekax.storage.prep import Session\n"
+        "with Session('work', num_workers=2) as s:\n"
+        "    s.read_parquet('in-*.parquet').repartition(2, hash_by='k').compute()\n")
+    run = subprocess.run([sys.executable, "script.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert 'if __name__ == "__main__":' in run.stderr and "RuntimeError" in run.stderr
