@@ -73,10 +73,19 @@ def configure_env(argv: list[str]) -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
 
 
+# what a Hugging Face directory holds besides config and weights: copied from --model into --save
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
+
+
 def run(args) -> int:
     import numpy as np
 
+    import jax
+
+    from seekax.layers.linear import Fp8Weight
     from seekax.models.checkpoint import load_checkpoint, save_checkpoint
+    from seekax.models.deepseek import dequantize_params
     from seekax.models.train import Trainer, TrainConfig, tokens_from_rows
     from seekax.storage.loader import Loader, LoaderConfig
 
@@ -88,6 +97,11 @@ def run(args) -> int:
     loader = Loader(args.data, LoaderConfig(global_batch_size=tcfg.microbatches * tcfg.microbatch_size,
                                             seed=tcfg.seed, process_index=0, process_count=1))
     cfg, params = load_checkpoint(args.model, dtype=np.float32, progress=sys.stderr.isatty())  # MTP modules kept
+    if any(isinstance(x, Fp8Weight) for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Fp8Weight))):
+        # DeepSeek's native FP8 release: train float master weights (--fp8: through FP8 GEMMs, DeepSeek-V3's way)
+        print("seekax train: the checkpoint's FP8 weights are dequantised to float32 master weights",
+              file=sys.stderr)
+        params = jax.tree.map(np.asarray, dequantize_params(params))
     trainer = Trainer(params, cfg, tcfg, backend=args.backend)
     ckpt = None
     if args.ckpt_dir:
@@ -105,7 +119,7 @@ def run(args) -> int:
         ckpt.close()
     if args.save:
         save_checkpoint(trainer.model_params(), cfg, args.save, progress=False)
-        for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        for name in TOKENIZER_FILES:
             src = os.path.join(args.model, name)
             if os.path.isfile(src):
                 shutil.copyfile(src, os.path.join(args.save, name))

@@ -76,6 +76,31 @@ def test_train_command_trains_checkpoints_and_saves_a_servable_directory(tmp_pat
 
 
 @pytest.mark.slow
+def test_train_command_takes_a_native_fp8_checkpoint_and_keeps_its_chat_template(tmp_path, capsys):
+    """DeepSeek's FP8 release layout: trained from float32 master weights dequantised from it (said on stderr),
+    saved as a float directory whose chat template (a chat_template.jinja beside the tokenizer) survives."""
+    import shutil
+
+    from seekax.cli.main import main
+    from seekax.storage.sample_store import write_token_store
+
+    src = tmp_path / "fp8"
+    shutil.copytree(os.path.join(DATA, "v3_fp8"), src)
+    (src / "chat_template.jinja").write_text("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}")
+    write_token_store(tmp_path / "store", np.random.default_rng(1).integers(0, 300, (16, 9)).astype(np.int32))
+    rc = main(["train", "--model", str(src), "--data", str(tmp_path / "store"), "--steps", "1", "--pp", "2",
+               "--ep", "2", "--microbatches", "2", "--microbatch-size", "2", "--save", str(tmp_path / "out"),
+               "--json", "--backend", "xla", "--fp8"])
+    assert rc == 0
+    captured = capsys.readouterr()
+    assert "FP8 weights are dequantised" in captured.err
+    assert np.isfinite(json.loads(captured.out.strip().splitlines()[-1])["history"][0]["loss"])
+    cfg, params = load_checkpoint(tmp_path / "out", progress=False)
+    assert params["layers"][1]["moe"]["w1"].dtype == np.float32 and cfg.fp8_block is None
+    assert (tmp_path / "out" / "chat_template.jinja").read_text() == (src / "chat_template.jinja").read_text()
+
+
+@pytest.mark.slow
 def test_eplb_replicas_and_rebalancing_leave_the_training_math_unchanged(rng):
     """With 2 redundant expert slots a layer and a rebalance after step 2, the losses are those of the model
     without replicas (replicas get summed gradients and stay equal; migration moves weights and Adam moments)."""
