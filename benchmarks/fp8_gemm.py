@@ -1,7 +1,8 @@
 """FP8 GEMMs (DeepGEMM's table shapes): TFLOPS, fraction of the roofline floor, and ratios against baselines
 run in the same process: XLA dequantise + bf16 dot (dense), `jax.lax.ragged_dot` bf16 (grouped).
-Rows include DeepGEMM's dgrad K = 576 and 2112 (not multiples of 128) and decode M = 1..64 (the small-M
-kernel where it applies; `tile` shows which kernel and tiles ran).
+Rows include DeepGEMM's dgrad K = 576 and 2112 (not multiples of 128), decode M = 1..64 (the small-M
+kernel where it applies; `tile` shows which kernel and tiles ran), and `train_vjp`: training MoE experts,
+`grouped_fp8_linear`'s forward + both gradients against a bf16 ragged_dot's.
 
 Timing (`common.cold_l2_time`): on a GPU the device time of every kernel launched by one call (CUPTI, Mosaic
 GPU's profiler), median of 10 calls, with the L2 cache cold (small shapes run over rotated copies of their
@@ -34,8 +35,9 @@ SMALL_M = [(m, n, k) for n, k in ((7168, 2048), (2112, 7168)) for m in (1, 8, 16
 CONTIGUOUS = [(4, 8192, 4096, 7168), (4, 8192, 7168, 2048), (8, 4096, 4096, 7168), (8, 4096, 7168, 2048)]
 MASKED = [(g, m, n, k) for g, m in ((1, 1024), (2, 512), (4, 256)) for n, k in ((4096, 7168), (7168, 2048))]
 QUANTIZE = [(4096, 7168), (32768, 7168), (4096, 2048)]
+TRAIN = [(8, 1024, 2048, 7168), (8, 1024, 7168, 2048)]      # one rank's 8 experts, up and down projections
 QUICK_DENSE, QUICK_QUANTIZE = [(64, 256, 256), (128, 512, 384), (64, 256, 576), (8, 512, 256)], [(256, 512)]
-QUICK_CONTIGUOUS, QUICK_MASKED = [(2, 128, 256, 256)], [(2, 64, 256, 256)]
+QUICK_CONTIGUOUS, QUICK_MASKED, QUICK_TRAIN = [(2, 128, 256, 256)], [(2, 64, 256, 256)], [(2, 128, 256, 256)]
 
 
 def _quant(key, shape, block, scale=1.0):
@@ -116,6 +118,36 @@ def masked_row(shape, backend):
                 base, (a16, b16, masked), "ragged_dot_bf16", backend)
 
 
+def train_row(shape, backend):
+    """`grouped_fp8_linear`'s forward + dgrad + wgrad (quantisation included) against the same VJP of a bf16
+    ragged_dot: what training MoE experts in FP8 costs per step, both on unaligned per-expert token counts."""
+    g, m_per, n, k = shape
+    m = g * m_per
+    kx, kw, kd = jax.random.split(jax.random.key(g + m + n + k), 3)
+    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+    w = jax.random.normal(kw, (g, n, k), jnp.float32) * 0.05
+    dy = jax.random.normal(kd, (m, n), jnp.bfloat16)
+    sizes = jnp.asarray([m_per + (37 if i % 2 else -37) for i in range(g)], jnp.int32)   # sum m, not 128-aligned
+
+    def vjp(lin):
+        def run(x, w, dy, sizes):
+            y, back = jax.vjp(lambda x, w: lin(x, w, sizes), x, w)
+            return (y, *back(dy))
+        return jax.jit(run)
+
+    f = vjp(lambda x, w, s: fp8.grouped_fp8_linear(x, w, s, backend=backend))
+    base = vjp(lambda x, w, s: _ragged_dot_bf16(x, jnp.swapaxes(w, 1, 2).astype(jnp.bfloat16), s))
+    args = (x, w, dy, sizes)
+    nbytes = sum(a.nbytes for a in args)
+    t, t_base = cold_l2_time(f, args, nbytes), cold_l2_time(base, args, nbytes)
+    spec = GroupedGemmSpec(num_groups=g, m=m, n=n, k=k, layout="contiguous")
+    got, want = f(*args), base(*args)
+    return {"kind": "train_vjp", "shape": "x".join(map(str, shape)), "backend": backend, "tile": "fwd+dgrad+wgrad",
+            "us": t * 1e6, "tflops": 3 * spec.flops() / t / 1e12, "frac_of_floor": 3 * spec.floor_seconds(H200) / t,
+            "baseline": "ragged_dot_bf16_vjp", "baseline_us": t_base * 1e6, "speedup": t_base / t,
+            "err_vs_baseline": max(rel_err(a, b) for a, b in zip(got, want))}
+
+
 def quantize_row(shape, backend):
     """Per-token (1, 128) quantisation: the kernel vs XLA's fused version; floor = bytes / HBM bandwidth."""
     m, k = shape
@@ -134,7 +166,7 @@ def quantize_row(shape, backend):
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--only", choices=("dense", "contiguous", "masked", "quantize"), default=None)
+    p.add_argument("--only", choices=("dense", "contiguous", "masked", "quantize", "train_vjp"), default=None)
     p.add_argument("--autotune", action="store_true", help="GPU: autotune each dense shape first (cached winners)")
     args = p.parse_args()
     gpu = is_hopper()
@@ -151,6 +183,7 @@ def main() -> None:
     plan += dense[len(NK):] if not quick else dense
     plan += [(dense_row, sh, "dense") for sh in ([] if quick else SMALL_M)]
     plan += [(quantize_row, sh, "quantize") for sh in (QUICK_QUANTIZE if quick else QUANTIZE)]
+    plan += [(train_row, sh, "train_vjp") for sh in (QUICK_TRAIN if quick else TRAIN)]
     rows = []
     for fn, shape, kind in plan:
         if args.only not in (None, kind):
