@@ -88,7 +88,7 @@ def make_pipeline_train_step(schedule: Schedule | PipelinePlan, stage_fn: Any, l
                                         split_backward=split_backward, fb_order=fb_order)
 
     def step(params, microbatches, targets=None):
-        out = full(params, (), microbatches, targets if with_targets else None)
+        out = full(params, (), microbatches, targets)
         return out.loss, out.grads
 
     return step
@@ -105,7 +105,7 @@ def pipeline_train_step(schedule: Schedule, stage_fn: Any, params: Any, microbat
     mesh: has `pp_axis` of size num_ranks (other axes: see the module docstring). grads: like params.
     DualPipe: micro-batches [0, M/2) enter at rank 0, [M/2, M) at rank N-1; both run the same stages.
     The built step is cached per arguments (not per values)."""
-    key = (schedule, _freeze_fns(stage_fn), loss_fn, mesh, pp_axis, _freeze(param_specs), batch_spec,
+    key = (schedule, _freeze_fns(stage_fn), _hashable(loss_fn), mesh, pp_axis, _freeze(param_specs), batch_spec,
            targets is not None, split_backward)
     step = _STEPS.get(key)
     if step is None:
@@ -124,8 +124,8 @@ def pipeline_value_and_grad(schedule: Schedule, stage_fn: Any, params: Any, micr
     """`pipeline_train_step` plus a trainable loss head (loss_fn(loss_params, y[, t])), input gradients and
     per-stage aux sums; see `make_pipeline_value_and_grad`."""
     with_lp = loss_params is not None
-    key = ("vg", schedule, _freeze_fns(stage_fn), loss_fn, mesh, pp_axis, _freeze(param_specs), batch_spec,
-           targets is not None, with_lp, input_grads, stage_aux, split_backward)
+    key = ("vg", schedule, _freeze_fns(stage_fn), _hashable(loss_fn), mesh, pp_axis, _freeze(param_specs),
+           batch_spec, targets is not None, with_lp, input_grads, stage_aux, split_backward)
     fn = _STEPS.get(key)
     if fn is None:
         fn = make_pipeline_value_and_grad(schedule, stage_fn, loss_fn, mesh=mesh, pp_axis=pp_axis,
@@ -197,6 +197,12 @@ class _Pipeline:
             if any(np.shape(leaf)[:1] != (s.num_stages,) for leaf in leaves):
                 raise fail("params", [np.shape(leaf) for leaf in leaves],
                            f"leaves with a leading stage axis of {s.num_stages}")
+        if self.with_targets and targets is None:
+            raise fail("targets", None, "per-micro-batch targets for loss_fn(y, t) (or build the step with "
+                       "with_targets=False for loss_fn(y))")
+        if not self.with_targets and targets is not None:  # would be silently ignored by loss_fn(y)
+            raise fail("targets", type(targets).__name__, "None: this step was built with with_targets=False "
+                       "(loss_fn(y)); build it with with_targets=True to pass targets")
         for name, tree in (("microbatches", microbatches),) + ((("targets", targets),) if self.with_targets else ()):
             shapes = [np.shape(leaf) for leaf in jax.tree.leaves(tree)]
             if not shapes or any(sh[:1] != (s.num_microbatches,) for sh in shapes):
@@ -272,7 +278,8 @@ class _Pipeline:
         def check(stage_params, x, t, lp):
             shapes = trace_stage_shapes(self.stages, stage_params, x, has_aux=self.stage_aux,
                                         vary=lambda tree: _vary_tree(tree, vary_axes),
-                                        vary_params=lambda tree: _vary_tree(tree, (pp,)), same_shape=not self.hetero)
+                                        vary_params=lambda tree: _vary_tree(tree, (pp,)), same_shape=not self.hetero,
+                                        pp_axis=pp)
             y = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes.boundaries[-1])
             try:
                 args = (y, t) if self.with_targets else (y,)
@@ -281,8 +288,11 @@ class _Pipeline:
                 raise fail("loss_fn", getattr(self.loss_fn, "__name__", self.loss_fn),
                            f"a function of the last stage's output {shapes.boundaries[-1]} "
                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
-            if np.shape(out) != () or not jnp.issubdtype(jnp.result_type(out), jnp.floating):
-                raise fail("loss_fn", f"output {jnp.result_type(out)}{list(np.shape(out))}", "a float scalar")
+            if not hasattr(out, "dtype") or np.shape(out) != () or not jnp.issubdtype(out.dtype, jnp.floating):
+                # a pytree (loss, aux) is named as such, not fed to np.shape (which fails on its tracers)
+                got = jax.tree.map(lambda a: f"{jnp.result_type(a)}{list(np.shape(a))}", out)
+                raise fail("loss_fn", f"output {got}", "a float scalar (a loss_fn returning (loss, aux) or a "
+                           "dict is not supported: return the loss alone)")
             found.append(shapes)
             return jnp.zeros(())
 
@@ -296,6 +306,12 @@ class _Pipeline:
 
     def _build(self, params, loss_params, microbatches, targets) -> Callable:
         s, mesh, pp = self.schedule, self.mesh, self.pp_axis
+        # batch_spec splits every leaf of one micro-batch: say which leaf it does not fit, before JAX's sharding
+        # error (which names neither the leaf nor batch_spec)
+        for name, tree in (("microbatches", microbatches),) + ((("targets", targets),) if self.with_targets else ()):
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+                check_leaf_spec(f"batch_spec for {name}{jax.tree_util.keystr(path)}", np.shape(leaf)[1:],
+                                self.batch_spec, mesh, pp)
         avals = self._stage_avals(params)
         specs = self._stage_specs(avals)
         shapes = self._trace_shapes(avals, specs, loss_params, microbatches, targets)
@@ -425,7 +441,32 @@ def _freeze(tree: Any) -> Any:
 
 
 def _freeze_fns(stage_fn: Any) -> Any:
-    return tuple(stage_fn) if isinstance(stage_fn, list) else stage_fn
+    return tuple(map(_hashable, stage_fn)) if isinstance(stage_fn, (list, tuple)) else _hashable(stage_fn)
+
+
+class _ById:
+    """Cache-key stand-in for an unhashable object (a user's callable dataclass): equal only to itself, and
+    holding the object keeps its id from being reused while the entry lives."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, _ById) and other.obj is self.obj
+
+
+def _hashable(x: Any) -> Any:
+    """x itself when hashable, else keyed by identity (a step built for one object is reused for that object)."""
+    try:
+        hash(x)
+        return x
+    except TypeError:
+        return _ById(x)
 
 
 def reference_train_step(stage_fn: Any, params: Any, microbatches: Any, loss_fn: Callable,

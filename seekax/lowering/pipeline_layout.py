@@ -29,10 +29,11 @@ class LeafSlot:
     shape: tuple[int, ...]
     dtype: Any
     skip: bool = False
+    data_shape: tuple[int, ...] | None = None  # a typed PRNG key leaf: the shape of its key data (uint32)
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return int(np.prod(self.shape if self.data_shape is None else self.data_shape, dtype=np.int64))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,14 +52,16 @@ class TreeLayout:
         sizes: dict[Hashable, int] = {}
         slots = []
         for path, leaf in flat:
-            shape, dtype = tuple(int(d) for d in leaf.shape), np.dtype(leaf.dtype)
+            shape = tuple(int(d) for d in leaf.shape)
+            dtype = leaf.dtype if _is_prng_key(leaf.dtype) else np.dtype(leaf.dtype)
             key = key_of(path, leaf)
             if key is None:
                 slots.append(LeafSlot(key=None, offset=0, shape=shape, dtype=dtype, skip=True))
                 continue
             off = sizes.get(key, 0)
-            slots.append(LeafSlot(key=key, offset=off, shape=shape, dtype=dtype))
-            sizes[key] = off + int(np.prod(shape, dtype=np.int64))
+            data = tuple(_key_data(shape, dtype).shape) if _is_prng_key(dtype) else None
+            slots.append(LeafSlot(key=key, offset=off, shape=shape, dtype=dtype, data_shape=data))
+            sizes[key] = off + slots[-1].size
         return TreeLayout(treedef=treedef, leaves=tuple(slots), sizes=sizes)
 
     def pack(self, tree: Any, sizes: dict, lead: tuple[int, ...] = ()) -> dict:
@@ -67,7 +70,9 @@ class TreeLayout:
         leaves = self.treedef.flatten_up_to(tree)
         parts: dict[Hashable, list] = {k: [] for k in sizes}
         for slot, leaf in zip(self.leaves, leaves):
-            if not slot.skip:
+            if slot.data_shape is not None:  # a key travels as its key data
+                parts[slot.key].append(jnp.reshape(jax.random.key_data(leaf), lead + (slot.size,)))
+            elif not slot.skip:
                 parts[slot.key].append(jnp.reshape(leaf, lead + (slot.size,)).astype(slot.dtype))
         out = {}
         for k, size in sizes.items():
@@ -102,6 +107,9 @@ class TreeLayout:
                 piece = buf
             else:
                 piece = jax.lax.slice_in_dim(buf, slot.offset, slot.offset + slot.size, axis=buf.ndim - 1)
+            if slot.data_shape is not None:
+                # KeyTy._impl: the PRNG implementation of a typed key dtype (no public getter from a dtype)
+                piece = jax.random.wrap_key_data(jnp.reshape(piece, lead + slot.data_shape), impl=slot.dtype._impl)
             leaves.append(jnp.reshape(piece, lead + slot.shape))
         return self.treedef.unflatten(leaves)
 
@@ -132,13 +140,25 @@ class FlatLayout:
 
 
 def dtype_key(path, leaf) -> str:
-    """Activation buffers: one per dtype (keyed by name: pytree dict keys must sort)."""
+    """Activation buffers: one per dtype (keyed by name: pytree dict keys must sort). Typed PRNG keys (dropout
+    keys riding with the activation) go in the buffer of their key data's dtype."""
+    if _is_prng_key(leaf.dtype):
+        return np.dtype(_key_data(tuple(leaf.shape), leaf.dtype).dtype).name
     return np.dtype(leaf.dtype).name
 
 
 def float_key(path, leaf) -> str | None:
     """Cotangent buffers: one per floating dtype; integer and boolean leaves carry no cotangent."""
     return np.dtype(leaf.dtype).name if jnp.issubdtype(leaf.dtype, jnp.inexact) else None
+
+
+def _is_prng_key(dtype: Any) -> bool:
+    return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _key_data(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
+    """Shape and dtype of the key data of a typed PRNG key array."""
+    return jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(shape, dtype))
 
 
 def _key_dtype(key: Hashable) -> np.dtype:

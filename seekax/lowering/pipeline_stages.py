@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+from jax.extend.core import jaxprs_in_params
 
 from seekax.ir.schedule_costs import interleave_order
 from seekax.ir.validate import fail
@@ -149,13 +150,15 @@ class StageShapes:
 
 def trace_stage_shapes(stages: Sequence[Stage], params: Sequence[Any], x: Any, *, has_aux: bool,
                        vary: Callable[[Any], Any], vary_params: Callable[[Any], Any],
-                       same_shape: bool = False) -> StageShapes:
+                       same_shape: bool = False, pp_axis: str | None = None) -> StageShapes:
     """Run inside a shard_map trace (so collectives over the mesh axes bind): chain the stages on `x`, recording
     every boundary; raises ValueError naming the stage whose input or output is wrong. `vary` / `vary_params`
     cast activations / parameters to the manual axes the lowering's buffers vary over. same_shape: every stage
-    must return its input's shapes and dtypes (one function for all stages)."""
+    must return its input's shapes and dtypes (one function for all stages). pp_axis: refuse stages that run a
+    collective over it (ranks run different stages in one tick, so it would deadlock, not fail)."""
     x = vary(x)
     boundaries, carries, auxes = [_avals(x)], [], []
+    checked: set = set()
     for st, (stage, p) in enumerate(zip(stages, params)):
         p = vary_params(p)
         where = f"stage {st} ({stage.label})"
@@ -186,6 +189,14 @@ def trace_stage_shapes(stages: Sequence[Stage], params: Sequence[Any], x: Any, *
         except Exception as e:  # noqa: BLE001 - the user's function failed on this input: name the stage
             raise _stage_error(where, x, e) from e
         _check_leaves(f"{where} output", y)
+        sig = (_stage_identity(stage), _signature(_avals(p)), _signature(_avals(x)))
+        if pp_axis is not None and sig not in checked:  # one more trace per distinct stage, for the check
+            checked.add(sig)
+            found = collectives_over(stage, (p, x), pp_axis)
+            if found:
+                raise fail(where, f"collectives over {pp_axis!r}: {sorted(set(found))}",
+                           f"no collective over the pipeline axis {pp_axis!r} in a stage (the ranks run different "
+                           "stages in one tick: it would deadlock); collectives over other mesh axes are fine")
         y = vary(y)
         if same_shape and _signature(_avals(y)) != _signature(_avals(x)):
             raise fail("stage_fn", f"{_describe(x)} -> {_describe(y)}",
@@ -206,7 +217,7 @@ def build_program(stages: Sequence[Stage], shapes: StageShapes, param_keys: Sequ
     owner: dict[tuple, int] = {}
     stage_class = []
     for st in range(S):
-        sig = (stages[st], _signature(shapes.params[st]), _signature(param_keys[st]),
+        sig = (_stage_identity(stages[st]), _signature(shapes.params[st]), _signature(param_keys[st]),
                _signature(shapes.boundaries[st]))
         k = owner.setdefault(sig, len(owner))
         if k == len(classes):
@@ -227,6 +238,38 @@ def build_program(stages: Sequence[Stage], shapes: StageShapes, param_keys: Sequ
     return StageProgram(stage_class=tuple(stage_class), class_stages=tuple(classes),
                         class_stage=tuple(stages[st] for st in reps), params=FlatLayout.of(param_layouts),
                         acts=_flat(acts, range(S)), cots=_flat(cots, cot_sized), subs=subs, aux=aux)
+
+
+_NOT_COMMUNICATION = frozenset({"pvary", "pcast", "axis_index"})
+
+
+def collectives_over(fn: Callable, args: tuple, axis: str) -> list[str]:
+    """Primitive names of the collectives over mesh axis `axis` in fn(*args), sub-jaxprs (cond, scan, remat)
+    included. Call inside a shard_map trace, where the axis is bound."""
+    found: list[str] = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name not in _NOT_COMMUNICATION:
+                for name in ("axes", "axis_name"):
+                    v = eqn.params.get(name)
+                    if v == axis or (isinstance(v, (tuple, list)) and axis in v):
+                        found.append(eqn.primitive.name)
+            for sub in jaxprs_in_params(eqn.params):
+                walk(getattr(sub, "jaxpr", sub))
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def _stage_identity(stage: Stage) -> Any:
+    """The stage as a dict key: itself, or, when its function is unhashable (a callable non-frozen dataclass, a
+    method of one), the ids of its functions; the stages outlive the build, so the ids stay theirs."""
+    try:
+        hash(stage)
+        return stage
+    except TypeError:
+        return (id(stage.fn), tuple((id(sub.fn), sub.comm, sub.name) for sub in stage.substeps), stage.name)
 
 
 def _flat(layouts: list[TreeLayout], sized_by) -> FlatLayout:
