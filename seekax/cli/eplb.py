@@ -35,9 +35,12 @@ def load_weights(path: str) -> np.ndarray:
             weight = np.load(file, allow_pickle=False)
         else:
             data = json.loads(file.read_text())
-            weight = np.asarray(data["weight"] if isinstance(data, dict) and "weight" in data else data)
+            data = data.get("weight") if isinstance(data, dict) else data
+            weight = np.asarray(data) if isinstance(data, list) else None
     except (OSError, ValueError, KeyError) as e:
         raise fail("weights", path, f"a readable {file.suffix} file of loads ({type(e).__name__}: {e})") from None
+    if weight is None:  # an object without "weight", a number, null: no loads in it
+        raise fail("weights", path, "a JSON list of loads, or an object with the list at $.weight")
     return weight[None] if weight.ndim == 1 else weight
 
 

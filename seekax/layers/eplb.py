@@ -54,6 +54,9 @@ class LoadWindow:
         counts = jnp.asarray(counts)
         if tuple(counts.shape) != tuple(self.counts.shape[1:]):
             raise fail("counts.shape", tuple(counts.shape), f"{tuple(self.counts.shape[1:])} (layers, experts)")
+        if not jnp.issubdtype(counts.dtype, jnp.integer):  # the int32 ring would truncate fractions silently
+            raise fail("counts.dtype", str(counts.dtype), "an integer dtype (token counts, e.g. moe_layer's "
+                       "aux['tokens_per_expert']; pass float loads to rebalance directly)")
         ring = self.counts.at[self.step % self.window].set(counts.astype(jnp.int32))
         return LoadWindow(counts=ring, step=self.step + 1)
 
@@ -336,8 +339,8 @@ def migrate_expert_weights(weights: Any, src_slot: Any, mesh: jax.sharding.Mesh,
     leaves, treedef = jax.tree.flatten(weights)
     want = (layers, replicas) if layered else (replicas,)
     for i, leaf in enumerate(leaves):
-        if tuple(leaf.shape[:len(want)]) != want:
-            raise fail(f"weights[{i}].shape", tuple(leaf.shape), f"{want} + (...) one row per slot")
+        if tuple(np.shape(leaf)[:len(want)]) != want:  # np.shape: a Python scalar leaf has shape ()
+            raise fail(f"weights[{i}].shape", tuple(np.shape(leaf)), f"{want} + (...) one row per slot")
     if np.array_equal(src, np.broadcast_to(np.arange(replicas), src.shape)):
         return weights
     need = migration_capacity(src, num_devices)

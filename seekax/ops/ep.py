@@ -29,8 +29,8 @@ from seekax.lowering import dispatch_route as _route
 from seekax.lowering import dispatch_transport as tr
 from seekax.lowering.dispatch_route import Route, axis_size, high_throughput_route, low_latency_route
 from seekax.lowering.reference.fp8_gemm import quantize_fp8
-from seekax.ops.ep_checks import (TRANSPORTS, check_num_tokens, is_tracer, runtime_checks, validate_cached,
-                                  validate_ep_dispatch)
+from seekax.ops.ep_checks import (TRANSPORTS, check_num_tokens, is_tracer, low_latency_repeats, runtime_checks,
+                                  validate_cached, validate_ep_dispatch)
 
 __all__ = ["TRANSPORTS", "Combined", "Dispatched", "DispatchHandle", "dispatch_layout", "ep_axis_size",
            "ep_combine", "ep_dispatch", "resolve_transport", "validate_ep_dispatch"]
@@ -163,12 +163,16 @@ def ep_dispatch(x, topk_idx: jax.Array | None = None, topk_weights: jax.Array | 
     else:
         route, dropped, num_recv = high_throughput_route(ids, num_experts=e, axis_name=axis_name, capacity=cap,
                                                          transport=transport)
-    # A token sends at most one copy per rank (normal) or per expert (low latency; top-k ids are distinct),
-    # so capacity >= T can never overflow and needs no runtime check.
+    # A token sends at most one copy per rank (normal) or per selected expert (low latency), so capacity >= T
+    # overflows only when a low-latency row repeats an expert: checked with the ids (check_ids=False trusts them).
     # is_token_in_rank has no ids to check (a bool mask is always in range).
+    repeats = (transport == "low_latency" and not drop and cap >= t and check_ids
+               and low_latency_repeats(ids, cap, num_experts))
     runtime_checks(dest_rank if rank_mode else topk_idx, row_valid, dropped, n, axis_name,
                    id_name="dest_rank" if rank_mode else "topk_idx", id_upper=e, check_ids=check_ids,
-                   check_capacity=(not drop and cap < t), capacity=cap, tokens=t)
+                   check_capacity=not drop and (cap < t or repeats), capacity=cap, tokens=t,
+                   overflow_hint=" (rows of topk_idx repeat an expert: low latency sends one copy per repeat)"
+                   if repeats else "")
     recv_x, recv_scale = _send_payload(x, fp8, route)
     num_recv, dropped = num_recv.astype(jnp.int32), dropped.astype(jnp.int32)
 

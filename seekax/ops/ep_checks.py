@@ -158,7 +158,22 @@ def validate_cached(x, handle, *, fp8, ep_size, axis_name, transport, capacity, 
     _check_payload(x, route.num_tokens, fp8)
 
 
-def _raise_on_host(bad_ids, first_id, dropped, bad_n, n, *, id_name, id_upper, capacity, tokens):
+def low_latency_repeats(ids, capacity: int, num_experts: int) -> bool:
+    """Low latency sends one copy per (token, k): a row that repeats an expert can put more than T copies on one
+    (source, expert) pair even with capacity >= T. Concrete ids: ValueError now if it overflows; traced ids:
+    True (count the overflow at run time)."""
+    if is_tracer(ids):
+        return True
+    a = np.asarray(ids).astype(np.int64).reshape(-1)
+    per_expert = np.bincount(a[(a >= 0) & (a < num_experts)], minlength=num_experts)
+    if per_expert.max() > capacity:
+        e = int(per_expert.argmax())
+        raise fail("capacity", capacity, f">= {int(per_expert[e])}, the copies of expert {e} this rank sends (rows "
+                   "of topk_idx repeat an expert and low latency sends one copy per repeat), or drop=True")
+    return False
+
+
+def _raise_on_host(bad_ids, first_id, dropped, bad_n, n, *, id_name, id_upper, capacity, tokens, overflow_hint):
     if int(bad_n) > 0:
         raise ValueError(f"num_tokens={int(n)}: expected a token count in [0, {tokens}] "
                          f"({int(bad_n)} ranks out of range)")
@@ -167,11 +182,11 @@ def _raise_on_host(bad_ids, first_id, dropped, bad_n, n, *, id_name, id_upper, c
                          f"({int(bad_ids)} bad entries over the EP group)")
     if int(dropped) > 0:
         raise ValueError(f"num_dropped={int(dropped)}: expected 0, capacity={capacity} overflowed (pass a "
-                         "larger capacity, or drop=True to drop rows and get their count)")
+                         f"larger capacity, or drop=True to drop rows and get their count){overflow_hint}")
 
 
 def runtime_checks(ids, row_valid, dropped, num_tokens, axis_name, *, id_name: str, id_upper: int,
-                   check_ids: bool, check_capacity: bool, capacity, tokens: int) -> None:
+                   check_ids: bool, check_capacity: bool, capacity, tokens: int, overflow_hint: str = "") -> None:
     """ids: [T, K], [T] or None (nothing to check); row_valid: [T] rows below this rank's num_tokens.
     One host callback raising on every rank at once, inserted only for what could not be checked while
     tracing: traced ids or a traced num_tokens (unless check_ids=False: the routing data is trusted, ids
@@ -181,9 +196,13 @@ def runtime_checks(ids, row_valid, dropped, num_tokens, axis_name, *, id_name: s
     check_ids = check_ids and ids is not None and (is_tracer(ids) or is_tracer(num_tokens))
     if not (check_ids or check_capacity or check_n):
         return
-    ids2 = (jnp.full((tokens, 1), -1, jnp.int32) if ids is None else jnp.asarray(ids)).reshape(tokens, -1)
-    bad = ((ids2 < -1) | (ids2 >= id_upper)) & row_valid[:, None]
-    first = jnp.where(bad, ids2, 0).reshape(-1)[jnp.argmax(bad.reshape(-1))]
+    ids2 = jnp.full((tokens, 1), -1, jnp.int32) if ids is None else jnp.asarray(ids)
+    ids2 = ids2 if ids2.ndim == 2 else ids2[:, None]  # [T, K]; not reshape(T, -1), which fails for T = 0
+    # Unsigned ids cannot be negative (and -1 would wrap to their maximum): compare them from above only.
+    low = jnp.zeros(ids2.shape, bool) if jnp.issubdtype(ids2.dtype, jnp.unsignedinteger) else ids2 < -1
+    bad = (low | (ids2 >= id_upper)) & row_valid[:, None]
+    first = (jnp.where(bad, ids2, 0).reshape(-1)[jnp.argmax(bad.reshape(-1))].astype(jnp.int32) if bad.size
+             else jnp.int32(0))  # no ids at all (T = 0 or K = 0): nothing can be bad
     n = num_tokens if check_n else jnp.int32(0)
     bad_n = ((n < 0) | (n > tokens)).astype(jnp.int32)
     counts = jnp.stack([bad.sum(dtype=jnp.int32) if check_ids else jnp.int32(0),
@@ -193,4 +212,5 @@ def runtime_checks(ids, row_valid, dropped, num_tokens, axis_name, *, id_name: s
         first = jax.lax.pmax(jnp.where(bad.any(), first, jnp.iinfo(jnp.int32).min), axis_name)
         n = jax.lax.pmax(jnp.where(bad_n > 0, n, jnp.iinfo(jnp.int32).min), axis_name)
     jax.debug.callback(functools.partial(_raise_on_host, id_name=id_name, id_upper=id_upper, capacity=capacity,
-                                         tokens=tokens), counts[0], first, counts[1], counts[2], n)
+                                         tokens=tokens, overflow_hint=overflow_hint),
+                       counts[0], first, counts[1], counts[2], n)

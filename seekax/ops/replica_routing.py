@@ -26,13 +26,20 @@ def _check(topk_idx: Any, log2phy: Any, logcnt: Any) -> None:
     for name, a in (("topk_idx", topk_idx), ("log2phy", log2phy), ("logcnt", logcnt)):
         if not jnp.issubdtype(a.dtype, jnp.integer):
             raise fail(f"{name}.dtype", str(a.dtype), "an integer dtype")
+    if not isinstance(topk_idx, jax.core.Tracer):  # the gather would clamp an id >= experts: check concrete ids
+        ids = np.asarray(topk_idx).astype(np.int64)
+        bad = (ids < -1) | (ids >= logcnt.shape[0])
+        if bad.any():
+            where = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise fail("topk_idx", int(ids[where]), f"values in [-1, {logcnt.shape[0]}) (first bad at {where})")
 
 
 def route_to_replicas(topk_idx: jax.Array, log2phy: jax.Array, logcnt: jax.Array, *,
                       token_offset: int | jax.Array = 0) -> jax.Array:
     """Map logical expert ids to physical slot ids for one layer. jit-able.
 
-    topk_idx: [tokens, top_k] logical ids; -1 (no expert) passes through as -1.
+    topk_idx: [tokens, top_k] logical ids; -1 (no expert) passes through as -1. Concrete ids outside
+      [-1, experts) raise ValueError; traced ids are trusted (moe_layer's come from its own router).
     log2phy:  [experts, maxcnt] physical slots of each expert, -1 padded (one layer of ExpertPlacement).
     logcnt:   [experts] replicas per expert (>= 1).
     token_offset: global index of row 0 (when each EP rank routes its own shard of the tokens).

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from seekax.ir.placement import ExpertPlacement
@@ -24,6 +25,19 @@ def policy(num_groups: int, num_nodes: int) -> str:
     return "hierarchical" if num_groups % num_nodes == 0 else "global"
 
 
+def _is_real(dtype: np.dtype) -> bool:
+    """Integer or floating, ml_dtypes' bfloat16/float8 included (numpy's issubdtype does not know them)."""
+    if dtype.kind == "b":
+        return False
+    if np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating):
+        return True
+    try:
+        ml_dtypes.finfo(dtype)
+    except (ValueError, TypeError):
+        return False
+    return dtype.kind == "V"  # ml_dtypes floats are numpy void-kind types; complex is not
+
+
 def check_rebalance_args(weight: Any, num_replicas: int, num_groups: int, num_nodes: int,
                          num_gpus: int) -> np.ndarray:
     """The one validation point: returns weight as float32 [layers, experts]; ValueError naming the argument."""
@@ -33,12 +47,18 @@ def check_rebalance_args(weight: Any, num_replicas: int, num_groups: int, num_no
         raise fail("weight", type(weight).__name__, "a [layers, experts] array of loads") from None
     if array.ndim != 2 or array.shape[0] < 1 or array.shape[1] < 1:
         raise fail("weight.shape", array.shape, "(layers>=1, experts>=1)")
-    if array.dtype == bool or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+    if not _is_real(array.dtype):
         raise fail("weight.dtype", str(array.dtype), "an integer or floating dtype")
-    if not np.all(np.isfinite(array)):
+    wide = array.astype(np.float64)
+    if not np.all(np.isfinite(wide)):
         raise fail("weight", "non-finite values", "finite loads")
-    if np.any(array < 0):
-        raise fail("weight", f"min {array.min()}", "non-negative loads (token counts)")
+    if np.any(wide < 0):
+        raise fail("weight", f"min {wide.min()}", "non-negative loads (token counts)")
+    # The greedy loops sum loads in float32: a larger total would overflow to inf and break the packing.
+    total = wide.sum(-1).max()
+    if total > np.finfo(np.float32).max:
+        raise fail("weight", f"a layer total of {total:.3g}", "loads summing to at most float32's max "
+                   f"{np.finfo(np.float32).max:.3g} per layer (EPLB accumulates in float32; rescale them)")
     num_experts = array.shape[1]
     num_replicas = check_int("num_replicas", num_replicas, min_value=1)
     num_groups = check_int("num_groups", num_groups, min_value=1)

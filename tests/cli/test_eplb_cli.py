@@ -74,3 +74,31 @@ def test_module_entry_point(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["num_replicas"] == 20
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("huge.npy", np.full((2, 12), 1e39), "argument --weights: expected loads summing to at most float32's max"),
+    ("obj.json", {"loads": [1, 2, 3]}, "argument --weights: expected a JSON list of loads, or an object with the "
+                                       "list at $.weight"),
+    ("num.json", 5, "argument --weights: expected a JSON list of loads"),
+])
+def test_bad_load_files_fail_in_one_line(tmp_path, capsys, name, content, match):
+    """Loads too large for float32, or JSON without loads: one line naming --weights, exit 2, no traceback."""
+    path = tmp_path / name
+    np.save(path, content) if name.endswith(".npy") else path.write_text(json.dumps(content))
+    assert main(["eplb", "--weights", str(path), "--replicas", "16", "--gpus", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"seekax eplb: error: {match}") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("weight", [np.arange(12), np.zeros((2, 12), np.int64), np.ones((3, 12), np.float16)])
+def test_user_load_files_run(tmp_path, capsys, weight):
+    """A single row [E], all-zero int64 and float16 loads: a placement, balance 1.0 where the load is zero."""
+    path = tmp_path / "w.npy"
+    np.save(path, weight)
+    assert main(["eplb", "--weights", str(path), "--replicas", "16", "--groups", "4", "--nodes", "2", "--gpus", "8",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["num_layers"] == (1 if weight.ndim == 1 else weight.shape[0]) and out["num_replicas"] == 16
+    if not weight.any():
+        assert out["balance_before"] == out["balance_after"] == [1.0, 1.0]

@@ -204,3 +204,43 @@ def test_migration_all_layers_at_once_with_fixed_capacity(rng):
     assert need > 1  # skewed loads move several experts between some device pair
     with pytest.raises(ValueError, match="capacity"):
         migrate_expert_weights(sharded, plan.src_slot, mesh, capacity=need - 1)
+
+
+def test_migration_of_a_mixed_dtype_pytree_equals_numpy(rng):
+    """A user's pytree: f32, bf16, f16, fp8, int8, bool leaves of different widths, sharded or on the host."""
+    mesh = _mesh()
+    current = rebalance_experts(np.ones((LAYERS, EXPERTS)), REPLICAS, GROUPS, NODES, GPUS)
+    new, plan = rebalance(_skewed(rng), current, num_groups=GROUPS, num_nodes=NODES, num_gpus=GPUS)
+    host = {"w1": rng.standard_normal((LAYERS, REPLICAS, 4, 3)).astype(np.float32),
+            "w2": [rng.standard_normal((LAYERS, REPLICAS, 5)).astype(jnp.bfloat16),
+                   rng.standard_normal((LAYERS, REPLICAS)).astype(np.float16)],
+            "scale": rng.standard_normal((LAYERS, REPLICAS, 2)).astype(jnp.float8_e4m3fn),
+            "ids": current.phy2log.astype(np.int8), "mask": current.phy2log % 2 == 0}
+    put = lambda a: jax.device_put(a, NamedSharding(mesh, P(None, "ep")))  # noqa: E731
+    weights = jax.tree.map(put, host)
+    weights["mask"] = host["mask"]  # a host leaf travels too
+    out = migrate_expert_weights(weights, plan.src_slot, mesh)
+    for got, want in zip(jax.tree.leaves(out), jax.tree.leaves(host)):
+        index = plan.src_slot.reshape(plan.src_slot.shape + (1,) * (want.ndim - 2))
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(np.asarray(got).astype(np.float32),
+                                      np.take_along_axis(want, index, 1).astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(out["ids"]), new.phy2log)
+
+
+def test_migration_of_a_python_scalar_leaf_is_a_clear_error():
+    """A Python float leaf (no slot axis) is a ValueError naming the leaf, not an AttributeError."""
+    weights = {"lr": 3.0, "w": np.zeros((REPLICAS, 2), np.float32)}
+    with pytest.raises(ValueError, match=r"^weights\[0\].shape=\(\): expected \(48,\)"):
+        migrate_expert_weights(weights, np.arange(REPLICAS)[::-1].copy(), _mesh())
+
+
+def test_load_window_rejects_float_counts():
+    """Float counts (e.g. summed router probabilities) would be truncated to int32 silently: a ValueError."""
+    window = LoadWindow.create(2, LAYERS, EXPERTS)
+    with pytest.raises(ValueError, match=r"^counts.dtype='float32': expected an integer dtype"):
+        window.add(jnp.full((LAYERS, EXPERTS), 0.4))
+    with pytest.raises(ValueError, match=r"^counts.dtype"):
+        jax.jit(LoadWindow.add)(window, np.full((LAYERS, EXPERTS), 2.7))
+    window = window.add(np.full((LAYERS, EXPERTS), 3, np.int64)).add(jnp.full((LAYERS, EXPERTS), 2, jnp.uint8))
+    np.testing.assert_array_equal(np.asarray(window.load()), 5)

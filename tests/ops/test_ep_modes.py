@@ -85,7 +85,8 @@ def test_combine_weights_errors():
         ep.ep_combine(r.x, r.handle, return_weights=True)
     with pytest.raises(ValueError, match="^weighted=True"):
         ep.ep_combine(r.x, r.handle, weighted=True)
-    ll = ep.ep_dispatch(x, idx, num_experts=8, axis_name=None, transport="low_latency")
+    distinct = jnp.tile(jnp.arange(2, dtype=jnp.int32), (4, 1))  # idx repeats expert 0: low latency overflows
+    ll = ep.ep_dispatch(x, distinct, num_experts=8, axis_name=None, transport="low_latency")
     with pytest.raises(ValueError, match="^topk_weights.shape="):
         ep.ep_combine(ll.x, ll.handle, return_weights=True, topk_weights=jnp.zeros((4, 2)))
 

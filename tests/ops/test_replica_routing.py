@@ -46,3 +46,16 @@ def test_bad_input_names_argument():
         route_to_replicas(jnp.zeros((4, 2), jnp.int32), p.log2phy[0], p.logcnt[0, :3])
     with pytest.raises(ValueError, match="log2phy"):
         route_to_replicas(jnp.zeros((4, 2), jnp.int32), p.log2phy, p.logcnt[0])
+
+
+@pytest.mark.parametrize("bad", [4, 100, -2])
+def test_concrete_ids_out_of_range_are_an_error_not_clamped(bad):
+    """An id >= experts used to be clamped by the gather (routed to the last expert's replica), and -2 read as
+    "no expert": concrete ids are checked on the host, like ep_dispatch's."""
+    p = ExpertPlacement.identity(1, 4, 8)
+    topk = np.array([[0, 1], [2, bad]], np.int64)
+    with pytest.raises(ValueError, match=rf"^topk_idx={bad}: expected values in \[-1, 4\)"):
+        route_to_replicas(topk, p.log2phy[0], p.logcnt[0])
+    ok = np.array([[0, 1], [2, 3]], np.uint8)  # unsigned ids pass the check
+    np.testing.assert_array_equal(np.asarray(route_to_replicas(ok, p.log2phy[0], p.logcnt[0])),
+                                  route_to_replicas_np(ok, p.log2phy[0], p.logcnt[0]))
