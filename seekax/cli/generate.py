@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import sys
 
-PARAMS = {"max_new_tokens": "max_new_tokens", "model_dir": "model", "top_p": "top_p", "max_batch": "max_batch"}
+PARAMS = {"max_new_tokens": "max_new_tokens", "model_dir": "model", "top_p": "top_p", "max_batch": "max_batch",
+          "prompts": "prompt"}
 
 
 def register(sub) -> None:
@@ -37,6 +38,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from seekax.ir.validate import fail
     from seekax.models.generate import DirectoryGenerator, SamplingConfig
 
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -45,6 +47,9 @@ def run(args) -> int:
                              max_batch=args.max_batch, backend=args.backend, progress=sys.stderr.isatty())
     try:
         prompts = gen.encode(args.prompt, chat=args.chat)
+        for text, ids in zip(args.prompt, prompts):
+            if not ids:                                     # "" with a tokenizer that adds no BOS
+                raise fail("prompt", text, "text that encodes to at least one token (this tokenizer adds no BOS)")
         result = gen.generate(prompts, sampling)
     finally:
         gen.close()

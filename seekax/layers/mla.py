@@ -203,6 +203,7 @@ class PagedLatentCache:
         if d != self.pages.shape[-1] or b != self.seq_lens.shape[0]:
             raise fail("latents.shape", tuple(latents.shape),
                        f"[batch={self.seq_lens.shape[0]}, T, {self.pages.shape[-1]}]")
+        _check_num_new(num_new, t)
         page, num_pages, max_pages = self.page_size, self.pages.shape[0], self.block_table.shape[1]
         n = jnp.full((b,), t, jnp.int32) if num_new is None else jnp.asarray(num_new, jnp.int32)
         have = -(-self.seq_lens // page)                                         # [B] pages in use
@@ -248,6 +249,23 @@ class PagedLatentCache:
         free = self.free.at[jnp.where(release, self.block_table, num_pages)].set(True, mode="drop")
         return PagedLatentCache(pages=self.pages, block_table=jnp.where(done[:, None], 0, self.block_table),
                                 seq_lens=jnp.where(done, 0, self.seq_lens), free=free)
+
+
+def _check_num_new(num_new, t: int, *, decode: bool = False) -> None:
+    """num_new: integer counts in [0, T] (0 or T in decode mode), checked when concrete (under jit: trusted).
+    A count above T marks never-written slots as cached, a negative one shortens the sequence."""
+    if num_new is None:
+        return
+    dtype = getattr(num_new, "dtype", None)
+    if dtype is not None and not jnp.issubdtype(dtype, jnp.integer):
+        raise fail("num_new.dtype", np.dtype(dtype).name, "an integer dtype (int32 counts)")
+    if isinstance(num_new, jax.core.Tracer):
+        return
+    n = np.asarray(num_new)
+    if n.size and (n.min() < 0 or n.max() > t):
+        raise fail("num_new", n.tolist(), f"counts in [0, T={t}] (tokens of x that are real)")
+    if decode and np.any((n != 0) & (n != t)):
+        raise fail("num_new", n.tolist(), f"0 or T={t} in decode mode (prefill takes ragged counts)")
 
 
 def _rms_norm(x, w, eps):
@@ -359,6 +377,7 @@ def validate_mla_attention(params, x, cache: PagedLatentCache, config: MlaConfig
                    f"(cache.seq_lens.shape={tuple(cache.seq_lens.shape)})")
     if num_new is not None and tuple(getattr(num_new, "shape", ())) != (x.shape[0],):
         raise fail("num_new.shape", getattr(num_new, "shape", None), f"[batch={x.shape[0]}]")
+    _check_num_new(num_new, x.shape[1], decode=mode == "decode")
 
 
 def mla_attention(params: dict, x: jax.Array, cache: PagedLatentCache, *, config: MlaConfig, mode: str = "decode",

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
+import numbers
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seekax.ir.validate import check_int, fail
+from seekax.ir.validate import check_choice, check_int, fail
 from seekax.layers.linear import cdiv
 from seekax.layers.mla import PagedLatentCache
 from seekax.models.deepseek import init_caches, serve_step
@@ -39,10 +41,39 @@ class SamplingConfig:
 
     def __post_init__(self):
         check_int("max_new_tokens", self.max_new_tokens, min_value=1)
-        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
-            raise fail("temperature", self.temperature, "a number >= 0 (0: greedy)")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+        check_int("seed", self.seed, min_value=None)
+        if not (_is_real(self.temperature) and 0 <= self.temperature < math.inf):
+            raise fail("temperature", self.temperature, "a finite number >= 0 (0: greedy)")
+        if not (_is_real(self.top_p) and 0 < self.top_p <= 1):
             raise fail("top_p", self.top_p, "a number in (0, 1]")
+
+
+def _is_real(x) -> bool:
+    """A real number (Python or numpy), not a bool: True would silently be a temperature of 1."""
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
+def check_prompts(prompts, vocab: int) -> list[list[int]]:
+    """Prompts as lists of ids: each a non-empty 1-D sequence (list, tuple, numpy or jax array) of integer ids
+    in [0, vocab). Float ids would be truncated and ids out of range clamped by the embedding gather, silently."""
+    if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__"):
+        raise fail("prompts", type(prompts).__name__, "a list of prompts, each a sequence of token ids")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, (str, bytes)) or not hasattr(p, "__len__"):
+            raise fail(f"prompts[{i}]", p, "a 1-D sequence of token ids (prompts is a list of prompts; encode "
+                       "text with the tokenizer first)")
+        a = np.asarray(p)
+        if a.ndim != 1:
+            raise fail(f"prompts[{i}]", f"shape {a.shape}", "a 1-D sequence of token ids")
+        if a.size == 0:
+            raise fail(f"prompts[{i}]", [], "at least one token")
+        if a.dtype == bool or not np.issubdtype(a.dtype, np.integer):
+            raise fail(f"prompts[{i}]", f"dtype {a.dtype}", "integer token ids")
+        if a.max() >= vocab or a.min() < 0:
+            raise fail(f"prompts[{i}]", f"ids in [{a.min()}, {a.max()}]", f"ids in [0, vocab={vocab})")
+        out.append(a.tolist())
+    return out
 
 
 @dataclasses.dataclass
@@ -79,6 +110,8 @@ class Generator:
         check_int("max_batch", max_batch, min_value=1)
         check_int("max_seq_len", max_seq_len, min_value=2)
         check_int("page_size", page_size, min_value=1)
+        check_int("min_bucket", min_bucket, min_value=1)
+        check_choice("backend", backend, ("auto", "mosaic", "interpret", "xla"))
         self.cfg, self.backend, self.kv = cfg, backend, kv_store
         self.batch, self.max_seq_len, self.page, self.min_bucket = max_batch, max_seq_len, page_size, min_bucket
         if cache_dtype is None:
@@ -112,16 +145,22 @@ class Generator:
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig = SamplingConfig(), *,
                  eos_ids: tuple[int, ...] | None = None) -> GenerateResult:
-        """Generate for every prompt (token ids); at most `max_batch` run at once, the rest wait for a slot."""
-        eos = set(self.cfg.eos_ids if eos_ids is None else eos_ids)
+        """Generate for every prompt (token ids); at most `max_batch` run at once, the rest wait for a slot.
+        A prompt plus its token budget must fit max_seq_len and the model's max_position_embeddings."""
+        if not isinstance(sampling, SamplingConfig):
+            raise fail("sampling", type(sampling).__name__, "a SamplingConfig")
+        eos = self._eos_set(eos_ids)
+        prompts = check_prompts(prompts, self.cfg.vocab)
+        max_pos = self.cfg.max_position_embeddings
+        limit, what = ((self.max_seq_len, "max_seq_len") if self.max_seq_len <= max_pos
+                       else (max_pos, "the model's max_position_embeddings"))
         for i, p in enumerate(prompts):
-            if len(p) < 1:
-                raise fail(f"prompts[{i}]", [], "at least one token")
-            if len(p) + sampling.max_new_tokens > self.max_seq_len:
+            if len(p) >= limit:
+                raise fail("prompts", f"prompts[{i}] of {len(p)} tokens",
+                           f"each prompt shorter than {what}={limit} tokens (room for a new token)")
+            if len(p) + sampling.max_new_tokens > limit:
                 raise fail("max_new_tokens", sampling.max_new_tokens,
-                           f"<= max_seq_len - len(prompts[{i}]) = {self.max_seq_len - len(p)}")
-            if max(p) >= self.cfg.vocab or min(p) < 0:
-                raise fail(f"prompts[{i}]", f"ids in [{min(p)}, {max(p)}]", f"ids in [0, vocab={self.cfg.vocab})")
+                           f"<= {what} - len(prompts[{i}]) = {limit - len(p)}")
         t0 = time.perf_counter()
         caches = self.new_caches()
         key = jax.random.key(sampling.seed)
@@ -174,6 +213,18 @@ class Generator:
         return GenerateResult(output_ids=outputs, seconds=time.perf_counter() - t0,
                               new_tokens=sum(len(o) for o in outputs), prefix_tokens_reused=reused)
 
+    def _eos_set(self, eos_ids) -> set[int]:
+        """The ids that end a sequence: the config's by default, else a sequence of integers (maybe empty)."""
+        if eos_ids is None:
+            return set(self.cfg.eos_ids)
+        try:
+            a = None if isinstance(eos_ids, (str, bytes)) else np.asarray(list(eos_ids))
+        except TypeError:
+            a = None
+        if a is None or a.ndim != 1 or (a.size and (a.dtype == bool or not np.issubdtype(a.dtype, np.integer))):
+            raise fail("eos_ids", eos_ids, "a sequence of integer token ids (empty: no EOS), or None (the config's)")
+        return set(a.tolist())
+
     # ------------------------------------------------------------------------------------------- KV store
     def _reuse_prefixes(self, caches, admitted, slot_req, prompts):
         """Copy each admitted prompt's stored whole pages into its slot; returns (caches, {slot: tokens})."""
@@ -220,7 +271,6 @@ class DirectoryGenerator:
                  max_batch: int = 8, page_size: int = 64, backend: str = "auto", progress: bool = False):
         import ml_dtypes
 
-        from seekax.ir.validate import check_choice
         from seekax.models.checkpoint import load_checkpoint
         from seekax.models.deepseek_config import load_config
         from seekax.models.tokenizer import Tokenizer
@@ -255,6 +305,9 @@ class DirectoryGenerator:
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig = SamplingConfig()) -> GenerateResult:
         """Generate for prompt ids (continuous batching; the Generator for this batch and length is compiled
         once and reused by later calls of the same size)."""
+        if not isinstance(sampling, SamplingConfig):
+            raise fail("sampling", type(sampling).__name__, "a SamplingConfig")
+        prompts = check_prompts(prompts, self.cfg.vocab)
         if not prompts:
             raise fail("prompts", [], "at least one prompt")
         longest = max(len(p) for p in prompts) + sampling.max_new_tokens

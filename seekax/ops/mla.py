@@ -17,6 +17,7 @@ sparse decode per-query top-k lengths and an extra cache with its own indices (o
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import jax
@@ -109,8 +110,9 @@ def validate_mla_decode(q, kv_cache, block_table, seq_lens, *, v_dim, softmax_sc
         raise fail("seq_lens.shape", getattr(seq_lens, "shape", None), f"[batch={b}]")
     if np.dtype(seq_lens.dtype).name != "int32":
         raise fail("seq_lens.dtype", np.dtype(seq_lens.dtype).name, "int32")
-    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and softmax_scale > 0):
-        raise fail("softmax_scale", softmax_scale, "a positive float or None (1/sqrt(qk_dim))")
+    if softmax_scale is not None and (not isinstance(softmax_scale, numbers.Real) or isinstance(softmax_scale, bool)
+                                      or not 0 < softmax_scale < math.inf):
+        raise fail("softmax_scale", softmax_scale, "a positive finite float or None (1/sqrt(qk_dim))")
     if not isinstance(causal, bool):
         raise fail("causal", causal, "a bool")
     _check_sink(attn_sink, h)
@@ -133,11 +135,31 @@ def validate_mla_decode(q, kv_cache, block_table, seq_lens, *, v_dim, softmax_sc
         if lens.max() > capacity:
             raise fail("seq_lens", lens.tolist(), f"lengths <= the block table's capacity "
                                                   f"{block_table.shape[1]} pages x {page} = {capacity}")
+        _check_used_pages(_concrete(block_table), lens, page, num_pages)
+        planned = None if metadata is None else _concrete(metadata.n_blocks)
+        if planned is not None and not np.array_equal(planned, -(-np.repeat(lens, kv_heads) // block)):
+            raise fail("metadata", f"MlaMetadata(n_blocks={planned.tolist()})",
+                       f"a plan by mla_metadata(seq_lens) planned for seq_lens={lens.tolist()} "
+                       f"(n_blocks={(-(-np.repeat(lens, kv_heads) // block)).tolist()}; a plan for other lengths "
+                       "skips keys)")
     mean_len = int(lens.mean()) if lens is not None and lens.size else capacity
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
     return MlaProblem(batch=b, q_len=s_q, q_heads=h, kv_heads=kv_heads, qk_dim=d, v_dim=v_dim, page_size=page,
                       q_dtype=qd, kv_dtype=kvd, causal=causal, mean_len=mean_len, softmax_scale=scale,
                       lse_empty=float(lse_empty))
+
+
+def _check_used_pages(table: np.ndarray | None, lens: np.ndarray, page: int, num_pages: int) -> None:
+    """Eager calls: every block-table entry a sequence reads (its first ceil(len / page)) is a page of the cache;
+    the gather (and the kernel) would clamp it to a real page, silently. Entries past them may hold anything."""
+    if table is None:
+        return
+    used = np.arange(table.shape[1])[None] * page < lens[:, None]                 # [B, max_pages]
+    bad = np.argwhere(used & ((table < 0) | (table >= num_pages)))
+    if bad.size:
+        b, j = bad[0]
+        raise fail(f"block_table[{b}, {j}]", int(table[b, j]), f"a page id in [0, {num_pages}) of kv_cache (page {j} "
+                   f"of sequence {b}, seq_len {int(lens[b])}; entries past a sequence's pages are never read)")
 
 
 def _check_sink(attn_sink, heads: int) -> None:

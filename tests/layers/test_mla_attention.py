@@ -178,3 +178,24 @@ def test_yarn_rope_halves_and_mscale_match_numpy(rng):
 
     ref = naive_mla(params, x, c, rope=rope_halves, scale=c.softmax_scale)
     assert_close(y, ref, rtol=1e-4, atol=1e-4, name="y")
+
+
+@pytest.mark.parametrize("mode, num_new, match", [
+    ("prefill", [5, 3], r"num_new=\[5, 3\]: expected counts in \[0, T=3\]"),   # 2 unwritten slots were attended
+    ("prefill", [-1, 3], r"num_new=\[-1, 3\]: expected counts in \[0, T=3\]"),  # seq_lens went to -1
+    ("decode", [2, 3], r"num_new=\[2, 3\]: expected 0 or T=3 in decode mode"),
+])
+def test_num_new_outside_its_range_is_named_before_the_cache_changes(mode, num_new, match):
+    c = MlaConfig.small()
+    cache = PagedLatentCache.create(batch=2, num_pages=8, max_pages=4, latent_dim=c.latent_dim, page_size=4,
+                                    dtype=jnp.float32)
+    params = init_mla_params(jax.random.key(0), c)
+    x = jnp.zeros((2, 3, c.hidden))
+    with pytest.raises(ValueError, match=match):
+        mla_attention(params, x, cache, config=c, mode=mode, num_new=jnp.asarray(num_new, jnp.int32))
+    with pytest.raises(ValueError, match=r"num_new.dtype='float32': expected an integer dtype"):
+        mla_attention(params, x, cache, config=c, mode="prefill", num_new=jnp.asarray([2.5, 3.0]))
+    with pytest.raises(ValueError, match=r"num_new=\[4, 0\]"):
+        cache.append(jnp.zeros((2, 3, c.latent_dim)), jnp.asarray([4, 0], jnp.int32))
+    step = jax.jit(lambda n: mla_attention(params, x, cache, config=c, mode="prefill", num_new=n)[1].seq_lens)
+    assert step(jnp.asarray([2, 0], jnp.int32)).tolist() == [2, 0]                  # traced counts: trusted

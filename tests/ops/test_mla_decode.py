@@ -152,3 +152,75 @@ def test_tile_config_rejects_bad_fields(kwargs, match):
 
     with pytest.raises(ValueError, match=f"^{match}="):
         MlaTileConfig(**kwargs)
+
+
+@pytest.mark.parametrize("backend", ["xla", "interpret", "auto"])
+@pytest.mark.parametrize("table, lens, match", [
+    ([[0, 0], [4, 0]], [1, 1], r"block_table\[1, 0\]=4: expected a page id in \[0, 4\)"),     # 4 pages: 0..3
+    ([[0, -1], [1, 0]], [65, 1], r"block_table\[0, 1\]=-1: expected a page id in \[0, 4\)"),  # -1 on a used page
+])
+def test_block_ids_out_of_range_on_a_used_page_are_named(table, lens, match, backend):
+    """A user-built table pointing a sequence's own page outside the cache was clamped to the last (or first) page
+    by the gather: a silent wrong result. Entries past a sequence's pages stay free to hold anything."""
+    q, kv, _, _ = _args()
+    with pytest.raises(ValueError, match=match):
+        mla_decode(q, kv, jnp.asarray(table, jnp.int32), jnp.asarray(lens, jnp.int32), backend=backend)
+
+
+def test_unused_block_table_entries_may_be_anything(rng):
+    q, kv, table, seq = make_case(rng, lens=[70, 3], heads=16)
+    table = table.at[0, 2:].set(-1).at[1, 1:].set(2 ** 31 - 1)                    # past each sequence's pages
+    out, lse = mla_decode(q, kv, table, seq, backend="xla")
+    _check(out, lse, *numpy_mla(q, kv, table, seq))
+
+
+@pytest.mark.parametrize("scale", [float("inf"), float("nan"), 0.0, True])
+def test_non_finite_or_non_positive_scale_is_named(scale):
+    with pytest.raises(ValueError, match="^softmax_scale="):
+        mla_decode(*_args(), softmax_scale=scale, backend="xla")
+
+
+def test_numpy_scale_is_a_scale(rng):
+    """np.float32 (a numpy scalar, not a Python float) was refused; it is the same scale."""
+    q, kv, table, seq = make_case(rng, lens=[40, 100], heads=4)
+    out, lse = mla_decode(q, kv, table, seq, softmax_scale=np.float32(0.05), backend="xla")
+    _check(out, lse, *numpy_mla(q, kv, table, seq, scale=0.05))
+
+
+def test_head_counts_and_pages_a_user_picks_match_float64(rng):
+    """Heads not a multiple of 16 and a page size that is not a power of two, float32, against float64."""
+    from seekax.ops.mla import mla_decode as op
+
+    b, h, d, v, page = 3, 5, 40, 24, 7
+    q = rng.standard_normal((b, 2, h, d)).astype(np.float32)
+    kv = rng.standard_normal((6, page, 1, d)).astype(np.float32)
+    table = np.asarray([[5, 0, 1], [2, 9, 9], [4, 3, 1]], np.int32)           # 9: past sequence 1's one page
+    lens = np.asarray([15, 7, 0], np.int32)
+    out, lse = op(jnp.asarray(q), jnp.asarray(kv), jnp.asarray(table), jnp.asarray(lens), v_dim=v, backend="xla")
+    scale = 1 / np.sqrt(d)
+    for i in range(b):
+        keys = kv[table[i, :-(-lens[i] // page)], :, 0].reshape(-1, d)[:lens[i]].astype(np.float64)
+        for t in range(2):
+            k = keys[:max(lens[i] - 1 + t, 0)]                                   # causal, s_q = 2
+            if not len(k):
+                assert np.all(np.asarray(out[i, t]) == 0) and np.all(np.isneginf(np.asarray(lse[i, :, t])))
+                continue
+            s = q[i, t].astype(np.float64) @ k.T * scale                         # [H, keys]
+            w = np.exp(s - s.max(-1, keepdims=True))
+            np.testing.assert_allclose(np.asarray(out[i, t]), w @ k[:, :v] / w.sum(-1, keepdims=True),
+                                       rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(np.asarray(lse[i, :, t]), s.max(-1) + np.log(w.sum(-1)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["xla", "interpret"])
+def test_metadata_planned_for_other_lengths_is_named(rng, backend):
+    """A plan made from other lengths covers other key blocks: the split path and the kernel attended only to the
+    planned blocks (a silent wrong result); the same plan for these lengths is fine."""
+    q, kv, table, seq = make_case(rng, lens=[100, 70], heads=16)
+    stale = mla_metadata(jnp.asarray([10, 10], jnp.int32), num_parts=3)
+    with pytest.raises(ValueError, match=r"^metadata=.*planned for seq_lens=\[100, 70\]"):
+        mla_decode_split_xla(q, kv, table, seq, stale)
+    with pytest.raises(ValueError, match=r"^metadata="):
+        mla_decode(q, kv, table, seq, metadata=stale, backend=backend)
+    out, lse = mla_decode_split_xla(q, kv, table, seq, mla_metadata(seq, num_parts=3))
+    _check(out, lse, *numpy_mla(q, kv, table, seq))
