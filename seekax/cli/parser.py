@@ -11,7 +11,8 @@ from typing import Mapping
 
 # The message of seekax.ir.validate.fail (`name=value: expected ...`); value may itself hold ": ", so the
 # first ": expected" ends it.
-_FAIL = re.compile(r"(?P<name>[A-Za-z_][\w.]*)=(?P<value>.*?): expected (?P<expected>.*)", re.S)
+_NAME = r"[A-Za-z_][\w.]*(?:\[[^\]=:]*\][\w.]*)*"     # prompts, weight.shape, prompts[0], block_table[1, 0]
+_FAIL = re.compile(rf"(?P<name>{_NAME})=(?P<value>.*?): expected (?P<expected>.*)", re.S)
 # A kernel's NotImplementedError: `name=value[, name=value ...]: what the kernel supports`.
 _UNSUPPORTED = re.compile(r"(?P<subject>[A-Za-z_][\w.]*=[^:]*?): (?P<rest>.*)", re.S)
 _ASSIGNMENT = re.compile(r"\b(?P<name>[A-Za-z_][\w.]*)=")
@@ -41,8 +42,9 @@ class CommandParser(argparse.ArgumentParser):
         self.set_defaults(cli_parser=self)
 
     def flag_for(self, name: str) -> str | None:
-        """The argument (`--ranks`, or a positional's name) that fed parameter `name` (`weight.shape`: `weight`)."""
-        for key in (name, name.split(".")[0]):
+        """The argument (`--ranks`, or a positional's name) that fed parameter `name` (`weight.shape`, `weight[0]`:
+        `weight`)."""
+        for key in (name, re.split(r"[.\[]", name)[0]):
             dest = self.params.get(key, key)
             for action in self._actions:
                 if action.dest == dest and action.dest != argparse.SUPPRESS:
@@ -85,7 +87,7 @@ class CommandParser(argparse.ArgumentParser):
         expected = self._flags_in(m["expected"])
         if not flag:
             return f"{m['name']}={m['value']}: expected {expected}"
-        given = m["value"] if "." not in m["name"] else f"{m['name']}={m['value']}"
+        given = m["value"] if re.fullmatch(r"[\w]+", m["name"]) else f"{m['name']}={m['value']}"
         return f"argument {flag}: expected {expected}, got {given}"
 
     def fail_usage(self, message: str) -> int:

@@ -33,6 +33,10 @@ def _raised(check, *args, **kwargs) -> ValueError:
     (fail("store", "x", "an existing store"), "argument store: expected an existing store, got 'x'"),
     # an attribute of a parameter keeps its full name after the flag
     (fail("store.shape", (3,), "(n, 2)"), "argument store: expected (n, 2), got store.shape=(3,)"),
+    # an element of a parameter (an index, then maybe an attribute) is named the same way
+    (fail("store[1]", 7, "an int"), "argument store: expected an int, got store[1]=7"),
+    (fail("store[1, 0].dtype", "f4", "int32"), "argument store: expected int32, got store[1, 0].dtype='f4'"),
+    (fail("rows[0]", 5, "a multiple of 64"), "rows[0]=5: expected a multiple of 64"),
     # a value holding ': ' ends at the first ': expected'
     (fail("out", "a: b", "a .svg file"), "argument --out: expected a .svg file, got 'a: b'"),
     # no argument fed it: the library's message as it is
