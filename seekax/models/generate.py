@@ -89,7 +89,8 @@ class GenerateResult:
 
 
 def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
-    """logits [B, V] float32 -> token ids [B] int32: argmax where temperature is 0, else nucleus sampling."""
+    """logits [B, V] float32 -> token ids [B] int32: argmax where temperature is 0, else nucleus sampling.
+    key: one key for the batch, or [B] keys, one per row (what makes a request's draws its own)."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     scaled = logits / jnp.maximum(temperature, 1e-6)
     probs = jax.nn.softmax(scaled, axis=-1)
@@ -97,7 +98,11 @@ def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax
     sorted_p = jnp.take_along_axis(probs, order, axis=-1)
     keep_sorted = (jnp.cumsum(sorted_p, axis=-1) - sorted_p) < top_p               # always keeps the best token
     keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
-    drawn = jax.random.categorical(key, jnp.where(keep, scaled, -jnp.inf), axis=-1).astype(jnp.int32)
+    masked = jnp.where(keep, scaled, -jnp.inf)
+    if jnp.ndim(key) == 1:
+        drawn = jax.vmap(lambda k, row: jax.random.categorical(k, row))(key, masked).astype(jnp.int32)
+    else:
+        drawn = jax.random.categorical(key, masked, axis=-1).astype(jnp.int32)
     return jnp.where(temperature > 0, drawn, greedy)
 
 
@@ -135,7 +140,9 @@ class Generator:
         logits, caches, _ = serve_step(params, tokens, caches, self.cfg, mode=mode, num_new=num_new,
                                        backend=self.backend)
         last = jnp.take_along_axis(logits, jnp.maximum(num_new - 1, 0)[:, None, None], axis=1)[:, 0]  # [B, V]
-        return sample(last, key, temperature, top_p), caches
+        base, request, position = key           # token `position` of request `request` draws with its own key,
+        keys = jax.vmap(lambda r, n: jax.random.fold_in(jax.random.fold_in(base, r), n))(request, position)
+        return sample(last, keys, temperature, top_p), caches  # whatever batch or slot the request runs in
 
     def _bucket(self, n: int) -> int:
         b = self.min_bucket
@@ -163,7 +170,7 @@ class Generator:
                            f"<= {what} - len(prompts[{i}]) = {limit - len(p)}")
         t0 = time.perf_counter()
         caches = self.new_caches()
-        key = jax.random.key(sampling.seed)
+        base_key = jax.random.key(sampling.seed)
         temp = jnp.float32(sampling.temperature)
         top_p = jnp.float32(sampling.top_p)
         waiting = collections.deque(range(len(prompts)))
@@ -177,7 +184,9 @@ class Generator:
                 if slot_req[s] is None and waiting:
                     slot_req[s] = waiting.popleft()
                     admitted.append(s)
-            key, sub = jax.random.split(key)
+            request = np.array([-1 if r is None else r for r in slot_req], np.int32)       # [B]
+            position = np.array([0 if r is None else len(outputs[r]) for r in slot_req], np.int32)
+            sub = (base_key, jnp.asarray(request), jnp.asarray(position))
             if admitted:
                 caches, starts = self._reuse_prefixes(caches, admitted, slot_req, prompts)
                 reused += sum(starts.values())

@@ -134,3 +134,17 @@ def test_bad_generator_settings_are_named(model, gen):
         gen.generate(PROMPTS, SAMPLING, eos_ids=28)
     with pytest.raises(ValueError, match="^sampling="):
         gen.generate(PROMPTS, {"max_new_tokens": 4})
+
+
+def test_sampled_tokens_are_each_requests_own_whatever_the_batch(model):
+    """Token n of request r draws with key(seed, r, n): the same seed gives every request the same tokens with
+    1, 2 or 4 slots (requests then share steps with different neighbours, or wait); another seed changes them."""
+    cfg, params = model
+    prompts = [[0, 43, 301], [0, 7, 8, 9, 10], [0, 12], [0, 5, 5, 5]]
+    sampling = SamplingConfig(max_new_tokens=6, temperature=1.0, seed=3)
+    runs = [Generator(params, cfg, max_batch=b, max_seq_len=32, page_size=8, backend="xla")
+            .generate(prompts, sampling, eos_ids=()).output_ids for b in (1, 2, 4)]
+    assert runs[0] == runs[1] == runs[2]
+    other = Generator(params, cfg, max_batch=4, max_seq_len=32, page_size=8, backend="xla").generate(
+        prompts, SamplingConfig(max_new_tokens=6, temperature=1.0, seed=4), eos_ids=()).output_ids
+    assert other != runs[0]
