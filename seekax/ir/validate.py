@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Iterable
 
 import ml_dtypes  # noqa: F401  (registers the bfloat16 and float8 dtype names with numpy)
@@ -22,6 +23,11 @@ def check_int(name: str, value: Any, *, min_value: int | None = 0, multiple_of: 
     if multiple_of is not None and value % multiple_of:
         raise fail(name, value, f"a multiple of {multiple_of}")
     return value
+
+
+def is_real_number(value: Any) -> bool:
+    """A real number, Python's or numpy's, and not a bool (True would silently count as 1)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:

@@ -15,14 +15,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-import numbers
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seekax.ir.validate import check_choice, check_int, fail
+from seekax.ir.validate import check_choice, check_int, fail, is_real_number
 from seekax.layers.linear import cdiv
 from seekax.layers.mla import PagedLatentCache
 from seekax.models.deepseek import init_caches, serve_step
@@ -42,15 +41,10 @@ class SamplingConfig:
     def __post_init__(self):
         check_int("max_new_tokens", self.max_new_tokens, min_value=1)
         check_int("seed", self.seed, min_value=None)
-        if not (_is_real(self.temperature) and 0 <= self.temperature < math.inf):
+        if not (is_real_number(self.temperature) and 0 <= self.temperature < math.inf):
             raise fail("temperature", self.temperature, "a finite number >= 0 (0: greedy)")
-        if not (_is_real(self.top_p) and 0 < self.top_p <= 1):
+        if not (is_real_number(self.top_p) and 0 < self.top_p <= 1):
             raise fail("top_p", self.top_p, "a number in (0, 1]")
-
-
-def _is_real(x) -> bool:
-    """A real number (Python or numpy), not a bool: True would silently be a temperature of 1."""
-    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
 
 
 def check_prompts(prompts, vocab: int) -> list[list[int]]:

@@ -17,7 +17,6 @@ sparse decode per-query top-k lengths and an extra cache with its own indices (o
 from __future__ import annotations
 
 import math
-import numbers
 from typing import NamedTuple
 
 import jax
@@ -28,7 +27,7 @@ from seekax.ir.config_cache import pick_config
 from seekax.ir.fp8 import FP8_DTYPE, SCALE_BLOCK
 from seekax.ir.mla import MlaDecodeSpec
 from seekax.ir.mla_tiling import MlaTileConfig
-from seekax.ir.validate import check_int, fail
+from seekax.ir.validate import check_int, fail, is_real_number
 from seekax.lowering.backend import num_sms_for, run_op
 from seekax.lowering.mla_split import MlaMetadata as MlaMetadata
 from seekax.lowering.mla_split import mla_metadata as mla_metadata
@@ -110,8 +109,7 @@ def validate_mla_decode(q, kv_cache, block_table, seq_lens, *, v_dim, softmax_sc
         raise fail("seq_lens.shape", getattr(seq_lens, "shape", None), f"[batch={b}]")
     if np.dtype(seq_lens.dtype).name != "int32":
         raise fail("seq_lens.dtype", np.dtype(seq_lens.dtype).name, "int32")
-    if softmax_scale is not None and (not isinstance(softmax_scale, numbers.Real) or isinstance(softmax_scale, bool)
-                                      or not 0 < softmax_scale < math.inf):
+    if softmax_scale is not None and not (is_real_number(softmax_scale) and 0 < softmax_scale < math.inf):
         raise fail("softmax_scale", softmax_scale, "a positive finite float or None (1/sqrt(qk_dim))")
     if not isinstance(causal, bool):
         raise fail("causal", causal, "a bool")
