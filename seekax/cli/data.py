@@ -240,11 +240,10 @@ def prepare(args) -> int:
     """Interrupted (Ctrl-C): one line saying that a rerun resumes, exit 130; finished partitions are kept."""
     for dest in ("seq_len", "partitions", "workers") + (("synthetic",) if args.synthetic is not None else ()):
         check_int(dest, getattr(args, dest), min_value=1)  # before any work, named by flag
-    if (Path(args.out) / "manifest.json").exists() and not args.overwrite:
-        raise fail("out", args.out, "a directory without a published store (add --overwrite to replace it)")
     work = Path(args.work_dir or f"{args.out}.work")
     try:
-        m = _prepare(args, work)
+        with _overwrite_flag():
+            m = _prepare(args, work)
     except KeyboardInterrupt:
         published = (Path(args.out) / "manifest.json").exists()
         print(f"\nseekax data prepare: interrupted; finished partitions are kept in {work}, rerun the same command "
@@ -262,7 +261,7 @@ def _prepare(args, work: Path) -> dict:
     from seekax.storage.prep import Session, _ident
     from seekax.storage.sample_writer import check_target
 
-    check_target(args.out, args.overwrite)  # an unwritable OUT fails now, not after the work
+    check_target(args.out, args.overwrite)  # an existing store or an unwritable OUT fails now, not after the work
     progress = not args.quiet
     with Session(work, num_workers=args.workers, executor=args.executor, progress=progress) as s:
         column, kinds = "text", []

@@ -403,8 +403,9 @@ class DataFrame:
             for t in tasks:
                 rows = np.load(t["out"], mmap_mode="r")
                 for lo in range(0, len(rows), 1 << 16):
-                    w.write(rows[lo:lo + (1 << 16)])
-                    bar.update(len(rows[lo:lo + (1 << 16)]))
+                    chunk = rows[lo:lo + (1 << 16)]
+                    w.write(chunk)
+                    bar.update(len(chunk))
         from seekax.storage.atomic import read_json
 
         return read_json(Path(path) / "manifest.json")
