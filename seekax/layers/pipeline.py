@@ -38,7 +38,8 @@ from seekax.ir.validate import fail
 from seekax.layers.pipeline_params import check_leaf_spec, make_pack, make_unpack, param_key, row_spec, spec_axes
 from seekax.lowering.pipeline import PipelinePlan, plan_pipeline
 from seekax.lowering.pipeline_body import channel_flags, lower_pipeline, variant_table
-from seekax.lowering.pipeline_stages import SubStep, Stage, as_stage, build_program, trace_stage_shapes
+from seekax.lowering.pipeline_stages import (SubStep, Stage, as_stage, build_program, hashable_key,
+                                            trace_stage_shapes)
 from seekax.schedules.passes import split_all_backward
 
 
@@ -105,7 +106,7 @@ def pipeline_train_step(schedule: Schedule, stage_fn: Any, params: Any, microbat
     mesh: has `pp_axis` of size num_ranks (other axes: see the module docstring). grads: like params.
     DualPipe: micro-batches [0, M/2) enter at rank 0, [M/2, M) at rank N-1; both run the same stages.
     The built step is cached per arguments (not per values)."""
-    key = (schedule, _freeze_fns(stage_fn), _hashable(loss_fn), mesh, pp_axis, _freeze(param_specs), batch_spec,
+    key = (schedule, _freeze_fns(stage_fn), hashable_key(loss_fn), mesh, pp_axis, _freeze(param_specs), batch_spec,
            targets is not None, split_backward)
     step = _STEPS.get(key)
     if step is None:
@@ -124,7 +125,7 @@ def pipeline_value_and_grad(schedule: Schedule, stage_fn: Any, params: Any, micr
     """`pipeline_train_step` plus a trainable loss head (loss_fn(loss_params, y[, t])), input gradients and
     per-stage aux sums; see `make_pipeline_value_and_grad`."""
     with_lp = loss_params is not None
-    key = ("vg", schedule, _freeze_fns(stage_fn), _hashable(loss_fn), mesh, pp_axis, _freeze(param_specs),
+    key = ("vg", schedule, _freeze_fns(stage_fn), hashable_key(loss_fn), mesh, pp_axis, _freeze(param_specs),
            batch_spec, targets is not None, with_lp, input_grads, stage_aux, split_backward)
     fn = _STEPS.get(key)
     if fn is None:
@@ -186,6 +187,10 @@ class _Pipeline:
         self._built: dict[Any, Callable] = {}
 
     # --- per call -----------------------------------------------------------------------------------------
+    def _batch_trees(self, microbatches, targets) -> tuple:
+        """(name, tree) of what is split into micro-batches: the inputs, and the targets when loss_fn takes them."""
+        return (("microbatches", microbatches),) + ((("targets", targets),) if self.with_targets else ())
+
     def _program(self, params, loss_params, microbatches, targets):
         """(jitted step, jitted pack) for these input shapes, built (and shape-checked) on first use."""
         s = self.schedule
@@ -203,7 +208,7 @@ class _Pipeline:
         if not self.with_targets and targets is not None:  # would be silently ignored by loss_fn(y)
             raise fail("targets", type(targets).__name__, "None: this step was built with with_targets=False "
                        "(loss_fn(y)); build it with with_targets=True to pass targets")
-        for name, tree in (("microbatches", microbatches),) + ((("targets", targets),) if self.with_targets else ()):
+        for name, tree in self._batch_trees(microbatches, targets):
             shapes = [np.shape(leaf) for leaf in jax.tree.leaves(tree)]
             if not shapes or any(sh[:1] != (s.num_microbatches,) for sh in shapes):
                 raise fail(f"{name}.shape", shapes, f"leaves with a leading axis of {s.num_microbatches}")
@@ -308,7 +313,7 @@ class _Pipeline:
         s, mesh, pp = self.schedule, self.mesh, self.pp_axis
         # batch_spec splits every leaf of one micro-batch: say which leaf it does not fit, before JAX's sharding
         # error (which names neither the leaf nor batch_spec)
-        for name, tree in (("microbatches", microbatches),) + ((("targets", targets),) if self.with_targets else ()):
+        for name, tree in self._batch_trees(microbatches, targets):
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
                 check_leaf_spec(f"batch_spec for {name}{jax.tree_util.keystr(path)}", np.shape(leaf)[1:],
                                 self.batch_spec, mesh, pp)
@@ -441,32 +446,7 @@ def _freeze(tree: Any) -> Any:
 
 
 def _freeze_fns(stage_fn: Any) -> Any:
-    return tuple(map(_hashable, stage_fn)) if isinstance(stage_fn, (list, tuple)) else _hashable(stage_fn)
-
-
-class _ById:
-    """Cache-key stand-in for an unhashable object (a user's callable dataclass): equal only to itself, and
-    holding the object keeps its id from being reused while the entry lives."""
-
-    __slots__ = ("obj",)
-
-    def __init__(self, obj: Any):
-        self.obj = obj
-
-    def __hash__(self) -> int:
-        return id(self.obj)
-
-    def __eq__(self, other: Any) -> bool:
-        return isinstance(other, _ById) and other.obj is self.obj
-
-
-def _hashable(x: Any) -> Any:
-    """x itself when hashable, else keyed by identity (a step built for one object is reused for that object)."""
-    try:
-        hash(x)
-        return x
-    except TypeError:
-        return _ById(x)
+    return tuple(map(hashable_key, stage_fn)) if isinstance(stage_fn, (list, tuple)) else hashable_key(stage_fn)
 
 
 def reference_train_step(stage_fn: Any, params: Any, microbatches: Any, loss_fn: Callable,

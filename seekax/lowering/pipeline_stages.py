@@ -262,14 +262,40 @@ def collectives_over(fn: Callable, args: tuple, axis: str) -> list[str]:
     return found
 
 
+class _ById:
+    """Cache-key stand-in for an unhashable object (a user's callable dataclass): equal only to itself, and
+    holding the object keeps its id from being reused while the key lives."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, _ById) and other.obj is self.obj
+
+
+def hashable_key(x: Any) -> Any:
+    """x itself when hashable, else keyed by identity (what is built for one object is reused for that object)."""
+    try:
+        hash(x)
+        return x
+    except TypeError:
+        return _ById(x)
+
+
 def _stage_identity(stage: Stage) -> Any:
     """The stage as a dict key: itself, or, when its function is unhashable (a callable non-frozen dataclass, a
-    method of one), the ids of its functions; the stages outlive the build, so the ids stay theirs."""
+    method of one), its functions keyed by identity, so stages sharing a function still share a trace."""
     try:
         hash(stage)
         return stage
     except TypeError:
-        return (id(stage.fn), tuple((id(sub.fn), sub.comm, sub.name) for sub in stage.substeps), stage.name)
+        return (hashable_key(stage.fn), tuple((hashable_key(sub.fn), sub.comm, sub.name) for sub in stage.substeps),
+                stage.name)
 
 
 def _flat(layouts: list[TreeLayout], sized_by) -> FlatLayout:
