@@ -83,9 +83,8 @@ def run(args) -> int:
 
     import jax
 
-    from seekax.layers.linear import Fp8Weight
     from seekax.models.checkpoint import load_checkpoint, save_checkpoint
-    from seekax.models.deepseek import dequantize_params
+    from seekax.models.deepseek import dequantize_params, has_fp8_weights
     from seekax.models.train import Trainer, TrainConfig, tokens_from_rows
     from seekax.storage.loader import Loader, LoaderConfig
 
@@ -97,7 +96,7 @@ def run(args) -> int:
     loader = Loader(args.data, LoaderConfig(global_batch_size=tcfg.microbatches * tcfg.microbatch_size,
                                             seed=tcfg.seed, process_index=0, process_count=1))
     cfg, params = load_checkpoint(args.model, dtype=np.float32, progress=sys.stderr.isatty())  # MTP modules kept
-    if any(isinstance(x, Fp8Weight) for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Fp8Weight))):
+    if has_fp8_weights(params):
         # DeepSeek's native FP8 release: train float master weights (--fp8: through FP8 GEMMs, DeepSeek-V3's way)
         print("seekax train: the checkpoint's FP8 weights are dequantised to float32 master weights",
               file=sys.stderr)

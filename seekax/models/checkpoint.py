@@ -110,7 +110,7 @@ def load_checkpoint(model_dir: str | os.PathLike, cfg: DeepseekConfig | None = N
         if not has_mtp:
             specs = [s for s in specs if s.path[0] != "mtp"]
         fp8 = {s.name: _check(st, s) for s in specs}                                  # all checks, no data yet
-        if not moe_fp8_ok(cfg):                                           # quantize=True leaves the MoE float
+        if not cfg.moe.fp8_tileable:                                      # quantize=True leaves the MoE float
             specs = [dataclasses.replace(s, fp8_ok=False) if "moe" in s.path else s for s in specs]
         for path in {s.path for s in specs if s.kind == "expert"}:
             kinds = {fp8[s.name] for s in specs if s.path == path}
@@ -123,23 +123,17 @@ def load_checkpoint(model_dir: str | os.PathLike, cfg: DeepseekConfig | None = N
     for layer in [*params["layers"], *[m["layer"] for m in params.get("mtp", [])]]:
         if "moe" in layer and "gate_bias" not in layer["moe"]:
             layer["moe"]["gate_bias"] = np.zeros((cfg.moe.num_experts,), np.float32)  # V2: no correction bias
-        if "moe" in layer and not moe_fp8_ok(cfg):
-            _dequantize_moe(layer["moe"], dtype)
+        if "moe" in layer and not cfg.moe.fp8_tileable:
+            layer["moe"] = _dequantize_moe(layer["moe"], dtype)
     return cfg, params
 
 
-def moe_fp8_ok(cfg: DeepseekConfig) -> bool:
-    """Whether the MoE layers can run FP8: the grouped expert GEMMs tile hidden and moe_intermediate_size by 128
-    (DeepSeek-V3's 7168 and 2048 are; tiny test configs often are not)."""
-    return cfg.moe.hidden % BLOCK == 0 and cfg.moe.moe_inter % BLOCK == 0
-
-
-def _dequantize_moe(moe: dict, dtype) -> None:
-    """A MoE layer's FP8 weights (routed and shared) as float (`dtype`, default bfloat16) in place: a native FP8
+def _dequantize_moe(moe: dict, dtype) -> dict:
+    """A MoE layer's FP8 weights (routed and shared) as float host arrays (`dtype`, default bfloat16): a native FP8
     checkpoint at dimensions the FP8 expert GEMMs cannot tile still loads and runs (its experts in float)."""
-    for k, w in moe.items():
-        if isinstance(w, Fp8Weight):
-            moe[k] = np.asarray(w.dequantize(jnp.float32)).astype(dtype or ml_dtypes.bfloat16)
+    from seekax.models.deepseek import dequantize_params
+
+    return jax.tree.map(np.asarray, dequantize_params(moe, dtype or ml_dtypes.bfloat16))
 
 
 def _stream(st: SafetensorsDir, specs: list[TensorSpec], fp8: dict, params: dict, quantize: bool, dtype, bar,

@@ -70,6 +70,11 @@ def moe_config_for(p_moe: dict, cfg: DeepseekConfig) -> MoeConfig:
     return dataclasses.replace(cfg.moe, fp8=True) if isinstance(p_moe["w1"], Fp8Weight) else cfg.moe
 
 
+def has_fp8_weights(params) -> bool:
+    """Whether any weight in `params` is an `Fp8Weight` (a native FP8 checkpoint, or one quantised on load)."""
+    return any(isinstance(x, Fp8Weight) for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Fp8Weight)))
+
+
 def dequantize_params(params: dict, dtype=jnp.float32) -> dict:
     """Every `Fp8Weight` as a float matrix in the layout float params use (MLA [in, out], the rest [N, K])."""
     def deq(path, leaf):

@@ -25,7 +25,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from seekax.ir.validate import check_choice, check_int, fail
-from seekax.models.deepseek import loss_fn
+from seekax.models.deepseek import has_fp8_weights, loss_fn
 from seekax.models.deepseek_config import DeepseekConfig
 from seekax.models.stages import (EXPERT_LEAVES, leaf_key, merge_stages, split_layers, split_stages, stage_fns,
                                   stage_specs)
@@ -87,11 +87,10 @@ class Trainer:
     """Owns the mesh ("pp", "ep"), per-stage params, optimizer state and the compiled step."""
 
     def __init__(self, params: dict, cfg: DeepseekConfig, tcfg: TrainConfig, *, devices=None, backend: str = "auto"):
-        from seekax.layers.linear import Fp8Weight
         from seekax.layers.pipeline import make_pipeline_value_and_grad
         from seekax.schedules.registry import make_schedule
 
-        if any(isinstance(x, Fp8Weight) for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Fp8Weight))):
+        if has_fp8_weights(params):
             raise fail("params", "FP8 weights", "float weights to train (seekax.models.deepseek.dequantize_params)")
         if cfg.moe.num_experts % tcfg.ep:
             raise fail("ep", tcfg.ep, f"a divisor of n_routed_experts={cfg.moe.num_experts}")
