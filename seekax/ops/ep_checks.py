@@ -66,11 +66,12 @@ def check_num_tokens(num_tokens, tokens: int):
     return n
 
 
-def _check_concrete_ids(name: str, ids, upper: int, num_tokens) -> None:
-    """Concrete ids (rows below a concrete num_tokens) must lie in [-1, upper)."""
+def check_concrete_ids(name: str, ids, upper: int, num_tokens=None) -> None:
+    """Concrete ids (rows below a concrete num_tokens) must lie in [-1, upper): a gather would clamp the others
+    onto a real expert. Traced ids are the caller's contract."""
     if is_tracer(ids) or is_tracer(num_tokens):
         return
-    a = np.asarray(ids)
+    a = np.asarray(ids).astype(np.int64)  # unsigned ids compare with -1 as numbers
     if num_tokens is not None:
         a = a[:num_tokens]
     bad = (a < -1) | (a >= upper)
@@ -106,7 +107,7 @@ def validate_ep_dispatch(x, topk_idx, topk_weights, *, num_experts, ep_size, tra
         if dest_rank is not None:
             if getattr(dest_rank, "shape", None) != (tokens,) or not jnp.issubdtype(dest_rank.dtype, jnp.integer):
                 raise fail("dest_rank", getattr(dest_rank, "shape", None), f"an integer array [{tokens}]")
-            _check_concrete_ids("dest_rank", dest_rank, ep_size, n)
+            check_concrete_ids("dest_rank", dest_rank, ep_size, n)
             slots = 1
         else:
             if (tuple(getattr(is_token_in_rank, "shape", ())) != (tokens, ep_size)
@@ -127,7 +128,7 @@ def validate_ep_dispatch(x, topk_idx, topk_weights, *, num_experts, ep_size, tra
     check_int("num_experts", num_experts, min_value=1)
     if num_experts % ep_size:
         raise fail("num_experts", num_experts, f"a multiple of the EP axis size {ep_size}")
-    _check_concrete_ids("topk_idx", topk_idx, num_experts, n)
+    check_concrete_ids("topk_idx", topk_idx, num_experts, n)
     return DispatchSpec(tokens=tokens, hidden=hidden, num_experts=num_experts, top_k=topk_idx.shape[1],
                         ep_size=ep_size, dtype=_dtype(x, fp8), capacity=capacity)
 

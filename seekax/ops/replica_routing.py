@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seekax.ir.validate import fail
+from seekax.ops.ep_checks import check_concrete_ids
 
 
 def _check(topk_idx: Any, log2phy: Any, logcnt: Any) -> None:
@@ -26,12 +27,7 @@ def _check(topk_idx: Any, log2phy: Any, logcnt: Any) -> None:
     for name, a in (("topk_idx", topk_idx), ("log2phy", log2phy), ("logcnt", logcnt)):
         if not jnp.issubdtype(a.dtype, jnp.integer):
             raise fail(f"{name}.dtype", str(a.dtype), "an integer dtype")
-    if not isinstance(topk_idx, jax.core.Tracer):  # the gather would clamp an id >= experts: check concrete ids
-        ids = np.asarray(topk_idx).astype(np.int64)
-        bad = (ids < -1) | (ids >= logcnt.shape[0])
-        if bad.any():
-            where = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise fail("topk_idx", int(ids[where]), f"values in [-1, {logcnt.shape[0]}) (first bad at {where})")
+    check_concrete_ids("topk_idx", topk_idx, logcnt.shape[0])
 
 
 def route_to_replicas(topk_idx: jax.Array, log2phy: jax.Array, logcnt: jax.Array, *,
