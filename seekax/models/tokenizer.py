@@ -36,7 +36,7 @@ class Tokenizer:
             # transformers rebuilds these classes' post-processor from add_bos_token / add_eos_token, whatever
             # tokenizer.json holds: add what tokenizer.json's own post-processor leaves out.
             plain = self._tok.encode("", add_special_tokens=True).ids
-            bos, eos = self._id(self.bos_token), self._id(self.eos_token)
+            bos, eos = self._id(self.bos_token), self.eos_id
             if self.config.get("add_bos_token", True) and bos is not None and plain[:1] != [bos]:
                 self._prefix = [bos]
             if self.config.get("add_eos_token", False) and eos is not None and plain[-1:] != [eos]:
@@ -51,7 +51,7 @@ class Tokenizer:
 
     @property
     def eos_id(self) -> int | None:
-        return None if self.eos_token is None else self._tok.token_to_id(self.eos_token)
+        return self._id(self.eos_token)
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
